@@ -1,0 +1,3 @@
+"""wstal_jax: weakly-supervised temporal action localization in JAX/Flax."""
+
+__version__ = "0.1.0"
