@@ -1,0 +1,246 @@
+"""Input pipeline: snippet sampling, determinism, resume, process sharding, eval padding."""
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from wstal_jax import input_pipeline as ip
+from wstal_jax.data import format as fmt
+from wstal_jax.errors import WstalError
+
+NUM_TRAIN, NUM_TEST = 23, 11
+
+
+def _records(n, seed):
+  """Feature column 0 = video index, column 1 = snippet position: batches reveal sampling."""
+  rng = np.random.default_rng(seed)
+  for i in range(n):
+    num_t = int(rng.integers(3, 150))
+    feat = np.zeros((num_t, 6), np.float32)
+    feat[:, 0] = i
+    feat[:, 1] = np.arange(num_t)
+    feat[:, 2:] = 1.0
+    yield fmt.VideoRecord(name=f"v{i:02d}", duration=num_t * 0.64,
+                          features={"i3d": feat, "clip": feat[:, :3] + 100},
+                          label=np.eye(3, dtype=np.float32)[i % 3])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("ip") / "ds")
+  fmt.write_dataset(out, dataset="toy", classes=["a", "b", "c"],
+                    feature_dims={"i3d": 6, "clip": 3},
+                    splits={"train": _records(NUM_TRAIN, 0), "test": _records(NUM_TEST, 1)},
+                    num_shards=4)
+  return out
+
+
+@pytest.fixture(scope="module")
+def lengths(data_dir):
+  m = fmt.read_manifest(data_dir)
+  return {s: np.array(m["splits"][s]["video_num_snippets"]) for s in ("train", "test")}
+
+
+def _indices(num_t, length, sampling, key=(1, 2)):
+  idx, mask, scale = ip.sample_indices(tf.constant(num_t), length, sampling,
+                                       tf.constant(key, tf.int64))
+  return idx.numpy(), mask.numpy(), float(scale)
+
+
+@pytest.mark.parametrize("num_t,length", [(100, 10), (10, 10), (7, 10), (1, 5), (33, 32),
+                                          (2000, 320)])
+def test_random_perturb_one_index_per_bin(num_t, length):
+  idx, mask, scale = _indices(num_t, length, "random_perturb")
+  i = np.arange(length)
+  lo, hi = (i * num_t) // length, ((i + 1) * num_t) // length
+  assert np.all(idx >= lo) and np.all(idx < np.maximum(hi, lo + 1))
+  assert np.all(np.diff(idx) >= 0) and idx.max() < num_t
+  assert np.all(mask == 1) and scale == pytest.approx(num_t / length)
+  np.testing.assert_array_equal(idx, _indices(num_t, length, "random_perturb")[0])
+  if num_t >= 4 * length:
+    assert not np.array_equal(idx, _indices(num_t, length, "random_perturb", (1, 3))[0])
+
+
+def test_uniform_and_pad_sampling():
+  np.testing.assert_array_equal(_indices(10, 4, "uniform")[0], [1, 3, 6, 8])
+  np.testing.assert_array_equal(_indices(3, 6, "uniform")[0], [0, 0, 1, 1, 2, 2])
+  assert _indices(10, 4, "uniform")[2] == pytest.approx(2.5)
+  idx, mask, scale = ip.sample_indices(tf.constant(3), 5, "pad")
+  np.testing.assert_array_equal(idx, [0, 1, 2, 2, 2])
+  np.testing.assert_array_equal(mask, [1, 1, 1, 0, 0])
+  assert float(scale) == 1.0
+  idx, mask, _ = _indices(50, 8, "pad")
+  assert np.all(np.diff(idx) == 1) and idx[-1] < 50 and np.all(mask == 1)
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def test_train_batches_shapes_epochs_and_content(data_dir, lengths):
+  kw = dict(split="train", batch_size=4, num_snippets=10, seed=7, vlm_feature="clip",
+            process_index=0, process_count=1)
+  batches = _take(ip.train_batches(data_dir, **kw), 23)  # 92 elements = 4 epochs of 23
+  b = batches[0]
+  assert {k: (v.shape, v.dtype) for k, v in b.items()} == {
+      "feat_BxTxD": ((4, 10, 6), np.float32), "vlm_BxTxE": ((4, 10, 3), np.float32),
+      "mask_BxT": ((4, 10), np.float32), "label_BxC": ((4, 3), np.float32),
+      "index_B": ((4,), np.int32), "valid_B": ((4,), np.float32),
+      "scale_B": ((4,), np.float32)}
+  order = np.concatenate([x["index_B"] for x in batches])
+  epochs = order.reshape(4, NUM_TRAIN)
+  for e in epochs:
+    assert sorted(e) == list(range(NUM_TRAIN))  # each epoch: every video exactly once
+  assert not np.array_equal(epochs[0], epochs[1])  # reshuffled per epoch
+  for x in batches:
+    np.testing.assert_array_equal(x["feat_BxTxD"][:, :, 0], x["index_B"][:, None] * np.ones(10))
+    pos = x["feat_BxTxD"][:, :, 1]
+    t_v = lengths["train"][x["index_B"]]
+    assert np.all(np.diff(pos, axis=1) >= 0) and np.all(pos < t_v[:, None])
+    np.testing.assert_allclose(x["scale_B"], t_v / 10, rtol=1e-6)
+    np.testing.assert_array_equal(x["vlm_BxTxE"], x["feat_BxTxD"][:, :, :3] + 100)
+    np.testing.assert_array_equal(x["label_BxC"], np.eye(3)[x["index_B"] % 3])
+    assert np.all(x["mask_BxT"] == 1) and np.all(x["valid_B"] == 1)
+
+
+def test_train_determinism_and_resume(data_dir):
+  kw = dict(split="train", batch_size=3, num_snippets=8, seed=3, process_index=1,
+            process_count=2)
+  full = _take(ip.train_batches(data_dir, **kw), 12)
+  again = _take(ip.train_batches(data_dir, **kw), 12)
+  other = _take(ip.train_batches(data_dir, **{**kw, "seed": 4}), 12)
+  for a, b in zip(full, again):
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k])
+  assert any(not np.array_equal(a["feat_BxTxD"], b["feat_BxTxD"]) for a, b in zip(full, other))
+  # Process 1 of 2 holds shards 1 and 3: 11 videos, so resuming at 5 and 8 crosses epochs.
+  for start in (1, 5, 8):
+    resumed = _take(ip.train_batches(data_dir, start_step=start, **kw), 12 - start)
+    for a, b in zip(full[start:], resumed):
+      for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_train_process_sharding_and_subsets(data_dir):
+  kw = dict(split="train", batch_size=2, num_snippets=4, seed=0, process_count=2)
+  seen = []
+  for p in range(2):
+    idx = np.concatenate([b["index_B"] for b in _take(
+        ip.train_batches(data_dir, process_index=p, **kw), 30)])
+    assert set(idx) == {i for i in range(NUM_TRAIN) if (i % 4) % 2 == p}
+    seen.append(set(idx))
+  assert not seen[0] & seen[1]
+  with pytest.raises(WstalError, match="4 shards but there are 5 processes"):
+    ip.train_batches(data_dir, split="train", batch_size=2, num_snippets=4, seed=0,
+                     process_index=0, process_count=5)
+  sub = [0, 1, 5, 9, 13]
+  idx = np.concatenate([b["index_B"] for b in _take(ip.train_batches(
+      data_dir, split="train", batch_size=5, num_snippets=4, seed=0, video_indices=sub,
+      process_index=0, process_count=1), 3)])
+  assert sorted(idx[:5]) == sub and set(idx) == set(sub)
+  with pytest.raises(WstalError, match="no videos among video_indices"):
+    ip.train_batches(data_dir, video_indices=[1, 5], process_index=0, **kw)
+  with pytest.raises(WstalError, match=r"video_indices must lie in \[0, 23\)"):
+    ip.train_batches(data_dir, video_indices=[23], process_index=0, **kw)
+  with pytest.raises(WstalError, match="unknown sampling"):
+    ip.train_batches(data_dir, sampling="dense", process_index=0, **kw)
+  with pytest.raises(WstalError, match="VLM feature 'videoclip'"):
+    ip.train_batches(data_dir, vlm_feature="videoclip", process_index=0, **kw)
+
+
+def test_train_pad_sampling(data_dir, lengths):
+  batches = _take(ip.train_batches(data_dir, split="train", batch_size=4, num_snippets=64,
+                                   seed=0, sampling="pad", process_index=0,
+                                   process_count=1), 6)
+  for b in batches:
+    t_v = lengths["train"][b["index_B"]]
+    np.testing.assert_array_equal(b["mask_BxT"].sum(1), np.minimum(t_v, 64))
+    pos = b["feat_BxTxD"][:, :, 1]
+    for row, m, t in zip(pos, b["mask_BxT"], t_v):
+      valid = row[m > 0]
+      assert np.all(np.diff(valid) == 1) and valid[-1] < t  # one contiguous window
+    assert np.all(b["feat_BxTxD"][b["mask_BxT"] == 0] == 0)
+    np.testing.assert_array_equal(b["scale_B"], 1.0)
+
+
+def _eval_all(data_dir, num_procs, **kw):
+  return [list(ip.eval_batches(data_dir, split="test", process_index=p,
+                               process_count=num_procs, **kw)) for p in range(num_procs)]
+
+
+def test_eval_batches_buckets_and_equal_counts(data_dir, lengths):
+  t_n = lengths["test"]
+  assert ip.default_buckets(100) == [64, 128] and ip.default_buckets(150) == [64, 128, 192]
+  assert ip.default_buckets(2614) == [64, 128, 256, 512, 1024, 2048, 2624]
+  assert ip.default_buckets(10) == [64]
+  per_proc = _eval_all(data_dir, 2, batch_size=2)
+  assert len(per_proc[0]) == len(per_proc[1]) == 3  # 6 and 5 videos
+  real = []
+  for batches in per_proc:
+    for b in batches:
+      ok = b["valid_B"] > 0
+      real.extend(b["index_B"][ok].tolist())
+      np.testing.assert_array_equal(b["index_B"][~ok], -1)
+      np.testing.assert_array_equal(b["mask_BxT"][~ok], 0)
+      t_v = np.where(ok, t_n[np.maximum(b["index_B"], 0)], 0)
+      np.testing.assert_array_equal(b["mask_BxT"].sum(1), t_v)
+      assert b["feat_BxTxD"].shape[1] in ip.default_buckets(int(t_n.max()))
+      assert b["feat_BxTxD"].shape[1] >= t_v.max()
+      assert np.all(b["feat_BxTxD"][b["mask_BxT"] == 0] == 0)
+      for row, t in zip(b["feat_BxTxD"][ok], t_v[ok]):
+        np.testing.assert_array_equal(row[:t, 1], np.arange(t))
+      np.testing.assert_array_equal(b["scale_B"], 1.0)
+  assert sorted(real) == list(range(NUM_TEST))
+  for b0, b1 in zip(*per_proc):  # same shapes on every process, step by step
+    assert {k: v.shape for k, v in b0.items()} == {k: v.shape for k, v in b1.items()}
+  # Process order is manifest order.
+  assert [i for b in per_proc[0] for i in b["index_B"] if i >= 0] == [0, 2, 4, 6, 8, 10]
+
+
+def test_eval_more_processes_than_shards_and_subsets(data_dir, lengths):
+  per_proc = _eval_all(data_dir, 6, batch_size=1)
+  assert len({len(b) for b in per_proc}) == 1
+  assert all(b["valid_B"].sum() == 0 for batches in per_proc[4:] for b in batches)
+  sub = _eval_all(data_dir, 1, batch_size=4, video_indices=[3, 7, 1])[0]
+  assert [b["index_B"].tolist() for b in sub] == [[1, 3, 7, -1]]
+  assert sub[0]["feat_BxTxD"].shape[1] >= lengths["test"][[1, 3, 7]].max()
+  fixed = _eval_all(data_dir, 1, batch_size=4, buckets=[256])[0]
+  assert {b["feat_BxTxD"].shape[1] for b in fixed} == {256}
+  with pytest.raises(WstalError, match="longer than the largest eval bucket 8"):
+    _eval_all(data_dir, 1, batch_size=4, buckets=[4, 8])
+
+
+def test_eval_resampled(data_dir, lengths):
+  batches = _eval_all(data_dir, 1, batch_size=4, num_snippets=16, vlm_feature="clip")[0]
+  for b in batches:
+    assert b["feat_BxTxD"].shape == (4, 16, 6) and b["vlm_BxTxE"].shape == (4, 16, 3)
+    ok = b["valid_B"] > 0
+    np.testing.assert_array_equal(b["mask_BxT"][ok], 1)
+    np.testing.assert_allclose(b["scale_B"][ok], lengths["test"][b["index_B"][ok]] / 16,
+                               rtol=1e-6)
+
+
+def test_eval_detects_manifest_mismatch(data_dir, tmp_path):
+  import shutil
+  bad = tmp_path / "bad"
+  shutil.copytree(data_dir, bad)
+  m = json.loads((bad / "manifest.json").read_text())
+  m["splits"]["test"]["video_num_snippets"][0] += 1
+  (bad / "manifest.json").write_text(json.dumps(m))
+  with pytest.raises(WstalError, match="video lengths in the shards differ"):
+    _eval_all(str(bad), 1, batch_size=2)
+  # Without the list, lengths are read from the shards.
+  del m["splits"]["test"]["video_num_snippets"]
+  (bad / "manifest.json").write_text(json.dumps(m))
+  assert len(_eval_all(str(bad), 1, batch_size=2)[0]) == 6
+  # Corrupt bytes (same size) surface as WstalError, not a TF traceback.
+  shard = bad / "test-00001-of-00004.tfrecord"
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  with pytest.raises(WstalError, match="truncated or corrupt"):
+    _eval_all(str(bad), 1, batch_size=2)
+  with pytest.raises(WstalError, match="truncated or corrupt"):
+    _take(ip.train_batches(str(bad), split="test", batch_size=11, num_snippets=4, seed=0,
+                           process_index=0, process_count=1), 2)

@@ -1,0 +1,742 @@
+"""The dataset directory: manifest.json + TFRecord shards of one tf.train.Example per video.
+
+Layout and schema are fixed in docs/ARCHITECTURE.md ("Dataset directory"). This module is the
+only place that knows them: the writer (`write_dataset`, used by the converters and the
+synthetic generator), the numpy readers (`read_videos`, `read_video_info`), and the TF parse
+function the input pipeline maps over serialized records (`tf_parse_fn`).
+
+Shard assignment: video i of a split (manifest order) goes to shard i % n. The writer can then
+stream videos without knowing how many there are, and reading the shards round-robin gives
+manifest order back. Every record also carries its `index`, which readers check.
+
+All file access goes through tf.io.gfile so gs:// paths work.
+"""
+import dataclasses
+import hashlib
+import io
+import json
+import re
+import uuid
+from typing import Any, Iterable, Iterator, Mapping
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from wstal_jax.errors import WstalError
+
+try:  # JAX owns the accelerators; TF only reads files.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # TF runtime already initialised elsewhere: nothing left to do.
+  pass
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TEXT_EMBEDDINGS = "text_embeddings.npy"
+SPLITS = ("train", "test")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_SHA_CHUNK = 8 << 20
+
+
+def shard_name(split: str, i: int, n: int) -> str:
+  """`<split>-<i:05d>-of-<n:05d>.tfrecord`."""
+  return f"{split}-{i:05d}-of-{n:05d}.tfrecord"
+
+
+@dataclasses.dataclass
+class VideoRecord:
+  """One video with all its features and annotations (what the writer takes, read_videos gives).
+
+  features: name -> float32 [T, dim]; label: float32 [C] multi-hot; segments: float32 [N, 2]
+  seconds; segment_labels: int32 [N]; ambiguous: float32 [M, 2] seconds; extras: field -> bytes.
+  `source` names the file(s) the video came from; it only appears in error messages.
+  """
+  name: str
+  duration: float
+  features: dict[str, np.ndarray]
+  label: np.ndarray
+  segments: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0, 2), np.float32))
+  segment_labels: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0,), np.int32))
+  ambiguous: np.ndarray = dataclasses.field(
+      default_factory=lambda: np.zeros((0, 2), np.float32))
+  extras: dict[str, bytes] = dataclasses.field(default_factory=dict)
+  source: str = ""
+
+  @property
+  def num_snippets(self) -> int:
+    """T of the primary feature (all features of a valid record share T)."""
+    if not self.features:
+      raise WstalError(f"video {self.name!r} ({self.source or 'no source'}) has no features")
+    feat = self.features.get("i3d", next(iter(self.features.values())))
+    return int(np.shape(feat)[0])
+
+
+@dataclasses.dataclass
+class VideoInfo:
+  """A video without features: what evaluation needs.
+
+  label: float32 [C]; segments: float32 [N, 2] s; segment_labels: int32 [N];
+  ambiguous: float32 [M, 2] s; extras: field -> bytes (fields listed in optional_fields).
+  """
+  index: int
+  name: str
+  duration: float
+  num_snippets: int
+  label: np.ndarray
+  segments: np.ndarray
+  segment_labels: np.ndarray
+  ambiguous: np.ndarray
+  extras: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+
+def seconds_per_snippet(manifest: Mapping[str, Any]) -> float:
+  """snippet_frames / fps (16 / 25 = 0.64 s for THUMOS14)."""
+  return float(manifest["snippet_frames"]) / float(manifest["fps"])
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def _where(rec: VideoRecord) -> str:
+  return f"video {rec.name!r} (from {rec.source or 'unknown source'})"
+
+
+def _as_pairs(arr, what: str, rec: VideoRecord) -> np.ndarray:
+  """[K, 2] float32 (start s, end s), finite, start <= end."""
+  pairs = np.asarray(arr if arr is not None else np.zeros((0, 2)), dtype=np.float64)
+  if pairs.size == 0:
+    return np.zeros((0, 2), np.float32)
+  if pairs.ndim != 2 or pairs.shape[1] != 2:
+    raise WstalError(f"{_where(rec)}: {what} must have shape [K, 2], got {pairs.shape}")
+  if not np.all(np.isfinite(pairs)):
+    raise WstalError(f"{_where(rec)}: {what} contain NaN/Inf")
+  if np.any(pairs[:, 1] < pairs[:, 0]):
+    k = int(np.argmax(pairs[:, 1] < pairs[:, 0]))
+    raise WstalError(f"{_where(rec)}: {what} [{k}] ends before it starts: {pairs[k].tolist()}")
+  return pairs.astype(np.float32)
+
+
+def _validate_record(rec: VideoRecord, *, classes, feature_dims, optional_fields=None):
+  """Checks and normalises one record in place; raises WstalError naming the video + source."""
+  if not isinstance(rec, VideoRecord):
+    raise WstalError(f"expected a VideoRecord, got {type(rec).__name__}")
+  if not isinstance(rec.name, str) or not rec.name:
+    raise WstalError(f"video with empty name (from {rec.source or 'unknown source'})")
+  try:
+    duration = float(rec.duration)
+  except (TypeError, ValueError):
+    raise WstalError(f"{_where(rec)}: duration {rec.duration!r} is not a number") from None
+  if not np.isfinite(duration) or duration <= 0:
+    raise WstalError(f"{_where(rec)}: duration must be finite and > 0, got {duration}")
+  rec.duration = duration
+  if set(rec.features) != set(feature_dims):
+    raise WstalError(f"{_where(rec)}: has features {sorted(rec.features)}, the dataset declares "
+                     f"{sorted(feature_dims)}")
+  num_t = None
+  for fname in sorted(feature_dims):
+    feat = np.asarray(rec.features[fname])
+    if feat.ndim != 2:
+      raise WstalError(f"{_where(rec)}: feature {fname!r} must be [T, dim], got shape "
+                       f"{feat.shape}")
+    if feat.shape[0] == 0:
+      raise WstalError(f"{_where(rec)}: feature {fname!r} has T=0 snippets (empty video)")
+    if feat.shape[1] != feature_dims[fname]:
+      raise WstalError(f"{_where(rec)}: feature {fname!r} has dim {feat.shape[1]}, expected "
+                       f"{feature_dims[fname]}")
+    if not np.issubdtype(feat.dtype, np.floating):
+      raise WstalError(f"{_where(rec)}: feature {fname!r} has dtype {feat.dtype}, expected float")
+    feat = feat.astype(np.float32)
+    if not np.all(np.isfinite(feat)):
+      bad_t = int(np.argmax(~np.all(np.isfinite(feat), axis=1)))
+      raise WstalError(f"{_where(rec)}: feature {fname!r} contains NaN/Inf (first at snippet "
+                       f"{bad_t})")
+    if num_t is None:
+      num_t = feat.shape[0]
+    elif feat.shape[0] != num_t:
+      raise WstalError(f"{_where(rec)}: features have different numbers of snippets: "
+                       + ", ".join(f"{k} T={np.shape(rec.features[k])[0]}"
+                                   for k in sorted(feature_dims)))
+    rec.features[fname] = feat
+  num_c = len(classes)
+  label = np.asarray(rec.label, dtype=np.float64).reshape(-1)
+  if label.shape != (num_c,):
+    raise WstalError(f"{_where(rec)}: label must be multi-hot [C={num_c}], got shape "
+                     f"{np.shape(rec.label)}")
+  if not np.all((label == 0) | (label == 1)):
+    raise WstalError(f"{_where(rec)}: label must contain only 0 and 1")
+  rec.label = label.astype(np.float32)
+  rec.segments = _as_pairs(rec.segments, "segments", rec)
+  seg_labels = np.asarray(rec.segment_labels if rec.segment_labels is not None else [])
+  seg_labels = seg_labels.reshape(-1)
+  if seg_labels.size and not np.issubdtype(seg_labels.dtype, np.integer):
+    raise WstalError(f"{_where(rec)}: segment_labels must be integer class ids")
+  if seg_labels.shape[0] != rec.segments.shape[0]:
+    raise WstalError(f"{_where(rec)}: {rec.segments.shape[0]} segments but "
+                     f"{seg_labels.shape[0]} segment_labels")
+  bad = (seg_labels < 0) | (seg_labels >= num_c)
+  if np.any(bad):
+    raise WstalError(f"{_where(rec)}: segment class id {int(seg_labels[bad][0])} is not in the "
+                     f"class list (C={num_c})")
+  rec.segment_labels = seg_labels.astype(np.int32)
+  rec.ambiguous = _as_pairs(rec.ambiguous, "ambiguous segments", rec)
+  extras = {}
+  for key, val in (rec.extras or {}).items():
+    if not isinstance(key, str) or not _NAME_RE.match(key):
+      raise WstalError(f"{_where(rec)}: bad extras field name {key!r}")
+    if optional_fields is not None and key not in optional_fields:
+      raise WstalError(f"{_where(rec)}: extras field {key!r} not in optional_fields")
+    if isinstance(val, str):
+      val = val.encode("utf-8")
+    if not isinstance(val, bytes):
+      raise WstalError(f"{_where(rec)}: extras field {key!r} must be bytes or str")
+    extras[key] = val
+  rec.extras = extras
+
+
+def _example(rec: VideoRecord, index: int, feature_names) -> bytes:
+  """Serialized tf.train.Example of one validated record (schema: ARCHITECTURE.md)."""
+  f = tf.train.Feature
+  feats = {
+      "name": f(bytes_list=tf.train.BytesList(value=[rec.name.encode("utf-8")])),
+      "index": f(int64_list=tf.train.Int64List(value=[index])),
+      "duration": f(float_list=tf.train.FloatList(value=[rec.duration])),
+      "num_snippets": f(int64_list=tf.train.Int64List(value=[rec.num_snippets])),
+      "label": f(int64_list=tf.train.Int64List(value=rec.label.astype(np.int64).tolist())),
+      "segments": f(float_list=tf.train.FloatList(value=rec.segments.reshape(-1).tolist())),
+      "segment_labels": f(int64_list=tf.train.Int64List(
+          value=rec.segment_labels.astype(np.int64).tolist())),
+      "ambiguous": f(float_list=tf.train.FloatList(value=rec.ambiguous.reshape(-1).tolist())),
+  }
+  for fname in feature_names:
+    raw = np.ascontiguousarray(rec.features[fname], dtype="<f4").tobytes()
+    feats[f"feature/{fname}"] = f(bytes_list=tf.train.BytesList(value=[raw]))
+  for key, val in rec.extras.items():
+    feats[f"extra/{key}"] = f(bytes_list=tf.train.BytesList(value=[val]))
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with tf.io.gfile.GFile(path, "rb") as fh:
+    while True:
+      chunk = fh.read(_SHA_CHUNK)
+      if not chunk:
+        break
+      h.update(chunk)
+  return h.hexdigest()
+
+
+def _check_dataset_args(classes, feature_dims, primary_feature, snippet_frames, fps):
+  classes = list(classes)
+  if not classes:
+    raise WstalError("class list is empty")
+  for c in classes:
+    if not isinstance(c, str) or not c:
+      raise WstalError(f"class names must be non-empty strings, got {c!r}")
+  if len(set(classes)) != len(classes):
+    dup = sorted({c for c in classes if classes.count(c) > 1})
+    raise WstalError(f"duplicate class names: {dup}")
+  dims = {}
+  for name, dim in dict(feature_dims).items():
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+      raise WstalError(f"bad feature name {name!r} (letters, digits, _ . - only)")
+    if int(dim) <= 0 or int(dim) != dim:
+      raise WstalError(f"feature {name!r}: dim must be a positive integer, got {dim!r}")
+    dims[name] = int(dim)
+  if primary_feature not in dims:
+    raise WstalError(f"primary feature {primary_feature!r} not among features {sorted(dims)}")
+  if not (float(snippet_frames) > 0 and float(fps) > 0):
+    raise WstalError(f"snippet_frames and fps must be > 0, got {snippet_frames}, {fps}")
+  return classes, dims
+
+
+def _write_split(tmp_dir, split, records, num_shards, *, classes, feature_dims, optional_fields):
+  """Streams one split into tmp_dir (video i -> shard i % n). Returns the manifest entry."""
+  names = sorted(feature_dims)
+  partial = [tf.io.gfile.join(tmp_dir, f"{split}-{i:05d}.partial") for i in range(num_shards)]
+  writers = [tf.io.TFRecordWriter(p) for p in partial]
+  counts = [0] * num_shards
+  lengths = []
+  seen = set()
+  num_videos = num_instances = 0
+  try:
+    for rec in records:
+      _validate_record(rec, classes=classes, feature_dims=feature_dims,
+                       optional_fields=optional_fields)
+      if rec.name in seen:
+        raise WstalError(f"{_where(rec)}: duplicate video name in split {split!r}")
+      seen.add(rec.name)
+      shard = num_videos % num_shards
+      writers[shard].write(_example(rec, num_videos, names))
+      counts[shard] += 1
+      lengths.append(rec.num_snippets)
+      num_videos += 1
+      num_instances += rec.segments.shape[0]
+  finally:
+    for w in writers:
+      w.close()
+  if num_videos == 0:
+    raise WstalError(f"split {split!r} has no videos")
+  # With fewer videos than shards the trailing shards are empty: drop them.
+  n = min(num_shards, num_videos)
+  shards = []
+  for i in range(num_shards):
+    if i >= n:
+      tf.io.gfile.remove(partial[i])
+      continue
+    final = tf.io.gfile.join(tmp_dir, shard_name(split, i, n))
+    tf.io.gfile.rename(partial[i], final)
+    shards.append({"file": shard_name(split, i, n), "num_videos": counts[i],
+                   "num_bytes": int(tf.io.gfile.stat(final).length), "sha256": _sha256(final)})
+  logging.info("wrote split %s: %d videos, %d instances, %d shards", split, num_videos,
+               num_instances, n)
+  return {"num_videos": num_videos, "num_instances": num_instances, "shards": shards,
+          "video_num_snippets": lengths}
+
+
+def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[str, int],
+                  splits: Mapping[str, Iterable[VideoRecord]],
+                  num_shards: int | Mapping[str, int],
+                  text_embeddings: np.ndarray | None = None, primary_feature: str = "i3d",
+                  snippet_frames: int = 16, fps: float = 25.0,
+                  source: Mapping[str, Any] | None = None,
+                  optional_fields=None, overwrite: bool = False) -> dict:
+  """Validates and writes a dataset directory atomically; returns the manifest dict.
+
+  Args:
+    out_dir: the dataset directory to create (must not exist unless overwrite=True).
+    dataset: dataset name stored in the manifest.
+    classes: C class names; a class id is a position in this list.
+    feature_dims: feature name -> dim; every record has every feature, float32 [T, dim].
+    splits: {"train"|"test": iterable of VideoRecord}; consumed once, streamed to disk.
+    num_shards: shards per split (an int for all, or {split: int}); capped at the number of
+      videos of the split.
+    text_embeddings: optional float32 [C, E] stored as text_embeddings.npy.
+    optional_fields: extras fields allowed in records (default: whatever records carry).
+    overwrite: replace an existing out_dir (only after the new one is complete).
+
+  Every record is checked (T > 0, finite features, dims, same T for all features, label [C]
+  multi-hot, segment class ids < C). Everything is written to a temp sibling directory that is
+  renamed into place at the end; on any error that directory is removed and a WstalError names
+  the video and its `source`.
+  """
+  classes, dims = _check_dataset_args(classes, feature_dims, primary_feature, snippet_frames,
+                                      fps)
+  out_dir = str(out_dir).rstrip("/")
+  if not out_dir:
+    raise WstalError("empty output directory")
+  if tf.io.gfile.exists(out_dir) and not overwrite:
+    raise WstalError(f"output directory {out_dir} already exists (remove it or pass overwrite)")
+  splits = dict(splits)
+  if not splits:
+    raise WstalError("no splits to write")
+  for split in splits:
+    if split not in SPLITS:
+      raise WstalError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if isinstance(num_shards, Mapping):
+    shards_per = {s: num_shards.get(s, 1) for s in splits}
+  else:
+    shards_per = {s: num_shards for s in splits}
+  for s, n in shards_per.items():
+    if not isinstance(n, (int, np.integer)) or n < 1:
+      raise WstalError(f"num_shards for split {s!r} must be an integer >= 1, got {n!r}")
+  text_path = None
+  if text_embeddings is not None:
+    text_CxE = np.asarray(text_embeddings)
+    if text_CxE.ndim != 2 or text_CxE.shape[0] != len(classes) or text_CxE.shape[1] == 0:
+      raise WstalError(f"text embeddings must be [C={len(classes)}, E], got {text_CxE.shape}")
+    if not np.all(np.isfinite(text_CxE)):
+      raise WstalError("text embeddings contain NaN/Inf")
+    text_CxE = text_CxE.astype(np.float32)
+  if optional_fields is not None:
+    optional_fields = sorted(set(optional_fields))
+  parent = out_dir.rsplit("/", 1)[0] if "/" in out_dir else "."
+  if parent and not tf.io.gfile.exists(parent):
+    tf.io.gfile.makedirs(parent)
+  base = out_dir.rsplit("/", 1)[-1]
+  tmp_dir = f"{parent}/.{base}.tmp-{uuid.uuid4().hex[:8]}"
+  old_dir = None
+  try:
+    tf.io.gfile.makedirs(tmp_dir)
+    split_entries = {}
+    allowed = set(optional_fields) if optional_fields is not None else None
+    seen_fields = set()
+
+    def tracked(records):
+      for rec in records:
+        yield rec
+        seen_fields.update(rec.extras)
+
+    for split, records in splits.items():
+      split_entries[split] = _write_split(
+          tmp_dir, split, tracked(records), int(shards_per[split]), classes=classes,
+          feature_dims=dims, optional_fields=allowed)
+    if text_embeddings is not None:
+      text_path = TEXT_EMBEDDINGS
+      buf = io.BytesIO()
+      np.save(buf, text_CxE)
+      with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, TEXT_EMBEDDINGS), "wb") as fh:
+        fh.write(buf.getvalue())
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dataset": str(dataset),
+        "classes": classes,
+        "features": {k: {"dim": v} for k, v in sorted(dims.items())},
+        "primary_feature": primary_feature,
+        "snippet_frames": snippet_frames,
+        "fps": float(fps),
+        "text_embeddings": text_path,
+        "optional_fields": optional_fields if optional_fields is not None
+                           else sorted(seen_fields),
+        "splits": split_entries,
+        "source": dict(source or {}),
+    }
+    with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, MANIFEST), "w") as fh:
+      fh.write(json.dumps(manifest, indent=2) + "\n")
+    if tf.io.gfile.exists(out_dir):
+      old_dir = f"{parent}/.{base}.old-{uuid.uuid4().hex[:8]}"
+      tf.io.gfile.rename(out_dir, old_dir)
+    tf.io.gfile.rename(tmp_dir, out_dir)
+  except (tf.errors.OpError, OSError) as e:
+    _rmtree_quiet(tmp_dir)
+    raise WstalError(f"cannot write dataset {out_dir}: {e}") from e
+  except BaseException:
+    _rmtree_quiet(tmp_dir)
+    raise
+  if old_dir is not None:
+    _rmtree_quiet(old_dir)
+  logging.info("wrote dataset %s to %s", dataset, out_dir)
+  return manifest
+
+
+def _rmtree_quiet(path):
+  try:
+    if tf.io.gfile.exists(path):
+      tf.io.gfile.rmtree(path)
+  except (tf.errors.OpError, OSError):
+    logging.warning("could not remove %s", path)
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _require(cond, path, what):
+  if not cond:
+    raise WstalError(f"{path}: {what}")
+
+
+def read_manifest(data_dir: str) -> dict:
+  """Reads and validates DIR/manifest.json (schema, version, listed shards present and sized).
+
+  Raises WstalError naming the manifest when it is missing, unparsable, of another
+  format_version, inconsistent with itself, or does not match the shard files on disk.
+  """
+  data_dir = str(data_dir).rstrip("/")
+  path = tf.io.gfile.join(data_dir, MANIFEST)
+  if not tf.io.gfile.exists(path):
+    raise WstalError(f"{path}: not found ({data_dir} is not a wstal_jax dataset directory; "
+                     "create one with python -m wstal_jax.data.convert or "
+                     "python -m wstal_jax.data.synthetic)")
+  try:
+    with tf.io.gfile.GFile(path, "r") as fh:
+      m = json.loads(fh.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WstalError(f"{path}: not valid JSON ({e})") from None
+  except (tf.errors.OpError, OSError) as e:
+    raise WstalError(f"{path}: cannot read ({e})") from None
+  _require(isinstance(m, dict), path, "top level must be a JSON object")
+  _require(m.get("format_version") == FORMAT_VERSION, path,
+           f"format_version {m.get('format_version')!r} is not supported (expected "
+           f"{FORMAT_VERSION})")
+  for key in ("dataset", "classes", "features", "primary_feature", "snippet_frames", "fps",
+              "splits"):
+    _require(key in m, path, f"missing key {key!r}")
+  classes = m["classes"]
+  _require(isinstance(classes, list) and classes and all(
+      isinstance(c, str) and c for c in classes), path, "classes must be a non-empty list of "
+           "names")
+  _require(len(set(classes)) == len(classes), path, "duplicate class names")
+  feats = m["features"]
+  _require(isinstance(feats, dict) and feats, path, "features must be a non-empty object")
+  for name, spec in feats.items():
+    _require(_NAME_RE.match(name) is not None, path, f"bad feature name {name!r}")
+    _require(isinstance(spec, dict) and isinstance(spec.get("dim"), int) and spec["dim"] > 0,
+             path, f"feature {name!r} needs a positive integer dim")
+  _require(m["primary_feature"] in feats, path,
+           f"primary_feature {m['primary_feature']!r} not in features")
+  for key in ("snippet_frames", "fps"):
+    _require(isinstance(m[key], (int, float)) and m[key] > 0, path, f"{key} must be > 0")
+  m.setdefault("text_embeddings", None)
+  m.setdefault("optional_fields", [])
+  m.setdefault("source", {})
+  _require(isinstance(m["optional_fields"], list), path, "optional_fields must be a list")
+  if m["text_embeddings"] is not None:
+    _require(isinstance(m["text_embeddings"], str), path, "text_embeddings must be a file name")
+    _require(tf.io.gfile.exists(tf.io.gfile.join(data_dir, m["text_embeddings"])), path,
+             f"text_embeddings file {m['text_embeddings']} is missing")
+  splits = m["splits"]
+  _require(isinstance(splits, dict) and splits, path, "splits must be a non-empty object")
+  for split, entry in splits.items():
+    where = f"split {split!r}"
+    _require(split in SPLITS, path, f"unknown {where}")
+    _require(isinstance(entry, dict), path, f"{where} must be an object")
+    for key in ("num_videos", "num_instances", "shards"):
+      _require(key in entry, path, f"{where}: missing key {key!r}")
+    shards = entry["shards"]
+    _require(isinstance(shards, list) and shards, path, f"{where}: no shards listed")
+    n = len(shards)
+    total = 0
+    for i, sh in enumerate(shards):
+      _require(isinstance(sh, dict) and {"file", "num_videos", "sha256"} <= set(sh), path,
+               f"{where}: shard {i} needs file, num_videos, sha256")
+      _require(sh["file"] == shard_name(split, i, n), path,
+               f"{where}: shard {i} is named {sh['file']!r}, expected {shard_name(split, i, n)!r}")
+      _require(isinstance(sh["num_videos"], int) and sh["num_videos"] >= 1, path,
+               f"{where}: shard {sh['file']} has num_videos {sh['num_videos']!r}")
+      total += sh["num_videos"]
+    _require(total == entry["num_videos"], path,
+             f"{where}: shards hold {total} videos but num_videos is {entry['num_videos']}")
+    # Round-robin assignment fixes how many videos each shard holds.
+    expect = [entry["num_videos"] // n + (i < entry["num_videos"] % n) for i in range(n)]
+    _require([sh["num_videos"] for sh in shards] == expect, path,
+             f"{where}: per-shard video counts {[sh['num_videos'] for sh in shards]} do not "
+             f"match round-robin assignment {expect}")
+    lengths = entry.get("video_num_snippets")
+    if lengths is not None:
+      _require(isinstance(lengths, list) and len(lengths) == entry["num_videos"] and all(
+          isinstance(t, int) and t > 0 for t in lengths), path,
+               f"{where}: video_num_snippets must list num_videos positive integers")
+    listed = {sh["file"] for sh in shards}
+    try:
+      present = {p.rsplit("/", 1)[-1] for p in tf.io.gfile.glob(
+          tf.io.gfile.join(data_dir, f"{split}-*-of-*.tfrecord"))}
+    except tf.errors.OpError as e:
+      raise WstalError(f"{data_dir}: cannot list shards ({e})") from None
+    missing = sorted(listed - present)
+    _require(not missing, path, f"{where}: shard file(s) missing from {data_dir}: {missing}")
+    extra = sorted(present - listed)
+    _require(not extra, path, f"{where}: shard file(s) in {data_dir} not listed in the manifest: "
+             f"{extra} (manifest does not match its shards)")
+    for sh in shards:
+      if "num_bytes" in sh:
+        size = tf.io.gfile.stat(tf.io.gfile.join(data_dir, sh["file"])).length
+        _require(size == sh["num_bytes"], path,
+                 f"shard {sh['file']} has {size} bytes, the manifest says {sh['num_bytes']} "
+                 "(truncated or replaced; manifest does not match its shards)")
+  return m
+
+
+def _split_entry(manifest, split, data_dir):
+  if split not in manifest["splits"]:
+    raise WstalError(f"{tf.io.gfile.join(data_dir, MANIFEST)}: no split {split!r} (has "
+                     f"{sorted(manifest['splits'])})")
+  return manifest["splits"][split]
+
+
+def shard_paths(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
+  """Full paths of the split's shards, in shard order (video i is in shard i % n)."""
+  manifest = manifest or read_manifest(data_dir)
+  entry = _split_entry(manifest, split, data_dir)
+  return [tf.io.gfile.join(str(data_dir).rstrip("/"), sh["file"]) for sh in entry["shards"]]
+
+
+def verify_shards(data_dir: str, split: str | None = None, manifest: dict | None = None):
+  """Checks every shard's sha256 against the manifest (all splits if split is None)."""
+  manifest = manifest or read_manifest(data_dir)
+  for s in ([split] if split is not None else sorted(manifest["splits"])):
+    entry = _split_entry(manifest, s, data_dir)
+    for sh, path in zip(entry["shards"], shard_paths(data_dir, s, manifest)):
+      digest = _sha256(path)
+      if digest != sh["sha256"]:
+        raise WstalError(f"shard {path}: sha256 {digest} does not match the manifest "
+                         f"({sh['sha256']}); the file is corrupt or was replaced")
+
+
+def _parse_spec(manifest, feature_names, annotations=True):
+  num_c = len(manifest["classes"])
+  spec = {
+      "name": tf.io.FixedLenFeature([], tf.string),
+      "index": tf.io.FixedLenFeature([], tf.int64),
+      "duration": tf.io.FixedLenFeature([], tf.float32),
+      "num_snippets": tf.io.FixedLenFeature([], tf.int64),
+      "label": tf.io.FixedLenFeature([num_c], tf.int64),
+  }
+  if annotations:
+    spec["segments"] = tf.io.VarLenFeature(tf.float32)
+    spec["segment_labels"] = tf.io.VarLenFeature(tf.int64)
+    spec["ambiguous"] = tf.io.VarLenFeature(tf.float32)
+    for key in manifest.get("optional_fields", []):
+      spec[f"extra/{key}"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
+  for name in feature_names:
+    spec[f"feature/{name}"] = tf.io.FixedLenFeature([], tf.string)
+  return spec
+
+
+def _check_feature_names(manifest, feature_names):
+  for name in feature_names:
+    if name not in manifest["features"]:
+      raise WstalError(f"feature {name!r} is not in the dataset (has "
+                       f"{sorted(manifest['features'])})")
+
+
+def tf_parse_fn(manifest: dict, feature_names, annotations: bool = False):
+  """Returns parse(serialized scalar tf.string) -> dict of tensors, for tf.data.map.
+
+  Output: name tf.string []; index int32 []; duration float32 []; num_snippets int32 [];
+  label float32 [C]; feature/<name> float32 [T, dim] for each requested feature. With
+  annotations=True also segments float32 [N, 2], segment_labels int32 [N], ambiguous
+  float32 [M, 2]. A record whose feature bytes do not hold [T, dim] float32 fails at run time
+  with tf.errors.InvalidArgumentError (callers turn it into a WstalError).
+  """
+  feature_names = list(feature_names)
+  _check_feature_names(manifest, feature_names)
+  spec = _parse_spec(manifest, feature_names, annotations)
+  dims = {n: manifest["features"][n]["dim"] for n in feature_names}
+
+  def parse(serialized):
+    ex = tf.io.parse_single_example(serialized, spec)
+    num_t = tf.cast(ex["num_snippets"], tf.int32)
+    out = {
+        "name": ex["name"],
+        "index": tf.cast(ex["index"], tf.int32),
+        "duration": ex["duration"],
+        "num_snippets": num_t,
+        "label": tf.cast(ex["label"], tf.float32),
+    }
+    for name, dim in dims.items():
+      raw = tf.io.decode_raw(ex[f"feature/{name}"], tf.float32, little_endian=True)
+      out[f"feature/{name}"] = tf.reshape(raw, [num_t, dim])
+    if annotations:
+      out["segments"] = tf.reshape(tf.sparse.to_dense(ex["segments"]), [-1, 2])
+      out["segment_labels"] = tf.cast(tf.sparse.to_dense(ex["segment_labels"]), tf.int32)
+      out["ambiguous"] = tf.reshape(tf.sparse.to_dense(ex["ambiguous"]), [-1, 2])
+    return out
+
+  return parse
+
+
+def _ordered_records(paths):
+  """Serialized records of a split in manifest order: shards read round-robin."""
+  files = tf.data.Dataset.from_tensor_slices(paths)
+  return files.interleave(tf.data.TFRecordDataset, cycle_length=len(paths), block_length=1)
+
+
+def _read_error(data_dir, split, e):
+  return WstalError(f"{data_dir}: split {split!r}: a shard is truncated or corrupt ({e}); "
+                    "run verify_shards to find which")
+
+
+def _iter_parsed(data_dir, split, feature_names, manifest, batch=64):
+  """Yields numpy dicts (one per video, manifest order) with annotations and raw features."""
+  entry = _split_entry(manifest, split, data_dir)
+  paths = shard_paths(data_dir, split, manifest)
+  spec = _parse_spec(manifest, feature_names, annotations=True)
+  ds = _ordered_records(paths).batch(batch)
+  ds = ds.map(lambda s: tf.io.parse_example(s, spec))
+  it = iter(ds)
+  count = 0
+  while True:
+    try:
+      ex = next(it)
+    except StopIteration:
+      break
+    except tf.errors.OpError as e:
+      raise _read_error(data_dir, split, e) from None
+    segs = tf.sparse.to_dense(ex["segments"]).numpy()
+    seg_n = tf.sparse.to_dense(ex["segment_labels"], default_value=-1).numpy()
+    amb = tf.sparse.to_dense(ex["ambiguous"]).numpy()
+    seg_len = _row_lengths(ex["segment_labels"])
+    seg_f_len = _row_lengths(ex["segments"])
+    amb_len = _row_lengths(ex["ambiguous"])
+    for b in range(len(ex["index"])):
+      index = int(ex["index"][b])
+      name = ex["name"][b].numpy().decode("utf-8")
+      if index != count:
+        raise WstalError(f"{data_dir}: split {split!r}: record {count} is video {name!r} with "
+                         f"index {index} (manifest does not match its shards)")
+      count += 1
+      n_seg = int(seg_len[b])
+      if seg_f_len[b] != 2 * n_seg or amb_len[b] % 2:
+        raise WstalError(f"{data_dir}: split {split!r}: video {name!r} has malformed segments")
+      out = {
+          "index": index, "name": name, "duration": float(ex["duration"][b]),
+          "num_snippets": int(ex["num_snippets"][b]),
+          "label": ex["label"][b].numpy().astype(np.float32),
+          "segments": segs[b, :2 * n_seg].reshape(-1, 2).astype(np.float32),
+          "segment_labels": seg_n[b, :n_seg].astype(np.int32),
+          "ambiguous": amb[b, :amb_len[b]].reshape(-1, 2).astype(np.float32),
+          "extras": {k: ex[f"extra/{k}"][b].numpy() for k in manifest.get("optional_fields", [])
+                     if ex[f"extra/{k}"][b].numpy()},
+      }
+      for fname in feature_names:
+        out[f"feature/{fname}"] = ex[f"feature/{fname}"][b].numpy()
+      yield out
+  if count != entry["num_videos"]:
+    raise WstalError(f"{data_dir}: split {split!r} has {count} videos in its shards, the "
+                     f"manifest says {entry['num_videos']} (manifest does not match its shards)")
+
+
+def _row_lengths(sp):
+  """Number of stored values per row of a 2-D tf.SparseTensor -> int64 numpy [B]."""
+  rows = sp.indices[:, 0].numpy()
+  return np.bincount(rows, minlength=int(sp.dense_shape[0])).astype(np.int64)
+
+
+def read_videos(data_dir: str, split: str, features=None) -> Iterator[VideoRecord]:
+  """Yields the split's videos in manifest order with the requested features (None = all).
+
+  Features are float32 [T, dim] numpy arrays. Raises WstalError on truncated/corrupt shards,
+  records whose features do not hold [T, dim] float32, and shards that do not match the
+  manifest.
+  """
+  manifest = read_manifest(data_dir)
+  names = sorted(manifest["features"]) if features is None else list(features)
+  if not names:
+    raise WstalError("read_videos needs at least one feature (use read_video_info for none)")
+  _check_feature_names(manifest, names)
+  for ex in _iter_parsed(data_dir, split, names, manifest):
+    feats = {}
+    for fname in names:
+      raw = ex[f"feature/{fname}"]
+      dim = manifest["features"][fname]["dim"]
+      num_t = ex["num_snippets"]
+      if len(raw) != 4 * num_t * dim:
+        raise WstalError(f"{data_dir}: split {split!r}: video {ex['name']!r} feature {fname!r} "
+                         f"has {len(raw)} bytes, expected T={num_t} x dim={dim} float32 "
+                         "(corrupt record)")
+      feats[fname] = np.frombuffer(raw, dtype="<f4").reshape(num_t, dim).astype(np.float32)
+    yield VideoRecord(name=ex["name"], duration=ex["duration"], features=feats,
+                      label=ex["label"], segments=ex["segments"],
+                      segment_labels=ex["segment_labels"], ambiguous=ex["ambiguous"],
+                      extras=ex["extras"], source=f"{data_dir} ({split} #{ex['index']})")
+
+
+def read_video_info(data_dir: str, split: str) -> list[VideoInfo]:
+  """All videos of the split without features; list position == VideoInfo.index."""
+  manifest = read_manifest(data_dir)
+  return [VideoInfo(index=ex["index"], name=ex["name"], duration=ex["duration"],
+                    num_snippets=ex["num_snippets"], label=ex["label"], segments=ex["segments"],
+                    segment_labels=ex["segment_labels"], ambiguous=ex["ambiguous"],
+                    extras=ex["extras"])
+          for ex in _iter_parsed(data_dir, split, [], manifest)]
+
+
+def load_text_embeddings(data_dir: str, manifest: dict | None = None) -> np.ndarray | None:
+  """float32 [C, E] class text embeddings, or None when the dataset has none."""
+  manifest = manifest or read_manifest(data_dir)
+  if not manifest.get("text_embeddings"):
+    return None
+  path = tf.io.gfile.join(str(data_dir).rstrip("/"), manifest["text_embeddings"])
+  try:
+    with tf.io.gfile.GFile(path, "rb") as fh:
+      arr = np.load(io.BytesIO(fh.read()), allow_pickle=False)
+  except (ValueError, OSError, EOFError, tf.errors.OpError) as e:
+    raise WstalError(f"{path}: cannot read text embeddings ({e})") from None
+  num_c = len(manifest["classes"])
+  if arr.ndim != 2 or arr.shape[0] != num_c:
+    raise WstalError(f"{path}: text embeddings must be [C={num_c}, E], got {arr.shape}")
+  if not np.all(np.isfinite(arr)):
+    raise WstalError(f"{path}: text embeddings contain NaN/Inf")
+  return arr.astype(np.float32)

@@ -1,0 +1,456 @@
+"""TFRecord shards -> per-process tf.data -> fixed-shape numpy batches with masks.
+
+Batch keys (docs/ARCHITECTURE.md, "Batches"): feat_BxTxD, vlm_BxTxE (if a VLM feature is
+asked for), mask_BxT, label_BxC, index_B, valid_B, scale_B. `batch_size` is always the
+per-process batch; the global batch is batch_size * process_count.
+
+Training (`train_batches`) is infinite and resumable: the batch for step s is a pure function of
+(seed, s, process layout). Process p reads shards p, p + P, ... Its element stream is a
+sequence of epochs; epoch e is a permutation of the process's videos that depends only on
+(seed, e, p): the shard files are shuffled, read round-robin, and cut into blocks of
+`shuffle_buffer` records that are each permuted with a stateless shuffle. Element k of the
+stream (k = e * N_p + position) draws its snippet sampling from a stateless RNG keyed by
+(seed, k * P + p). start_step=s therefore starts at epoch (s * B) // N_p and skips the
+remaining (s * B) % N_p serialized records before any parsing.
+
+Evaluation (`eval_batches`) yields whole videos in manifest order (per process: the videos of
+its shards). Batch j of every process is padded to the same length bucket, chosen from the
+lengths of all processes' j-th batches (the manifest lists every video's T), and short
+processes are topped up with dummy videos (index -1, valid 0, zero mask), so every process
+yields the same number of identically shaped batches.
+"""
+import functools
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+from wstal_jax.data import format as fmt
+from wstal_jax.errors import WstalError
+
+try:  # JAX owns the accelerators; TF only reads files.
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+  pass
+
+SAMPLINGS = ("random_perturb", "uniform", "pad")
+_AUTOTUNE = tf.data.AUTOTUNE
+_MAX_CYCLE = 16
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def sample_indices(num_t, length: int, sampling: str, key=None):
+  """Snippet indices for resampling a video of T_v = num_t snippets to `length` (TF graph).
+
+  Args:
+    num_t: int32 scalar tensor, T_v > 0.
+    length: T, the fixed number of output snippets.
+    sampling: "random_perturb" (ASL / CO2-Net): the T_v snippets are split into T equal bins
+      [floor(i T_v / T), floor((i + 1) T_v / T)) and one index is drawn uniformly in each;
+      a bin shorter than one snippet (T_v < T) collapses to its start, so short videos repeat
+      indices. "uniform": the centre of each bin, floor((2i + 1) T_v / 2T). "pad": no
+      resampling; the first T snippets (or, with a key, a random window of T) and zero padding
+      when T_v < T.
+    key: int64 [2] stateless RNG seed; needed for random_perturb and for a random pad window.
+
+  Returns:
+    idx_T int32 [T] indices into [0, T_v), mask_T float32 [T], scale float32 [] (original
+    snippets per sampled snippet: T_v / T when resampled, 1 for pad).
+
+  The CO2-Net code draws from the closed range [lo_i, lo_{i+1}], so neighbouring bins can pick
+  the same snippet; we use half-open bins so indices are one per bin and non-decreasing.
+  """
+  num_t = tf.cast(num_t, tf.int64)
+  i_T = tf.range(length, dtype=tf.int64)
+  if sampling == "pad":
+    if key is None:
+      start = tf.constant(0, tf.int64)
+    else:
+      room = tf.maximum(num_t - length, 0)
+      u = tf.random.stateless_uniform([], seed=key, dtype=tf.float32)
+      start = tf.minimum(tf.cast(tf.floor(u * tf.cast(room + 1, tf.float32)), tf.int64), room)
+    pos_T = start + i_T
+    mask_T = tf.cast(pos_T < num_t, tf.float32)
+    idx_T = tf.minimum(pos_T, num_t - 1)
+    return tf.cast(idx_T, tf.int32), mask_T, tf.constant(1.0, tf.float32)
+  lo_T = (i_T * num_t) // length
+  if sampling == "uniform":
+    idx_T = ((2 * i_T + 1) * num_t) // (2 * length)
+  elif sampling == "random_perturb":
+    if key is None:
+      raise ValueError("random_perturb sampling needs an RNG key")
+    hi_T = tf.maximum(((i_T + 1) * num_t) // length, lo_T + 1)
+    u_T = tf.random.stateless_uniform([length], seed=key, dtype=tf.float32)
+    width_T = hi_T - lo_T
+    off_T = tf.cast(tf.floor(u_T * tf.cast(width_T, tf.float32)), tf.int64)
+    idx_T = lo_T + tf.minimum(off_T, width_T - 1)
+  else:
+    raise WstalError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+  scale = tf.cast(num_t, tf.float32) / float(length)
+  return tf.cast(idx_T, tf.int32), tf.ones([length], tf.float32), scale
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _layout(process_index, process_count):
+  p = jax.process_index() if process_index is None else int(process_index)
+  n = jax.process_count() if process_count is None else int(process_count)
+  if n < 1 or not 0 <= p < n:
+    raise WstalError(f"bad process layout: process_index={p}, process_count={n}")
+  return p, n
+
+
+def _selection(video_indices, num_videos, data_dir, split):
+  """Sorted unique selected video indices (all when None) -> int64 numpy [K]."""
+  if video_indices is None:
+    return np.arange(num_videos, dtype=np.int64)
+  sel = np.asarray(video_indices, dtype=np.int64).reshape(-1)
+  if sel.size == 0:
+    raise WstalError(f"{data_dir}: empty video_indices for split {split!r}")
+  if sel.min() < 0 or sel.max() >= num_videos:
+    raise WstalError(f"{data_dir}: video_indices must lie in [0, {num_videos}) for split "
+                     f"{split!r}, got range [{sel.min()}, {sel.max()}]")
+  return np.unique(sel)
+
+
+def _process_videos(sel, num_shards, p, num_procs):
+  """Selected videos that process p reads (video i is in shard i % n), increasing order."""
+  return sel[(sel % num_shards) % num_procs == p]
+
+
+def _feature_names(manifest, vlm_feature, data_dir):
+  primary = manifest["primary_feature"]
+  names = [primary]
+  if vlm_feature is not None:
+    if vlm_feature not in manifest["features"]:
+      raise WstalError(f"{data_dir}: VLM feature {vlm_feature!r} is not in the dataset (has "
+                       f"{sorted(manifest['features'])})")
+    if vlm_feature != primary:
+      names.append(vlm_feature)
+  return primary, names
+
+
+def _index_filter(keep_N):
+  """Predicate on serialized records: keep_N[index] (parses only the index field)."""
+  keep = tf.constant(keep_N)
+  spec = {"index": tf.io.FixedLenFeature([], tf.int64)}
+
+  def pred(serialized):
+    index = tf.io.parse_single_example(serialized, spec)["index"]
+    in_range = tf.logical_and(index >= 0, index < keep.shape[0])
+    return tf.logical_and(in_range, tf.gather(keep, tf.clip_by_value(
+        index, 0, keep.shape[0] - 1)))
+
+  return pred
+
+
+def _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, valid):
+  mask_T1 = mask_T[:, None]
+  out = {
+      "feat_BxTxD": tf.gather(feats[primary], idx_T) * mask_T1,
+      "mask_BxT": mask_T,
+      "label_BxC": ex["label"],
+      "index_B": ex["index"],
+      "valid_B": tf.constant(valid, tf.float32),
+      "scale_B": scale,
+  }
+  if vlm_feature is not None:
+    out["vlm_BxTxE"] = tf.gather(feats[vlm_feature], idx_T) * mask_T1
+  return out
+
+
+def _numpy_batches(ds, data_dir, split, check=None) -> Iterator[dict]:
+  """Iterates a tf.data dataset as numpy, turning TF read errors into WstalError."""
+  it = ds.as_numpy_iterator()
+  step = 0
+  while True:
+    try:
+      batch = next(it)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise WstalError(f"{data_dir}: split {split!r}: cannot read a record ({e.message.strip()})"
+                       "; a shard is truncated or corrupt, or the manifest does not match its "
+                       "shards (run wstal_jax.data.format.verify_shards)") from None
+    if check is not None:
+      check(step, batch)
+    step += 1
+    yield batch
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: int, seed: int,
+                  start_step: int = 0, sampling: str = "random_perturb",
+                  vlm_feature: str | None = None, video_indices: Sequence[int] | None = None,
+                  process_index: int | None = None, process_count: int | None = None,
+                  shuffle_buffer: int = 512) -> Iterator[dict]:
+  """Infinite per-process training batches of fixed shape [batch_size, num_snippets, ...].
+
+  Args:
+    data_dir: dataset directory (manifest.json + shards).
+    split: "train" usually.
+    batch_size: per-process batch size B.
+    num_snippets: T, snippets per video after sampling.
+    seed: integer seed; with the step and the process layout it fixes every batch.
+    start_step: first step to produce; equals continuing an uninterrupted run from there.
+    sampling: "random_perturb" | "uniform" | "pad" (see `sample_indices`; pad crops a random
+      window of long videos and zero-pads short ones, mask 0 on padding).
+    vlm_feature: also emit this manifest feature as vlm_BxTxE (same snippet indices).
+    video_indices: restrict to these video indices of the split (held-out subsets).
+    process_index, process_count: default jax.process_index() / jax.process_count().
+    shuffle_buffer: records permuted together; an epoch is a perfect shuffle when it holds at
+      most this many videos per process.
+
+  Yields:
+    dicts of numpy arrays: feat_BxTxD float32, [vlm_BxTxE float32], mask_BxT float32,
+    label_BxC float32, index_B int32, valid_B float32 (ones), scale_B float32 (T_v / T).
+  """
+  if sampling not in SAMPLINGS:
+    raise WstalError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
+  if batch_size < 1 or num_snippets < 1 or start_step < 0 or shuffle_buffer < 1:
+    raise WstalError(f"batch_size ({batch_size}), num_snippets ({num_snippets}) and "
+                     f"shuffle_buffer ({shuffle_buffer}) must be >= 1, start_step "
+                     f"({start_step}) >= 0")
+  manifest = fmt.read_manifest(data_dir)
+  paths = fmt.shard_paths(data_dir, split, manifest)
+  p, num_procs = _layout(process_index, process_count)
+  if len(paths) < num_procs:
+    raise WstalError(f"{data_dir}: split {split!r} has {len(paths)} shards but there are "
+                     f"{num_procs} processes; every process needs at least one shard "
+                     "(rewrite the dataset with --num_shards >= the number of processes)")
+  num_videos = manifest["splits"][split]["num_videos"]
+  sel = _selection(video_indices, num_videos, data_dir, split)
+  mine = _process_videos(sel, len(paths), p, num_procs)
+  num_mine = len(mine)
+  if num_mine == 0:
+    raise WstalError(f"{data_dir}: split {split!r}: process {p} of {num_procs} has no videos "
+                     "among video_indices")
+  primary, names = _feature_names(manifest, vlm_feature, data_dir)
+  files = tf.constant(paths[p::num_procs])
+  cycle = min(len(paths[p::num_procs]), _MAX_CYCLE)
+  keep_pred = None
+  if video_indices is not None:
+    keep_N = np.zeros(num_videos, bool)
+    keep_N[sel] = True
+    keep_pred = _index_filter(keep_N)
+  seed64 = tf.constant(int(seed) % (1 << 63), tf.int64)
+  shuffle_seed64 = tf.constant((int(seed) ^ 0x5EED5EED) % (1 << 63), tf.int64)
+  num_mine64 = tf.constant(num_mine, tf.int64)
+  block = min(shuffle_buffer, num_mine)
+
+  def epoch(e):
+    key = tf.stack([seed64, e * num_procs + p])
+    order = tf.random.experimental.stateless_shuffle(files, seed=key)
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        tf.data.TFRecordDataset, cycle_length=cycle, block_length=1)
+    if keep_pred is not None:
+      ds = ds.filter(keep_pred)
+    ds = ds.batch(block).enumerate().map(
+        lambda b, recs: tf.random.experimental.stateless_shuffle(
+            recs, seed=tf.stack([shuffle_seed64, (e * 1_000_003 + b) * num_procs + p])))
+    return ds.unbatch().enumerate().map(lambda pos, rec: (e * num_mine64 + pos, rec))
+
+  first = start_step * batch_size
+  ds = tf.data.Dataset.range(first // num_mine, 1 << 62).flat_map(epoch)
+  ds = ds.skip(first % num_mine)  # serialized records: nothing parsed yet
+  parse = fmt.tf_parse_fn(manifest, names)
+  random_window = sampling == "pad"
+
+  def element(counter, serialized):
+    ex = parse(serialized)
+    key = tf.stack([seed64, counter * num_procs + p])
+    need_key = sampling == "random_perturb" or random_window
+    idx_T, mask_T, scale = sample_indices(ex["num_snippets"], num_snippets, sampling,
+                                          key if need_key else None)
+    feats = {n: ex[f"feature/{n}"] for n in names}
+    return _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+
+  ds = ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)
+  return _numpy_batches(ds, data_dir, split)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def default_buckets(max_len: int) -> list[int]:
+  """Powers of two from 64 below max_len, then max_len rounded up to a multiple of 64."""
+  buckets, b = [], 64
+  while b < max_len:
+    buckets.append(b)
+    b *= 2
+  buckets.append(max(64, -(-max_len // 64) * 64))
+  return sorted(set(buckets))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_lengths(data_dir, split):
+  """T of every video (manifest order) read from the shards; for manifests without the list."""
+  manifest = fmt.read_manifest(data_dir)
+  lengths = np.zeros(manifest["splits"][split]["num_videos"], np.int64)
+  for info in fmt.read_video_info(data_dir, split):
+    lengths[info.index] = info.num_snippets
+  return tuple(lengths.tolist())
+
+
+def _video_lengths(manifest, data_dir, split):
+  lengths = manifest["splits"][split].get("video_num_snippets")
+  if lengths is None:
+    lengths = _scan_lengths(str(data_dir), split)
+  return np.asarray(lengths, np.int64)
+
+
+def eval_plan(manifest, data_dir, split, *, batch_size, buckets=None, num_snippets=None,
+              video_indices=None, process_count=1):
+  """The eval batches every process will yield, computed from the manifest alone.
+
+  Returns (videos_P, length_J): videos_P[p] int64 [N_p] video indices of process p in order;
+  length_J int [J] the padded T of batch j (the same on every process). J = max_p ceil(N_p/B).
+  """
+  entry = fmt._split_entry(manifest, split, data_dir)
+  num_shards = len(entry["shards"])
+  sel = _selection(video_indices, entry["num_videos"], data_dir, split)
+  videos_P = [_process_videos(sel, num_shards, p, process_count) for p in range(process_count)]
+  num_batches = max(math.ceil(len(v) / batch_size) for v in videos_P)
+  if num_snippets is not None:
+    return videos_P, [int(num_snippets)] * num_batches
+  lengths_N = _video_lengths(manifest, data_dir, split)
+  max_len = int(lengths_N[sel].max())
+  if buckets is None:
+    buckets = default_buckets(max_len)
+  buckets = sorted({int(b) for b in buckets})
+  if buckets[0] < 1:
+    raise WstalError(f"eval buckets must be positive, got {buckets}")
+  if max_len > buckets[-1]:
+    raise WstalError(f"{data_dir}: split {split!r} has a video of T={max_len} snippets, longer "
+                     f"than the largest eval bucket {buckets[-1]}")
+  length_J = []
+  for j in range(num_batches):
+    longest = max((int(lengths_N[v[j * batch_size:(j + 1) * batch_size]].max())
+                   for v in videos_P if len(v) > j * batch_size), default=1)
+    length_J.append(next(b for b in buckets if b >= longest))
+  return videos_P, length_J
+
+
+def eval_batches(data_dir: str, *, split: str, batch_size: int,
+                 vlm_feature: str | None = None, buckets: Sequence[int] | None = None,
+                 num_snippets: int | None = None, video_indices: Sequence[int] | None = None,
+                 process_index: int | None = None,
+                 process_count: int | None = None) -> Iterator[dict]:
+  """Whole-video per-process eval batches; every process yields the same number and shapes.
+
+  Args:
+    data_dir, split: the dataset and split to evaluate.
+    batch_size: per-process batch size B.
+    vlm_feature: also emit this manifest feature as vlm_BxTxE.
+    buckets: padded lengths to choose from (default `default_buckets(longest video)`); batch j
+      is padded to the smallest bucket holding its longest video on any process.
+    num_snippets: instead of padding, resample every video uniformly to this T (ActivityNet
+      style); then scale_B = T_v / num_snippets and the mask is all ones.
+    video_indices: evaluate only these videos of the split.
+    process_index, process_count: default jax.process_index() / jax.process_count(). A process
+      without shards yields only dummy batches.
+
+  Yields:
+    dicts of numpy arrays as in train_batches, with T varying by batch; dummy entries have
+    index_B -1, valid_B 0, an all-zero mask and zero features.
+  """
+  if batch_size < 1 or (num_snippets is not None and num_snippets < 1):
+    raise WstalError(f"batch_size ({batch_size}) and num_snippets ({num_snippets}) must be >= 1")
+  manifest = fmt.read_manifest(data_dir)
+  paths = fmt.shard_paths(data_dir, split, manifest)
+  p, num_procs = _layout(process_index, process_count)
+  videos_P, length_J = eval_plan(manifest, data_dir, split, batch_size=batch_size,
+                                 buckets=buckets, num_snippets=num_snippets,
+                                 video_indices=video_indices, process_count=num_procs)
+  primary, names = _feature_names(manifest, vlm_feature, data_dir)
+  mine = videos_P[p]
+  num_batches = len(length_J)
+  pad_T = np.repeat(np.asarray(length_J, np.int64), batch_size)  # T of every slot
+  lengths_N = None if num_snippets is not None else _video_lengths(manifest, data_dir, split)
+  dims = {n: manifest["features"][n]["dim"] for n in names}
+  num_c = len(manifest["classes"])
+  parse = fmt.tf_parse_fn(manifest, names)
+
+  def real(expected_index, slot_t, serialized):
+    ex = parse(serialized)
+    checks = [tf.debugging.assert_equal(
+        ex["index"], tf.cast(expected_index, tf.int32),
+        message="video index differs from the manifest order")]
+    with tf.control_dependencies(checks):
+      num_t = tf.identity(ex["num_snippets"])
+    if num_snippets is not None:
+      idx_T, mask_T, scale = sample_indices(num_t, num_snippets, "uniform")
+    else:
+      pos_T = tf.range(slot_t, dtype=tf.int32)
+      mask_T = tf.cast(pos_T < num_t, tf.float32)
+      idx_T, scale = tf.minimum(pos_T, num_t - 1), tf.constant(1.0, tf.float32)
+    feats = {n: ex[f"feature/{n}"] for n in names}
+    return _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+
+  def dummy(slot_t):
+    out = {
+        "feat_BxTxD": tf.zeros([slot_t, dims[primary]], tf.float32),
+        "mask_BxT": tf.zeros([slot_t], tf.float32),
+        "label_BxC": tf.zeros([num_c], tf.float32),
+        "index_B": tf.constant(-1, tf.int32),
+        "valid_B": tf.constant(0.0, tf.float32),
+        "scale_B": tf.constant(1.0, tf.float32),
+    }
+    if vlm_feature is not None:
+      out["vlm_BxTxE"] = tf.zeros([slot_t, dims[vlm_feature]], tf.float32)
+    return out
+
+  parts = []
+  if len(mine):
+    my_paths = paths[p::num_procs]
+    recs = tf.data.Dataset.from_tensor_slices(my_paths).interleave(
+        tf.data.TFRecordDataset, cycle_length=len(my_paths), block_length=1)
+    if video_indices is not None:
+      keep_N = np.zeros(manifest["splits"][split]["num_videos"], bool)
+      keep_N[mine] = True
+      recs = recs.filter(_index_filter(keep_N))
+    plan = tf.data.Dataset.from_tensor_slices((mine, pad_T[:len(mine)]))
+    parts.append(tf.data.Dataset.zip(plan, recs).map(
+        lambda pl, rec: real(pl[0], pl[1], rec), num_parallel_calls=_AUTOTUNE,
+        deterministic=True))
+  num_dummies = num_batches * batch_size - len(mine)
+  if num_dummies:
+    parts.append(tf.data.Dataset.from_tensor_slices(pad_T[len(mine):]).map(dummy))
+  ds = parts[0]
+  for part in parts[1:]:
+    ds = ds.concatenate(part)
+  ds = ds.batch(batch_size).prefetch(_AUTOTUNE)
+
+  def check(j, batch):
+    want = np.full(batch_size, -1, np.int64)
+    got_mine = mine[j * batch_size:(j + 1) * batch_size]
+    want[:len(got_mine)] = got_mine
+    if j >= num_batches or not np.array_equal(batch["index_B"], want):
+      raise WstalError(f"{data_dir}: split {split!r}: shards hold other videos than the "
+                       f"manifest lists (batch {j}: got {batch['index_B'].tolist()}, expected "
+                       f"{want.tolist()}); the manifest does not match its shards")
+    if lengths_N is not None:
+      real_t = np.where(want >= 0, lengths_N[np.maximum(want, 0)], 0)
+      if not np.array_equal(batch["mask_BxT"].sum(1).astype(np.int64), real_t):
+        raise WstalError(f"{data_dir}: split {split!r}: video lengths in the shards differ "
+                         "from video_num_snippets in the manifest")
+
+  def checked():
+    count = 0
+    for batch in _numpy_batches(ds, data_dir, split, check):
+      count += 1
+      yield batch
+    if count != num_batches:
+      raise WstalError(f"{data_dir}: split {split!r}: process {p} read {count} eval batches, "
+                       f"the manifest implies {num_batches}; the manifest does not match its "
+                       "shards")
+
+  return checked()
