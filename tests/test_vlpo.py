@@ -1,0 +1,538 @@
+"""Tests of VLPO (wstal_jax/methods/vlpo.py, wstal_jax/models/vlpo.py).
+
+Loss terms against hand-computed values on tiny cases, set logic of DSP / PPG / APR on
+hand-made inputs, padding invariance, switches, gradients, and a short jitted overfit run.
+Every model call is jitted and each configuration is built once (`build`): on a shared CPU
+eager dispatch and repeated compilation dominate the runtime.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from wstal_jax import methods
+from wstal_jax.errors import WstalError
+from wstal_jax.methods import vlpo
+
+B, T, D, E, C = 2, 24, 8, 6, 4
+DIMS = {"feat": D, "vlm": E, "text": E}
+
+
+@pytest.fixture(autouse=True)
+def _strict_ranks():
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
+
+def make_config(method="vlpo", **overrides):
+  """Tiny model; dropout 0 unless asked (padding tests compare across lengths)."""
+  cfg = ml_collections.ConfigDict()
+  cfg.method = method
+  cfg.vlpo = vlpo.default_config()
+  cfg.vlpo.embed_dim = 16
+  cfg.vlpo.act_hidden_dim = 16
+  cfg.vlpo.dropout = 0.0
+  for k, v in overrides.items():
+    cfg.vlpo[k] = v
+  return cfg
+
+
+def make_batch(seed=0, t=T, n_valid=None, b=B):
+  """Random batch; video i has n_valid[i] valid snippets (the rest is zero padding)."""
+  rng = np.random.default_rng(seed)
+  n_valid = [t] * b if n_valid is None else n_valid
+  mask = np.zeros((b, t), np.float32)
+  for i, n in enumerate(n_valid):
+    mask[i, :n] = 1
+  label = np.zeros((b, C), np.float32)
+  label[np.arange(b), np.arange(b) % C] = 1
+  feat = rng.normal(size=(b, t, D)).astype(np.float32) * mask[:, :, None]
+  vlm = rng.normal(size=(b, t, E)).astype(np.float32) * mask[:, :, None]
+  return {"feat_BxTxD": feat, "vlm_BxTxE": vlm, "mask_BxT": mask, "label_BxC": label,
+          "valid_B": np.ones(b, np.float32)}
+
+
+def make_consts(seed=1):
+  return {"text_CxE": np.random.default_rng(seed).normal(size=(C, E)).astype(np.float32)}
+
+
+def key(seed):
+  """PRNG key; 'rbg' compiles much faster than threefry on CPU (init, dropout)."""
+  return jax.random.key(seed, impl="rbg")
+
+
+def fast_jit(fn):
+  """jax.jit with XLA's backend optimisation off: these tests compile far more than they run."""
+  return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0})
+
+
+class Jitted:
+  """A method with jitted init / loss / predict / apply."""
+
+  def __init__(self, method):
+    self.method = method
+    self.settings = method.settings
+    self.init = fast_jit(method.init)
+    self.loss = fast_jit(method.loss)
+    self.predict = fast_jit(method.predict)
+    self.param_labels = method.param_labels
+    self.apply = fast_jit(lambda params, batch, consts: method.model.apply(
+        {"params": params}, batch, consts, train=False))
+
+
+_METHODS, _PARAMS = {}, {}
+
+
+def build(method="vlpo", seed=0, **overrides):
+  """(Jitted method, params) for make_config(method, **overrides), cached across tests so
+  that each configuration compiles once per input shape."""
+  cfg = make_config(method, **overrides)
+  cfg_key = cfg.to_json()
+  if cfg_key not in _METHODS:
+    _METHODS[cfg_key] = Jitted(methods.get_method(cfg, C, DIMS))
+  jitted = _METHODS[cfg_key]
+  if (cfg_key, seed) not in _PARAMS:
+    _PARAMS[cfg_key, seed] = jitted.init(key(seed), make_batch(), make_consts())["params"]
+  return jitted, _PARAMS[cfg_key, seed]
+
+
+def gce_np(s, pos, neg, q):
+  lp = [(1 - si ** q) / q for si, p in zip(s, pos) if p]
+  ln = [(1 - (1 - si) ** q) / q for si, n in zip(s, neg) if n]
+  return (sum(lp) / max(len(lp), 1)) + (sum(ln) / max(len(ln), 1))
+
+
+# ------------------------------------------------------------------------------------------
+# Config and construction.
+
+
+def test_default_config_matches_paper():
+  c = vlpo.default_config()
+  assert (c.q, c.topk_divisor) == (0.6, 8)
+  assert (c.lambda1, c.lambda2, c.lambda3) == (300.0, 0.1, 0.5)
+  assert (c.alpha_h, c.alpha_l) == (0.9, 0.25)
+  assert c.finetune == "cm_afa"
+  assert all(c[k] for k in vlpo.SWITCHES)
+
+
+def test_config_errors():
+  with pytest.raises(WstalError, match="finetune"):
+    methods.get_method(make_config(finetune="lora"), C, DIMS)
+  with pytest.raises(WstalError, match="config.vlpo.q"):
+    methods.get_method(make_config(q=0.0), C, DIMS)
+  with pytest.raises(WstalError, match="unknown method"):
+    methods.get_method(make_config(method="nope"), C, DIMS)
+  with pytest.raises(WstalError, match="vlm"):
+    methods.get_method(make_config(), C, {"feat": D})
+  with pytest.raises(WstalError, match="dim"):
+    methods.get_method(make_config(), C, {"feat": D, "vlm": E, "text": E + 1})
+
+
+def test_base_needs_no_vlm():
+  """'base' ignores the switches and never reads VLM features or text embeddings."""
+  method = Jitted(methods.get_method(make_config("base"), C, {"feat": D}))
+  batch = make_batch()
+  del batch["vlm_BxTxE"]
+  params = method.init(key(0), batch, {})["params"]
+  assert set(params) == {"embedding", "f_act", "f_mil"}
+  loss, aux = method.loss(params, batch, {}, key(1), 0)
+  assert set(aux) == {"loss", "l_base", "l_mil", "l_act"}
+  assert np.isfinite(float(loss))
+  assert method.method.postprocess_preset == "vlpo"
+  # Same network and settings as 'vlpo' with every switch off.
+  off = methods.get_method(make_config(**{k: False for k in vlpo.SWITCHES}), C, DIMS)
+  assert off.model == method.method.model and off.settings == method.settings
+
+
+# ------------------------------------------------------------------------------------------
+# Loss terms against hand computation.
+
+
+def test_gce_hand():
+  s = np.array([[0.9, 0.2, 0.6, 0.1, 0.5]], np.float32)
+  pos = np.array([[1, 0, 1, 0, 0]], bool)
+  neg = np.array([[0, 1, 0, 1, 0]], bool)
+  got = vlpo.gce(jnp.asarray(s), pos, neg, 0.6)
+  want = ((1 - 0.9 ** 0.6) / 0.6 + (1 - 0.6 ** 0.6) / 0.6) / 2 + \
+         ((1 - 0.8 ** 0.6) / 0.6 + (1 - 0.9 ** 0.6) / 0.6) / 2
+  np.testing.assert_allclose(got, [want], rtol=1e-5)
+  # Empty sets contribute 0, not NaN.
+  np.testing.assert_allclose(vlpo.gce(jnp.asarray(s), pos & False, neg & False, 0.6), [0.0])
+
+
+def test_baseline_l_act_uses_topk_of_valid_sa():
+  """Eq. 1 in the loss: tau_p = top-k of S^a over valid snippets, k = n_valid // divisor."""
+  s_a = np.array([[0.9, 0.2, 0.6, 0.1, 0.99]], np.float32)   # last snippet is padding
+  mask = np.array([[1, 1, 1, 1, 0]], np.float32)
+  outputs = {"cas_BxTxC": jnp.zeros((1, 5, 2)), "s_a_BxT": jnp.asarray(s_a)}
+  batch = {"mask_BxT": mask, "label_BxC": np.array([[1, 0]], np.float32),
+           "valid_B": np.ones(1, np.float32)}
+  st = vlpo.LossSettings(topk_divisor=2, q=0.6)
+  _, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(outputs, batch)
+  want = gce_np([0.9, 0.2, 0.6, 0.1], [1, 0, 1, 0], [0, 1, 0, 1], 0.6)
+  np.testing.assert_allclose(aux["l_act"], want, rtol=1e-5)
+  np.testing.assert_allclose(aux["l_mil"], math.log(2), rtol=1e-5)   # all-zero CAS: p = 1/2
+
+
+def test_l_mil_hand():
+  cas = np.zeros((2, 5, 2), np.float32)
+  cas[:, :, 0] = [1, 3, 2, 0, 9]      # snippet 4 is padding: its 9 must not be pooled
+  cas[:, :, 1] = [0, 1, -1, 2, 9]
+  mask = np.array([[1, 1, 1, 1, 0]] * 2, np.float32)
+  k = vlpo.topk_count(jnp.asarray(mask), 2)
+  np.testing.assert_array_equal(k, [2, 2])
+  pooled = vlpo.masked_topk_mean(jnp.asarray(cas), jnp.asarray(mask), k)
+  np.testing.assert_allclose(pooled, [[2.5, 1.5]] * 2)
+  label = np.array([[1, 0], [1, 1]], np.float32)
+  got = vlpo.video_ce(pooled, jnp.asarray(label))
+  lp0 = -math.log(1 + math.exp(-1.0))     # log softmax([2.5, 1.5])[0]
+  lp1 = -math.log(1 + math.exp(1.0))
+  np.testing.assert_allclose(got, [-lp0, -(lp0 + lp1) / 2], rtol=1e-5)
+
+
+def test_topk_select_ties_and_empty():
+  """Exactly min(k, n_valid) valid snippets; ties at the k-th value go to earlier snippets."""
+  x = np.array([[1.0, 2.0, 2.0, 2.0, 0.0, 5.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
+                [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)[:, :, None]
+  mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], np.float32)
+  k = jnp.asarray([2, 4, 1], jnp.int32)
+  sel = np.asarray(vlpo.topk_select(x, mask, k))[:, :, 0]
+  np.testing.assert_array_equal(sel, [[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6])
+  np.testing.assert_array_equal(vlpo.topk_count(mask, 2), [2, 3, 1])
+  np.testing.assert_allclose(vlpo.masked_topk_mean(x, mask, k)[:, 0], [2.0, 3.0, 0.0])
+
+
+def test_sym_kl_hand():
+  rng = np.random.default_rng(0)
+  lt = rng.normal(size=(1, 3, 4)).astype(np.float32)
+  lv = rng.normal(size=(1, 3, 4)).astype(np.float32)
+  mask = np.array([[1, 1, 0]], np.float32)
+  p = np.exp(lt) / np.exp(lt).sum(-1, keepdims=True)
+  q = np.exp(lv) / np.exp(lv).sum(-1, keepdims=True)
+  kl_pq = (p * np.log(p / q)).sum(-1)
+  kl_qp = (q * np.log(q / p)).sum(-1)
+  want = (0.5 * (kl_pq + kl_qp))[0, :2].mean()
+  np.testing.assert_allclose(vlpo.sym_kl(lt, lv, mask), [want], rtol=1e-5)
+  np.testing.assert_allclose(vlpo.sym_kl(lt, lt, mask), [0.0], atol=1e-7)
+
+
+def test_dsp_and_l_vl_hand():
+  """Eq. 5 picks the labelled class at action snippets and the others at background."""
+  cas_prob = np.array([[[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.5, 0.5]]], np.float32)
+  s = np.array([[0.9, 0.1, 0.8, 0.2]], np.float32)
+  y = np.array([[1, 0]], np.float32)
+  hyb = vlpo.dsp_hybrid_cas(cas_prob, s, y)
+  np.testing.assert_allclose(hyb[0, :, 0], np.array([1.4, 0.6, 1.7, 0.7]) / 2, rtol=1e-6)
+  np.testing.assert_allclose(hyb[0, :, 1], np.array([0.6, 1.4, 0.3, 1.3]) / 2, rtol=1e-6)
+  z = np.array([[[0.0, 5.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.0]]], np.float32)
+  mask = np.ones((1, 4), np.float32)
+  k = vlpo.topk_count(mask, 4)                     # k = 1
+  logits = vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb)
+  np.testing.assert_allclose(logits, [[3.0, 1.0]])  # class 0 at t=2, class 1 at t=1
+  np.testing.assert_allclose(vlpo.video_ce(logits, y), [math.log(1 + math.exp(-2.0))],
+                             rtol=1e-5)
+  # Without DSP: each class's own top-k (class 1 picks its 5 at t=0).
+  np.testing.assert_allclose(vlpo.vl_video_logits(z, mask, k), [[3.0, 5.0]])
+  # The same through vlpo_loss (only L_vl on; sim_t = sim_v = z, logit scale 1; the CAS is
+  # log(cas_prob) so that softmax_C(A) = cas_prob; S = S^a without APR).
+  outputs = {"cas_BxTxC": jnp.log(cas_prob), "s_a_BxT": jnp.asarray(s),
+             "sim_t_BxTxC": jnp.asarray(z), "sim_v_BxTxC": jnp.asarray(z)}
+  batch = {"mask_BxT": mask, "label_BxC": y, "valid_B": np.ones(1, np.float32)}
+  st = vlpo.LossSettings(topk_divisor=4, use_vl=True, use_dsp=True, vl_logit_scale=1.0)
+  loss, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(outputs, batch)
+  np.testing.assert_allclose(aux["l_vl"], math.log(1 + math.exp(-2.0)), rtol=1e-5)
+  np.testing.assert_allclose(loss, aux["l_base"] + 0.1 * aux["l_vl"], rtol=1e-6)
+
+
+def test_temporal_minmax_hand():
+  x = np.array([[[1.0, 2.0], [3.0, 2.0], [2.0, 2.0], [100.0, -5.0]]], np.float32)
+  mask = np.array([[1, 1, 1, 0]], np.float32)
+  got = vlpo.temporal_minmax(x, mask)
+  np.testing.assert_allclose(got[0, :, 0], [0.0, 1.0, 0.5, 0.0])
+  np.testing.assert_allclose(got[0, :, 1], [0.0, 0.0, 0.0, 0.0])   # constant column
+
+
+def test_ppg_and_l_snip_hand():
+  """Hard label of the best *labelled* class above alpha_h; uniform 1/C otherwise."""
+  m_hat = np.array([[[0.95, 0.97, 1.00],    # labelled best = class 1 (class 2 unlabelled)
+                     [0.92, 0.30, 0.00],    # class 0
+                     [0.50, 0.89, 0.99],    # no labelled class above 0.9 -> uniform
+                     [0.00, 0.10, 0.20]]], np.float32)
+  label = np.array([[1, 1, 0]], np.float32)
+  b = vlpo.ppg_targets(m_hat, label, 0.9)
+  u = 1 / 3
+  np.testing.assert_allclose(b[0], [[0, 1, 0], [1, 0, 0], [u, u, u], [u, u, u]], rtol=1e-6)
+  cas = np.array([[[1.0, 2.0, 0.0], [0.5, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0],
+                   [9.0, 9.0, 9.0]]], np.float32)
+  b_pad = np.concatenate([np.asarray(b), np.full((1, 1, 3), u, np.float32)], axis=1)
+  mask = np.array([[1, 1, 1, 1, 0]], np.float32)
+  logsm = cas - np.log(np.exp(cas).sum(-1, keepdims=True))
+  want = -(logsm[0, 0, 1] + logsm[0, 1, 0] + logsm[0, 2].mean() + logsm[0, 3].mean()) / 4
+  np.testing.assert_allclose(vlpo.snippet_ce(cas, b_pad, mask), [want], rtol=1e-5)
+
+
+def test_apr_sets_hand():
+  # snippets 0..5 valid, 6 padding; k = 6 // 3 = 2 -> A_p = {0, 1}
+  s = np.array([[0.9, 0.8, 0.1, 0.2, 0.3, 0.05, 0.99]], np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1, 0]], np.float32)
+  label = np.array([[1, 1, 0]], np.float32)
+  m_hat = np.array([[[0.10, 0.20, 0.95],   # 0: in A_p, labelled max 0.2 < 0.25 -> B_n: out
+                     [0.50, 0.30, 0.00],   # 1: in A_p, neither -> stays
+                     [0.10, 0.95, 0.00],   # 2: not in A_p, class 1 > 0.9 -> B_p: in (max)
+                     [0.24, 0.10, 0.00],   # 3: B_n
+                     [0.60, 0.91, 0.00],   # 4: B_p
+                     [0.30, 0.30, 0.99],   # 5: neither (unlabelled class ignored)
+                     [1.00, 1.00, 1.00]]], np.float32)   # padding: never in any set
+  k = vlpo.topk_count(mask, 3)
+  sets = vlpo.apr_sets(s, m_hat, label, mask, k, 0.9, 0.25)
+  as_list = lambda key: list(np.flatnonzero(np.asarray(sets[key][0])))
+  assert as_list("a_p_BxT") == [0, 1]
+  assert as_list("b_p_BxT") == [2, 4]
+  assert as_list("b_n_BxT") == [0, 3]
+  assert as_list("c_p_BxT") == [1, 2, 4]
+  assert as_list("c_n_BxT") == [0, 3, 5]
+  np.testing.assert_allclose(sets["s_m_BxT"][0], [0.2, 0.5, 0.95, 0.24, 0.91, 0.3, 0.0])
+  # B_p overrides: a snippet in A_p and B_p stays, one in B_p only joins.
+  m_hat2 = m_hat.copy()
+  m_hat2[0, 1] = [0.95, 0.0, 0.0]
+  sets2 = vlpo.apr_sets(s, m_hat2, label, mask, k, 0.9, 0.25)
+  assert list(np.flatnonzero(np.asarray(sets2["c_p_BxT"][0]))) == [1, 2, 4]
+  # A video without labels has no preference evidence: C_p = A_p.
+  sets3 = vlpo.apr_sets(s, m_hat, label * 0, mask, k, 0.9, 0.25)
+  assert list(np.flatnonzero(np.asarray(sets3["c_p_BxT"][0]))) == [0, 1]
+
+
+def test_loss_wiring_full():
+  """Eq. 14 with all switches: each term equals its pure function on the model outputs."""
+  method, params = build()
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  loss, aux = method.loss(params, batch, consts, key(0), 0)
+  st = method.settings
+  out = method.apply(params, batch, consts)
+
+  @fast_jit
+  def expected(out, mask, label):
+    k = vlpo.topk_count(mask, st.topk_divisor)
+    lt, lv, _, m_hat = vlpo.preference_matrices(out, mask, st.m_temperature)
+    sets = vlpo.apr_sets((out["s_a_BxT"] + out["s_v_BxT"]) / 2, m_hat, label, mask, k,
+                         st.alpha_h, st.alpha_l)
+    l_act = jnp.mean(vlpo.gce(out["s_a_BxT"], sets["c_p_BxT"], sets["c_n_BxT"], st.q)
+                     + vlpo.gce(out["s_v_BxT"], sets["c_p_BxT"], sets["c_n_BxT"], st.q))
+    b = vlpo.ppg_targets(m_hat, label, st.alpha_h)
+    return {"l_act": l_act, "l_kl": jnp.mean(vlpo.sym_kl(lt, lv, mask)),
+            "l_snip": jnp.mean(vlpo.snippet_ce(out["cas_BxTxC"], b, mask))}
+
+  for name, value in expected(out, batch["mask_BxT"], batch["label_BxC"]).items():
+    np.testing.assert_allclose(aux[name], value, rtol=1e-5, atol=1e-12, err_msg=name)
+  want = aux["l_base"] + 300 * aux["l_kl"] + 0.1 * aux["l_vl"] + 0.5 * aux["l_snip"]
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  assert aux["loss"] == loss
+  # Identity-initialised projections: M^t = M^v at step 0, so L_kl starts at 0.
+  assert float(aux["l_kl"]) < 1e-9
+
+
+# ------------------------------------------------------------------------------------------
+# Switches, masks, gradients.
+
+
+def test_switches_off_is_baseline():
+  """All switches off: L = L_base exactly and the VLM features get no gradient."""
+  method, params = build(**{k: False for k in vlpo.SWITCHES})
+  batch, consts = make_batch(), make_consts()
+  (loss, aux), grads = fast_jit(jax.value_and_grad(
+      lambda b: method.method.loss(params, b, consts, key(3), 0), has_aux=True))(batch)
+  assert set(aux) == {"loss", "l_base", "l_mil", "l_act"}
+  assert float(loss) == float(aux["l_mil"] + aux["l_act"]) == float(aux["l_base"])
+  assert not np.any(np.asarray(grads["vlm_BxTxE"]))
+  assert np.any(np.asarray(grads["feat_BxTxD"]))
+
+
+def garbage_padded(batch, t_pad, seed=7):
+  """The same videos padded to t_pad snippets with garbage (NaN, +-1e6) in the padding."""
+  rng = np.random.default_rng(seed)
+  out = dict(batch)
+  b, t = batch["mask_BxT"].shape
+  for name in ("feat_BxTxD", "vlm_BxTxE"):
+    x = np.asarray(batch[name])
+    garbage = rng.normal(size=(b, t_pad - t, x.shape[-1])).astype(np.float32) * 1e6
+    garbage[:, ::2] = np.nan
+    out[name] = np.concatenate([x, garbage], axis=1)
+  out["mask_BxT"] = np.concatenate([batch["mask_BxT"], np.zeros((b, t_pad - t), np.float32)], 1)
+  return out
+
+
+def with_dummy_video(batch, row):
+  """`batch` with video `row` replaced by a dummy padding video (valid_B = 0, no valid
+  snippet, no label, NaN features)."""
+  out = {k: np.array(v) for k, v in batch.items()}
+  out["feat_BxTxD"][row] = np.nan
+  out["vlm_BxTxE"][row] = np.nan
+  out["mask_BxT"][row] = 0
+  out["label_BxC"][row] = 0
+  out["valid_B"][row] = 0
+  return out
+
+
+def assert_close_tree(got, want, prefix=""):
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6,
+                               err_msg=prefix + name)
+
+
+@pytest.mark.parametrize("finetune", ["cm_afa", "zero_shot"])
+def test_padding_never_changes_valid_outputs(finetune):
+  """A video padded with garbage scores exactly like the unpadded video: temporal convs,
+  every top-k (k from the valid length), min-max normalisations and loss averages."""
+  method, params = build(finetune=finetune)
+  consts = make_consts()
+  short = make_batch(seed=2, t=16)                      # k = 2 either way
+  padded = garbage_padded(short, T)
+  p_short = method.predict(params, short, consts)
+  p_pad = method.predict(params, padded, consts)
+  np.testing.assert_allclose(p_pad["video_scores_BxC"], p_short["video_scores_BxC"],
+                             rtol=1e-5, atol=1e-6)
+  for name in ("cas_BxTxC", "actionness_BxT"):
+    np.testing.assert_allclose(p_pad[name][:, :16], p_short[name], rtol=1e-5, atol=1e-6)
+    assert not np.any(np.asarray(p_pad[name][:, 16:]))
+  mixed = with_dummy_video(padded, 1)
+  if finetune == "cm_afa":   # the zero-shot loss is the baseline's, a subset of this one
+    _, aux_short = method.loss(params, short, consts, key(0), 0)
+    _, aux_pad = method.loss(params, padded, consts, key(0), 0)
+    assert_close_tree(aux_pad, aux_short)
+    # A dummy video next to a real one changes neither the real one's scores nor the loss.
+    short_one = dict(short, valid_B=np.array([1, 0], np.float32))
+    _, aux_one = method.loss(params, short_one, consts, key(0), 0)
+    _, aux_mixed = method.loss(params, mixed, consts, key(0), 0)
+    assert_close_tree(aux_mixed, aux_one)
+  p_mixed = method.predict(params, mixed, consts)
+  for name in p_pad:
+    np.testing.assert_allclose(p_mixed[name][:1], p_pad[name][:1], rtol=1e-5, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(p_mixed[name])))
+
+
+# ------------------------------------------------------------------------------------------
+# predict: Eq. 5 at inference, zero-shot, the fine-tuning variants, parameter labels.
+
+
+def test_predicted_labels():
+  p = jnp.asarray([[0.5, 0.3, 0.2], [0.15, 0.1, 0.75], [0.34, 0.33, 0.33]])
+  np.testing.assert_array_equal(vlpo.predicted_labels(p, 0.25),
+                                [[1, 1, 0], [0, 0, 1], [1, 1, 1]])
+  np.testing.assert_array_equal(vlpo.predicted_labels(p, 0.9),     # argmax fallback
+                                [[1, 0, 0], [0, 0, 1], [1, 0, 0]])
+
+
+def test_predict_applies_eq5_with_predicted_labels():
+  """p^ = pass 2 of Eq. 5/6 on the classes kept from pass 1 (all classes treated as present);
+  cas = (softmax_C(A) + S) / 2 for every class; actionness = S."""
+  method, params = build()
+  batch, consts = make_batch(n_valid=[24, 15]), make_consts()
+  pred = method.predict(params, batch, consts)
+  out = method.apply(params, batch, consts)
+
+  @fast_jit
+  def expected(out, mask):
+    k = vlpo.topk_count(mask, 8)
+    prob = jax.nn.softmax(out["cas_BxTxC"], -1)
+    s = (out["s_a_BxT"] + out["s_v_BxT"]) / 2
+    z = 100.0 * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+    hyb0 = vlpo.dsp_hybrid_cas(prob, s, jnp.ones((B, C)))
+    p0 = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb0), -1)
+    y = vlpo.predicted_labels(p0, 0.2)
+    hyb = vlpo.dsp_hybrid_cas(prob, s, y)
+    video = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb), -1)
+    mil = jax.nn.softmax(vlpo.masked_topk_mean(out["cas_BxTxC"], mask, k), -1)
+    valid = mask > 0
+    return {"video_scores_BxC": video, "mil_BxC": mil, "y_BxC": y,
+            "cas_BxTxC": jnp.where(valid[:, :, None], (prob + s[:, :, None]) / 2, 0.0),
+            "actionness_BxT": jnp.where(valid, s, 0.0)}
+
+  want = expected(out, batch["mask_BxT"])
+  assert_close_tree(pred, {k: want[k] for k in pred})
+  assert 0 <= float(pred["cas_BxTxC"].min()) and float(pred["cas_BxTxC"].max()) <= 1
+  assert np.all(np.asarray(want["y_BxC"]).sum(-1) >= 1)
+  # Without L_vl (same network) the video score is the CAS MIL probability p.
+  no_vl, _ = build(use_vl=False)
+  np.testing.assert_allclose(no_vl.predict(params, batch, consts)["video_scores_BxC"],
+                             want["mil_BxC"], rtol=1e-5, atol=1e-6)
+
+
+def test_zero_shot_predicts_from_raw_cosine():
+  batch, consts = make_batch(), make_consts()
+  zs, params_a = build(finetune="zero_shot", seed=0)
+  _, params_b = build(finetune="zero_shot", seed=1)
+  pa = zs.predict(params_a, batch, consts)
+  pb = zs.predict(params_b, batch, consts)
+  assert_close_tree(pb, pa)     # nothing trained enters a zero-shot prediction
+  xv = batch["vlm_BxTxE"] / np.linalg.norm(batch["vlm_BxTxE"], axis=-1, keepdims=True)
+  xt = consts["text_CxE"] / np.linalg.norm(consts["text_CxE"], axis=-1, keepdims=True)
+  z = 100.0 * np.einsum("bte,ce->btc", xv, xt).astype(np.float64)
+  softmax = lambda x: np.exp(x - x.max(-1, keepdims=True)) / np.exp(
+      x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)
+  np.testing.assert_allclose(pa["cas_BxTxC"], softmax(z), rtol=1e-4, atol=1e-6)
+  pooled = -np.sort(-z, axis=1)[:, :3].mean(1)            # k = 24 // 8
+  np.testing.assert_allclose(pa["video_scores_BxC"], softmax(pooled), rtol=1e-4, atol=1e-6)
+  _, aux = zs.loss(params_a, batch, consts, key(0), 0)
+  assert set(aux) == {"loss", "l_base", "l_mil", "l_act"}
+
+
+@pytest.mark.parametrize("finetune", ["training_free", "clip_adapter"])
+def test_finetune_variants(finetune):
+  """Table 4 variants: the full framework; one similarity (M^t = M^v), so L_kl = 0."""
+  method, params = build(finetune=finetune)
+  assert "cm_afa" not in params and "f_va" in params
+  assert ("clip_adapter" in params) == (finetune == "clip_adapter")
+  batch, consts = make_batch(), make_consts()
+  _, aux = method.loss(params, batch, consts, key(0), 0)
+  assert float(aux["l_kl"]) == 0.0
+  assert {"l_vl", "l_snip"} <= set(aux) and all(np.isfinite(float(v)) for v in aux.values())
+
+
+def test_param_labels():
+  method, params = build()
+  labels = method.param_labels(params, 0)
+  assert jax.tree_util.tree_structure(labels) == jax.tree_util.tree_structure(params)
+  assert set(jax.tree_util.tree_leaves(labels)) == {"train"}
+  tf = methods.get_method(make_config(finetune="training_free"), C, DIMS)
+  tf_labels = tf.param_labels(params, 0)     # a tree that carries CM-AFA projections
+  assert set(jax.tree_util.tree_leaves(tf_labels["cm_afa"])) == {"freeze"}
+  assert set(jax.tree_util.tree_leaves(tf_labels["f_mil"])) == {"train"}
+
+
+# ------------------------------------------------------------------------------------------
+# Training: a jitted Adam step on the full method, with dropout and garbage padding.
+
+
+def test_overfit_few_steps():
+  method, params0 = build(dropout=0.5)
+  consts = make_consts()
+  batch = with_dummy_video(garbage_padded(make_batch(seed=5, t=16, n_valid=[16, 16]), T), 1)
+  batch["label_BxC"][0] = [1, 0, 1, 0]                  # multi-label
+  opt = optax.adam(3e-3)
+
+  @fast_jit
+  def step(params, opt_state, i):
+    rng = jax.random.fold_in(key(0), i)
+    (loss, _), grads = jax.value_and_grad(method.method.loss, has_aux=True)(
+        params, batch, consts, rng, i)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g))
+                                for g in jax.tree_util.tree_leaves(grads)]))
+    updates, opt_state = opt.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss, finite
+
+  params, opt_state = params0, opt.init(params0)
+  losses = []
+  for i in range(30):
+    params, opt_state, loss, finite = step(params, opt_state, i)
+    assert bool(finite), i
+    losses.append(float(loss))
+  # Dropout is active in training: the same parameters under another step's key differ.
+  assert float(step(params0, opt.init(params0), 99)[2]) != losses[0]
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+  moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a != b))),
+                                 params["cm_afa"], params0["cm_afa"])
+  assert all(jax.tree_util.tree_leaves(moved))          # the projections are fine-tuned

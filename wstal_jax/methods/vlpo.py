@@ -1,0 +1,557 @@
+"""VLPO: Vision-Language Preference Optimization for WS-TAL (vlpo.txt), and its baseline.
+
+The method object `VLPO` (built by `methods.get_method`) wires `models.vlpo.VLPOModel` to
+the pure loss functions below and to `predict`. Paper map:
+
+  Sec. 3.1   baseline: A = F_mil(emb(X)), p = softmax(top-k mean of A), L_mil; S^a, L_act (Eq. 1)
+  Eq. 3      CM-AFA similarities -> M^t, M^v, M = (M^t + M^v) / 2, M^   `preference_matrices`
+  Eq. 4      L_kl, symmetric KL between M^t and M^v                       `sym_kl`
+  Eq. 5      DSP hybrid CAS A^                                             `dsp_hybrid_cas`
+  Eq. 6      p^ and L_vl                                                   `vl_video_logits`
+  Eq. 7      PPG snippet pseudo-labels b and L_snip                        `ppg_targets`
+  Eq. 8-13   APR: S = S^a + S^v, sets A_p, B_p, B_n, C_p, C_n; L_act       `apr_sets`
+  Eq. 14     L = L_base + l1 L_kl + l2 L_vl + l3 L_snip                     `vlpo_loss`
+  App. A.1   inference: p^ with a class threshold, A^ for proposals        `VLPO.predict`
+
+Masking: every top-k runs over valid snippets only with k = max(1, n_valid // topk_divisor)
+per video (the paper's k = T/8 with T the sampled length; with fixed-T training all T are
+valid, at evaluation padding is not); every temporal normalisation and every set (tau_p,
+A_p, B_p, ...) covers valid snippets only; snippet-level losses average over valid snippets
+and every loss averages over valid videos (`valid_B`).
+
+Readings of the paper (the text leaves these open; each is also noted where it is coded):
+
+* Eq. 3 `norm`: a softmax over classes of the cosine similarity at temperature
+  `m_temperature`, so every row of M^t, M^v and M is a distribution over classes and the KL
+  of Eq. 4 is defined. The default temperature 1 keeps the KL of two cosine-based softmaxes
+  small, the scale on which the paper's lambda1 = 300 is sensible. The thresholds alpha_h,
+  alpha_l of PPG / APR are applied to M^ = M min-max normalised over the valid snippets of
+  each (video, class) (the paper's "normalize M along the temporal dimension").
+* Eq. 6 pools the *logits* of the preference, vl_logit_scale * (sim_t + sim_v) / 2 (cosine
+  times a CLIP-style logit scale), not the probabilities M: a softmax over pooled values in
+  [0, 1] is confined to within a factor e of uniform, so p^ could never pass the class
+  threshold (A.1) nor act as a video score. The pooled logits make p^ an ordinary MIL
+  probability, the counterpart of p for the VLM branch.
+* Eq. 5: A^ uses softmax_C(A) (the per-snippet class probability that L_snip, Eq. 7,
+  trains; sigmoid(A) is undetermined because every loss on A is invariant to a per-snippet
+  shift) and S in [0, 1] (Eq. 8's sum halved, which leaves the top-k of Eq. 9 unchanged), and
+  is halved so that A^ lies in [0, 1]: A^_c = (softmax_C(A)_c + S) / 2 for a labelled class,
+  (softmax_C(A)_c + 1 - S) / 2 otherwise. Without APR there is no S^v and S = S^a.
+* Multi-label: L_mil / L_vl use y / sum(y) (the usual MIL normalisation); PPG gives a
+  confident snippet the hard label of its highest-M^ labelled class (as the paper says); APR
+  takes S^M = max over labelled classes of M^ (a snippet is VLM-confident action if it is
+  confident for any labelled class, and VLM-confident background only if it is for all).
+* Pseudo-labels are targets: M^ (PPG's b, APR's B sets) is under stop_gradient; every top-k
+  index set is discrete. So L_vl and L_kl train only the VLM projections (P_v, P_t, or the
+  CLIP-Adapter), L_snip only the CAS branch, APR's GCE only F_act and F_va.
+* Without DSP, Eq. 6 pools each class's own top-k preference logits (plain MIL).
+* Inference (A.1) has no labels for Eq. 5: p^ is computed twice. Pass 1 treats every class
+  as present (the y_c = 1 branch for all C); the classes whose pass-1 p^ is at least
+  `infer_class_threshold` (the argmax if none) are the predicted labels; pass 2 recomputes
+  p^ with Eq. 5 on those labels, exactly as in training. `cas_BxTxC` is A^'s labelled-class
+  branch (softmax_C(A)_c + S) / 2 for every class (post-processing picks the classes itself).
+"""
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from wstal_jax.errors import WstalError
+from wstal_jax.models import vlpo as vlpo_model
+
+FINETUNE_MODES = ("cm_afa", "zero_shot", "training_free", "clip_adapter")
+SWITCHES = ("use_kl", "use_vl", "use_snip", "use_dsp", "use_apr")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.vlpo` block: the paper's full VLPO on THUMOS14 (Sec. 4.2)."""
+  c = ml_collections.ConfigDict()
+  # Model (Sec. 3.1): embedding = temporal conv + ReLU on X; F_act / F_va = temporal conv +
+  # ReLU + 1x1 + sigmoid. 512 / 512 / 3 lands near the paper's 9.84M parameters (Table 12).
+  c.embed_dim = 512           # width of the embedding of X that F_mil classifies
+  c.act_hidden_dim = 512      # hidden width of F_act (on X) and F_va (on X^v)
+  c.conv_kernel = 3           # temporal kernel of those convolutions
+  c.dropout = 0.5             # dropout after each temporal convolution (training only)
+  # MIL / actionness (Sec. 3.1, 4.2).
+  c.topk_divisor = 8          # k = max(1, n_valid // topk_divisor): 8 THUMOS14, 4 ActivityNet
+  c.q = 0.6                   # GCE noise tolerance q of Eq. 1 / 13, 0 < q <= 1
+  # Eq. 14 weights and PDO thresholds (Sec. 4.2).
+  c.lambda1 = 300.0           # weight of L_kl (Eq. 4)
+  c.lambda2 = 0.1             # weight of L_vl (Eq. 6)
+  c.lambda3 = 0.5             # weight of L_snip (Eq. 7)
+  c.alpha_h = 0.9             # M^ above this: PPG hard label (Eq. 7), APR set B_p (Eq. 11)
+  c.alpha_l = 0.25            # M^ below this: APR set B_n (Eq. 11)
+  # Ablation switches (Table 3); all False is the baseline (Eq. 2), which never reads the
+  # VLM features nor the text embeddings.
+  c.use_kl = True             # add lambda1 * L_kl (CM-AFA consistency, Eq. 4)
+  c.use_vl = True             # add lambda2 * L_vl (Eq. 6); p^ becomes the video score
+  c.use_snip = True           # add lambda3 * L_snip (PPG, Eq. 7)
+  c.use_dsp = True            # Eq. 6 pools at the top-k of the hybrid CAS A^ (Eq. 5), in
+                              # training and in predict; without use_vl it has no effect
+  c.use_apr = True            # F_va and Eq. 8-13 replace the baseline L_act
+  # VLFT fine-tuning (Table 4): 'cm_afa' (the paper: P_v, P_t and Eq. 3); 'training_free'
+  # (the full framework on the frozen, un-projected similarity; L_kl is then 0 and L_vl has
+  # nothing to train); 'clip_adapter' (a residual CLIP-Adapter on X^v instead of P_v, P_t;
+  # M^t = M^v so L_kl is 0); 'zero_shot' (predictions purely from the cosine of the raw VLM
+  # features to the text embeddings; the loss is the baseline's, whose branch predict
+  # ignores; nothing of the VLM branch is trained).
+  c.finetune = "cm_afa"
+  c.adapter_ratio = 0.2       # clip_adapter: residual ratio of the adapted features
+  c.adapter_reduction = 4     # clip_adapter: bottleneck width E // adapter_reduction
+  # Preference scales (see the module docstring, "Eq. 3 norm" and "Eq. 6").
+  c.m_temperature = 1.0       # M^t = softmax_C(sim_t / m_temperature), likewise M^v
+  c.vl_logit_scale = 100.0    # p^ = softmax(top-k mean of vl_logit_scale * sim); zero-shot
+  # Inference (A.1): class threshold on the pass-1 p^ that decides Eq. 5's branch per class
+  # in predict (the post-processing's own class threshold, the 'vlpo' preset's 0.2, then
+  # selects the classes that get proposals).
+  c.infer_class_threshold = 0.2
+  return c
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises WstalError naming the bad `config.vlpo.<field>`."""
+  def bad(field, why):
+    raise WstalError(f"config.vlpo.{field}={cfg.get(field)!r}: {why}")
+  if cfg.finetune not in FINETUNE_MODES:
+    bad("finetune", f"must be one of {FINETUNE_MODES}")
+  if not 0.0 < cfg.q <= 1.0:
+    bad("q", "GCE needs 0 < q <= 1")
+  if int(cfg.topk_divisor) < 1:
+    bad("topk_divisor", "must be >= 1")
+  if not 0.0 <= cfg.alpha_l <= cfg.alpha_h <= 1.0:
+    bad("alpha_l", f"need 0 <= alpha_l <= alpha_h <= 1 (alpha_h={cfg.alpha_h})")
+  if cfg.m_temperature <= 0:
+    bad("m_temperature", "must be > 0")
+  if not 0.0 <= cfg.dropout < 1.0:
+    bad("dropout", "must be in [0, 1)")
+  for field in ("embed_dim", "act_hidden_dim", "conv_kernel", "adapter_reduction"):
+    if int(cfg[field]) < 1:
+      bad(field, "must be >= 1")
+
+
+# ------------------------------------------------------------------------------------------
+# Masked top-k and temporal normalisation.
+
+
+def topk_count(mask_BxT, divisor: int):
+  """k_B = max(1, n_valid // divisor) (the paper's k = T / divisor on valid snippets)."""
+  n_B = jnp.sum(mask_BxT > 0, axis=1).astype(jnp.int32)
+  return jnp.maximum(n_B // divisor, 1)
+
+
+def topk_select(x_BxTxC, mask_BxT, k_B):
+  """Boolean [B, T, C]: the k_B[b] largest valid entries of each (video, class) column.
+
+  Padded snippets are never selected; if a video has fewer than k valid snippets all of them
+  are. Ties at the k-th value go to the earlier snippets, so exactly min(k, n_valid) entries
+  are selected (one value sort + a cumsum; half the cost of a double argsort). Indices carry
+  no gradient.
+  """
+  valid_BxTx1 = mask_BxT[:, :, None] > 0
+  x_BxTxC = jnp.where(valid_BxTx1, jax.lax.stop_gradient(x_BxTxC), -jnp.inf)
+  sorted_BxTxC = -jnp.sort(-x_BxTxC, axis=1)
+  kth_index_Bx1xC = jnp.broadcast_to((k_B - 1)[:, None, None], x_BxTxC.shape[:1] + (1,)
+                                     + x_BxTxC.shape[2:])
+  kth_Bx1xC = jnp.take_along_axis(sorted_BxTxC, kth_index_Bx1xC, axis=1)
+  above_BxTxC = x_BxTxC > kth_Bx1xC
+  tie_BxTxC = (x_BxTxC == kth_Bx1xC) & valid_BxTx1
+  room_Bx1xC = k_B[:, None, None] - jnp.sum(above_BxTxC, axis=1, keepdims=True)
+  return above_BxTxC | (tie_BxTxC & (jnp.cumsum(tie_BxTxC, axis=1) <= room_Bx1xC))
+
+
+def pool_selected(x_BxTxC, sel_BxTxC):
+  """Mean of x over the selected snippets of each column (0 if none): -> BxC."""
+  n_BxC = jnp.sum(sel_BxTxC, axis=1)
+  total_BxC = jnp.sum(jnp.where(sel_BxTxC, x_BxTxC, 0.0), axis=1)
+  return total_BxC / jnp.maximum(n_BxC, 1).astype(x_BxTxC.dtype)
+
+
+def masked_topk_mean(x_BxTxC, mask_BxT, k_B):
+  """(1/k) sum of the top-k valid entries per column (Sec. 3.1 pooling): -> BxC."""
+  return pool_selected(x_BxTxC, topk_select(x_BxTxC, mask_BxT, k_B))
+
+
+def temporal_minmax(x_BxTxC, mask_BxT):
+  """Min-max normalisation over the valid snippets of each (video, class): -> BxTxC in [0, 1].
+
+  Padded snippets and constant columns give 0.
+  """
+  valid_BxTx1 = mask_BxT[:, :, None] > 0
+  lo_Bx1xC = jnp.min(jnp.where(valid_BxTx1, x_BxTxC, jnp.inf), axis=1, keepdims=True)
+  hi_Bx1xC = jnp.max(jnp.where(valid_BxTx1, x_BxTxC, -jnp.inf), axis=1, keepdims=True)
+  span_Bx1xC = hi_Bx1xC - lo_Bx1xC
+  ok_Bx1xC = span_Bx1xC > 0
+  safe_lo_Bx1xC = jnp.where(ok_Bx1xC, lo_Bx1xC, 0.0)
+  safe_span_Bx1xC = jnp.where(ok_Bx1xC, span_Bx1xC, 1.0)
+  return jnp.where(valid_BxTx1 & ok_Bx1xC, (x_BxTxC - safe_lo_Bx1xC) / safe_span_Bx1xC, 0.0)
+
+
+def video_mean(l_B, valid_B):
+  """Mean of per-video losses over the valid (real) videos."""
+  return jnp.sum(l_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
+
+
+def snippet_mean(l_BxT, mask_BxT):
+  """Per-video mean over valid snippets: -> l_B (0 for a video without valid snippets)."""
+  m_BxT = (mask_BxT > 0).astype(l_BxT.dtype)
+  return jnp.sum(l_BxT * m_BxT, axis=1) / jnp.maximum(jnp.sum(m_BxT, axis=1), 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# Loss terms (per video, [B]); `vlpo_loss` averages them over valid videos.
+
+
+def gce(s_BxT, pos_BxT, neg_BxT, q: float, eps: float = 1e-6):
+  """Generalized cross-entropy of Eq. 1 / Eq. 13, per video: -> l_B.
+
+    l = mean_{i in pos} (1 - s_i^q) / q + mean_{i in neg} (1 - (1 - s_i)^q) / q
+  s_BxT: scores in (0, 1) (clipped to [eps, 1 - eps] so that s^q keeps a finite gradient);
+  pos_BxT, neg_BxT: the two sets (bool or {0, 1}); an empty set contributes 0.
+  """
+  s_BxT = jnp.clip(s_BxT, eps, 1.0 - eps)
+  pos_BxT = pos_BxT.astype(s_BxT.dtype)
+  neg_BxT = neg_BxT.astype(s_BxT.dtype)
+  l_pos_BxT = (1.0 - s_BxT ** q) / q
+  l_neg_BxT = (1.0 - (1.0 - s_BxT) ** q) / q
+  pos_B = jnp.sum(l_pos_BxT * pos_BxT, axis=1) / jnp.maximum(jnp.sum(pos_BxT, axis=1), 1.0)
+  neg_B = jnp.sum(l_neg_BxT * neg_BxT, axis=1) / jnp.maximum(jnp.sum(neg_BxT, axis=1), 1.0)
+  return pos_B + neg_B
+
+
+def video_ce(logits_BxC, label_BxC):
+  """-sum_c y_c log softmax(logits)_c with y normalised to sum 1 (L_mil, Eq. 6's L_vl): -> l_B.
+
+  A video without labels (a dummy padding video) gives 0.
+  """
+  n_Bx1 = jnp.sum(label_BxC, axis=1, keepdims=True)
+  y_BxC = label_BxC / jnp.maximum(n_Bx1, 1e-12)
+  return -jnp.sum(y_BxC * jax.nn.log_softmax(logits_BxC, axis=-1), axis=1)
+
+
+def preference_logits(sim_BxTxC, temperature: float):
+  """Eq. 3's `norm` in logit form: M = softmax_C(sim / temperature) = softmax_C(returned)."""
+  return sim_BxTxC / temperature
+
+
+def preference_matrices(outputs, mask_BxT, temperature: float):
+  """Eq. 3 and PPG's normalisation: -> (logit_t, logit_v, M, M^), each BxTxC.
+
+  M^t = softmax_C(logit_t), M^v = softmax_C(logit_v), M = (M^t + M^v) / 2 (rows are class
+  distributions), M^ = M min-max normalised over the valid snippets of each (video, class).
+  M^ is a pseudo-label source for PPG / APR, a target: it is returned under stop_gradient.
+  """
+  logit_t_BxTxC = preference_logits(outputs["sim_t_BxTxC"], temperature)
+  logit_v_BxTxC = preference_logits(outputs["sim_v_BxTxC"], temperature)
+  m_BxTxC = (jax.nn.softmax(logit_t_BxTxC, axis=-1)
+             + jax.nn.softmax(logit_v_BxTxC, axis=-1)) / 2
+  m_hat_BxTxC = jax.lax.stop_gradient(temporal_minmax(m_BxTxC, mask_BxT))
+  return logit_t_BxTxC, logit_v_BxTxC, m_BxTxC, m_hat_BxTxC
+
+
+def sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT):
+  """Eq. 4: (KL(M^t || M^v) + KL(M^v || M^t)) / 2 per snippet, mean over valid snippets: -> l_B.
+
+  M^t = softmax_C(logit_t), M^v = softmax_C(logit_v); both directions carry gradient.
+  """
+  lp_BxTxC = jax.nn.log_softmax(logit_t_BxTxC, axis=-1)
+  lq_BxTxC = jax.nn.log_softmax(logit_v_BxTxC, axis=-1)
+  # KL(p||q) + KL(q||p) = sum_c (p_c - q_c)(log p_c - log q_c).
+  kl_BxT = 0.5 * jnp.sum((jnp.exp(lp_BxTxC) - jnp.exp(lq_BxTxC)) * (lp_BxTxC - lq_BxTxC),
+                         axis=-1)
+  return snippet_mean(kl_BxT, mask_BxT)
+
+
+def hybrid_action_score(s_a_BxT, s_v_BxT=None):
+  """S of Eq. 8, halved to [0, 1]: (S^a + S^v) / 2, or S^a when there is no F_va (no APR)."""
+  return s_a_BxT if s_v_BxT is None else (s_a_BxT + s_v_BxT) / 2
+
+
+def dsp_hybrid_cas(cas_prob_BxTxC, s_BxT, y_BxC):
+  """Eq. 5, halved to [0, 1]: -> A^_BxTxC.
+
+    A^_c = (A_c + S) / 2      if y_c = 1   (target action enhancement)
+    A^_c = (A_c + 1 - S) / 2  otherwise    (non-target action suppression)
+  cas_prob_BxTxC: softmax_C(A); s_BxT: hybrid action score S in [0, 1]; y_BxC: labels
+  (ground truth in training, predicted labels at inference).
+  """
+  s_BxTx1 = s_BxT[:, :, None]
+  present_Bx1xC = y_BxC[:, None, :] > 0
+  return jnp.where(present_Bx1xC, (cas_prob_BxTxC + s_BxTx1) / 2,
+                   (cas_prob_BxTxC + 1.0 - s_BxTx1) / 2)
+
+
+def vl_video_logits(z_BxTxC, mask_BxT, k_B, *, hybrid_cas_BxTxC=None):
+  """Eq. 6 before the softmax: the mean preference logit over each class's top-k idx: -> BxC.
+
+  With DSP, idx are the top-k of the hybrid CAS A^ (Eq. 5); without, the top-k of z itself.
+  p^ = softmax(returned); L_vl = video_ce(returned, y). Gradient reaches z only.
+  """
+  rank_BxTxC = z_BxTxC if hybrid_cas_BxTxC is None else hybrid_cas_BxTxC
+  return pool_selected(z_BxTxC, topk_select(rank_BxTxC, mask_BxT, k_B))
+
+
+def ppg_targets(m_hat_BxTxC, label_BxC, alpha_h: float):
+  """PPG snippet pseudo-labels b of Eq. 7: -> b_BxTxC (rows sum to 1).
+
+  A snippet whose M^ exceeds alpha_h for some labelled class gets the one-hot label of the
+  labelled class with the highest M^; every other snippet gets the uniform 1/C.
+  """
+  num_c = m_hat_BxTxC.shape[-1]
+  labelled_Bx1xC = label_BxC[:, None, :] > 0
+  score_BxTxC = jnp.where(labelled_Bx1xC, m_hat_BxTxC, -jnp.inf)
+  best_BxT = jnp.max(score_BxTxC, axis=-1)
+  hard_BxTxC = jax.nn.one_hot(jnp.argmax(score_BxTxC, axis=-1), num_c, dtype=m_hat_BxTxC.dtype)
+  uniform_BxTxC = jnp.full_like(m_hat_BxTxC, 1.0 / num_c)
+  return jnp.where((best_BxT > alpha_h)[:, :, None], hard_BxTxC, uniform_BxTxC)
+
+
+def snippet_ce(cas_BxTxC, b_BxTxC, mask_BxT):
+  """Eq. 7: -(1/T) sum_i sum_c b_ic log softmax_C(A_i)_c over valid snippets: -> l_B."""
+  ce_BxT = -jnp.sum(b_BxTxC * jax.nn.log_softmax(cas_BxTxC, axis=-1), axis=-1)
+  return snippet_mean(ce_BxT, mask_BxT)
+
+
+def apr_sets(s_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_B, alpha_h: float, alpha_l: float):
+  """APR sets of Eq. 9-12 (all boolean [B, T], valid snippets only): -> dict.
+
+    a_p = top-k of S (Eq. 9)                 s_m = max_{c: y_c = 1} M^_c (Eq. 10)
+    b_p = {s_m > alpha_h}, b_n = {s_m < alpha_l} (Eq. 11)
+    c_p = (a_p - b_n) | b_p, c_n = valid - c_p (Eq. 12)
+  A video without labels has no preference evidence: b_p = b_n = {}.
+  """
+  valid_BxT = mask_BxT > 0
+  a_p_BxT = topk_select(s_BxT[:, :, None], mask_BxT, k_B)[:, :, 0]
+  labelled_Bx1xC = label_BxC[:, None, :] > 0
+  has_label_Bx1 = jnp.any(label_BxC > 0, axis=1)[:, None]
+  s_m_BxT = jnp.max(jnp.where(labelled_Bx1xC, m_hat_BxTxC, -jnp.inf), axis=-1)
+  evidence_BxT = valid_BxT & has_label_Bx1
+  b_p_BxT = evidence_BxT & (s_m_BxT > alpha_h)
+  b_n_BxT = evidence_BxT & (s_m_BxT < alpha_l)
+  c_p_BxT = (a_p_BxT & ~b_n_BxT) | b_p_BxT
+  c_n_BxT = valid_BxT & ~c_p_BxT
+  return {"a_p_BxT": a_p_BxT, "s_m_BxT": jnp.where(evidence_BxT, s_m_BxT, 0.0),
+          "b_p_BxT": b_p_BxT, "b_n_BxT": b_n_BxT, "c_p_BxT": c_p_BxT, "c_n_BxT": c_n_BxT}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """The resolved settings `vlpo_loss` reads (config.vlpo after the method's overrides)."""
+  topk_divisor: int = 8
+  q: float = 0.6
+  lambda1: float = 300.0
+  lambda2: float = 0.1
+  lambda3: float = 0.5
+  alpha_h: float = 0.9
+  alpha_l: float = 0.25
+  use_kl: bool = False
+  use_vl: bool = False
+  use_snip: bool = False
+  use_dsp: bool = False
+  use_apr: bool = False
+  m_temperature: float = 1.0
+  vl_logit_scale: float = 100.0
+
+  @property
+  def uses_preference(self) -> bool:
+    return self.use_kl or self.use_vl or self.use_snip or self.use_apr
+
+
+def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
+  """Eq. 14: L = L_mil + L_act + l1 L_kl + l2 L_vl + l3 L_snip (switched terms only).
+
+  outputs: `VLPOModel` outputs; batch: mask_BxT, label_BxC, valid_B (optional, default all 1).
+  Returns (loss, aux) with aux holding loss, l_base, l_mil, l_act and each enabled term.
+  L_act is Eq. 1 on the top-k of S^a, or with APR Eq. 13 on C_p / C_n.
+  """
+  mask_BxT = batch["mask_BxT"]
+  label_BxC = batch["label_BxC"]
+  valid_B = batch.get("valid_B")
+  if valid_B is None:
+    valid_B = jnp.ones(mask_BxT.shape[:1], mask_BxT.dtype)
+  valid_BxT = mask_BxT > 0
+  k_B = topk_count(mask_BxT, s.topk_divisor)
+  cas_BxTxC = outputs["cas_BxTxC"]
+  s_a_BxT = outputs["s_a_BxT"]
+
+  aux = {}
+  aux["l_mil"] = video_mean(video_ce(masked_topk_mean(cas_BxTxC, mask_BxT, k_B), label_BxC),
+                            valid_B)
+
+  if s.uses_preference:
+    logit_t_BxTxC, logit_v_BxTxC, _, m_hat_BxTxC = preference_matrices(
+        outputs, mask_BxT, s.m_temperature)
+
+  if s.use_apr:
+    s_v_BxT = outputs["s_v_BxT"]
+    sets = apr_sets(hybrid_action_score(s_a_BxT, s_v_BxT), m_hat_BxTxC, label_BxC, mask_BxT,
+                    k_B, s.alpha_h, s.alpha_l)
+    l_act_B = (gce(s_a_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q)
+               + gce(s_v_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q))
+  else:
+    tau_p_BxT = topk_select(s_a_BxT[:, :, None], mask_BxT, k_B)[:, :, 0]
+    l_act_B = gce(s_a_BxT, tau_p_BxT, valid_BxT & ~tau_p_BxT, s.q)
+  aux["l_act"] = video_mean(l_act_B, valid_B)
+  aux["l_base"] = aux["l_mil"] + aux["l_act"]
+  total = aux["l_base"]
+
+  if s.use_kl:
+    aux["l_kl"] = video_mean(sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT), valid_B)
+    total = total + s.lambda1 * aux["l_kl"]
+  if s.use_vl:
+    z_BxTxC = s.vl_logit_scale * (outputs["sim_t_BxTxC"] + outputs["sim_v_BxTxC"]) / 2
+    hybrid_BxTxC = None
+    if s.use_dsp:
+      s_BxT = hybrid_action_score(s_a_BxT, outputs.get("s_v_BxT"))
+      hybrid_BxTxC = dsp_hybrid_cas(jax.nn.softmax(cas_BxTxC, axis=-1), s_BxT, label_BxC)
+    p_hat_logits_BxC = vl_video_logits(z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC)
+    aux["l_vl"] = video_mean(video_ce(p_hat_logits_BxC, label_BxC), valid_B)
+    total = total + s.lambda2 * aux["l_vl"]
+  if s.use_snip:
+    b_BxTxC = ppg_targets(m_hat_BxTxC, label_BxC, s.alpha_h)
+    aux["l_snip"] = video_mean(snippet_ce(cas_BxTxC, b_BxTxC, mask_BxT), valid_B)
+    total = total + s.lambda3 * aux["l_snip"]
+  aux["loss"] = total
+  return total, aux
+
+
+def predicted_labels(p_BxC, threshold: float):
+  """Classes with p >= threshold, plus the argmax (so every video keeps one): -> {0,1} BxC."""
+  top_BxC = jax.nn.one_hot(jnp.argmax(p_BxC, axis=-1), p_BxC.shape[-1], dtype=jnp.bool_)
+  return ((p_BxC >= threshold) | top_BxC).astype(p_BxC.dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# The method object.
+
+
+class VLPO:
+  """VLPO (method 'vlpo') or its baseline (method 'base', Eq. 2: all switches off).
+
+  API (docs/ARCHITECTURE.md): init, loss, predict, param_labels, postprocess_preset.
+  """
+  postprocess_preset = "vlpo"
+
+  def __init__(self, config, num_classes: int, dims: dict[str, int], *,
+               baseline: bool = False):
+    cfg = config.get("vlpo") if "vlpo" in config else None
+    cfg = ml_collections.ConfigDict(cfg if cfg is not None else default_config())
+    validate_config(cfg)
+    self.num_classes = int(num_classes)
+    self.finetune = "cm_afa" if baseline else cfg.finetune
+    self.zero_shot = self.finetune == "zero_shot"
+    on = {k: bool(cfg[k]) and not (baseline or self.zero_shot) for k in SWITCHES}
+    self.settings = LossSettings(
+        topk_divisor=int(cfg.topk_divisor), q=float(cfg.q), lambda1=float(cfg.lambda1),
+        lambda2=float(cfg.lambda2), lambda3=float(cfg.lambda3), alpha_h=float(cfg.alpha_h),
+        alpha_l=float(cfg.alpha_l), m_temperature=float(cfg.m_temperature),
+        vl_logit_scale=float(cfg.vl_logit_scale), **on)
+    self.infer_class_threshold = float(cfg.infer_class_threshold)
+    # The VLM branch exists only when something reads it: the baseline never touches
+    # vlm_BxTxE / text_CxE.
+    if self.zero_shot or self.settings.uses_preference:
+      vl_mode = {"cm_afa": "cm_afa", "training_free": "frozen", "zero_shot": "frozen",
+                 "clip_adapter": "clip_adapter"}[self.finetune]
+    else:
+      vl_mode = "none"
+    self.uses_vlm = vl_mode != "none" or self.settings.use_apr
+    if self.uses_vlm:
+      e_v, e_t = dims.get("vlm"), dims.get("text")
+      if not e_v or not e_t:
+        raise WstalError(
+            f"config.vlpo: finetune={self.finetune!r} with the switches "
+            f"{[k for k in SWITCHES if on[k]]} reads VLM features and class text embeddings, "
+            f"but dims={dims} lacks 'vlm' / 'text' (set config.data.vlm_feature and provide "
+            "text_embeddings.npy)")
+      if e_v != e_t:
+        raise WstalError(f"config.vlpo: VLM feature dim {e_v} != text embedding dim {e_t}; "
+                         "Eq. 3 compares them directly")
+    self.model = vlpo_model.VLPOModel(
+        num_classes=self.num_classes, embed_dim=int(cfg.embed_dim),
+        act_hidden_dim=int(cfg.act_hidden_dim), conv_kernel=int(cfg.conv_kernel),
+        dropout=float(cfg.dropout), vl_mode=vl_mode, use_va=self.settings.use_apr,
+        adapter_ratio=float(cfg.adapter_ratio), adapter_reduction=int(cfg.adapter_reduction))
+
+  def _check_batch(self, batch, consts):
+    if self.uses_vlm and "vlm_BxTxE" not in batch:
+      raise WstalError("vlpo: the batch has no 'vlm_BxTxE' (set config.data.vlm_feature)")
+    if self.model.vl_mode != "none" and (consts is None or "text_CxE" not in consts):
+      raise WstalError("vlpo: consts has no 'text_CxE' (the dataset needs text_embeddings)")
+
+  def init(self, rng, batch, consts):
+    """-> flax variables {'params': ...} (shapes from `batch`)."""
+    self._check_batch(batch, consts)
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.model.init({"params": params_rng, "dropout": dropout_rng}, batch, consts,
+                           train=False)
+
+  def loss(self, params, batch, consts, rng, step):
+    """Eq. 14 (or Eq. 2 for the baseline / zero-shot): -> (loss, aux). Pure and jittable."""
+    del step  # one phase: nothing depends on the step
+    self._check_batch(batch, consts)
+    outputs = self.model.apply({"params": params}, batch, consts, train=True,
+                               rngs={"dropout": rng})
+    return vlpo_loss(outputs, batch, self.settings)
+
+  def predict(self, params, batch, consts):
+    """Scores for evaluation (App. A.1); padded snippets are 0. Jittable.
+
+    -> video_scores_BxC: p^ (Eq. 6, two passes, see module docstring) when L_vl trains the
+         VLM branch, else p = softmax(top-k mean of A) (Sec. 3.1).
+       cas_BxTxC: A^'s labelled branch (softmax_C(A)_c + S) / 2 in [0, 1], every class.
+       actionness_BxT: S in [0, 1] ((S^a + S^v) / 2 with APR, else S^a).
+    Zero-shot: video_scores = softmax(top-k mean of vl_logit_scale * cos(X^v, X^t)),
+    cas = softmax_C(vl_logit_scale * cos) per snippet (CLIP zero-shot classification of each
+    snippet), actionness = sum_c video_score_c * cas_c.
+    """
+    self._check_batch(batch, consts)
+    s = self.settings
+    out = self.model.apply({"params": params}, batch, consts, train=False)
+    mask_BxT = batch["mask_BxT"]
+    valid_BxT = mask_BxT > 0
+    k_B = topk_count(mask_BxT, s.topk_divisor)
+
+    if self.zero_shot:
+      z_BxTxC = s.vl_logit_scale * out["sim_t_BxTxC"]
+      video_BxC = jax.nn.softmax(masked_topk_mean(z_BxTxC, mask_BxT, k_B), axis=-1)
+      cas_BxTxC = jax.nn.softmax(z_BxTxC, axis=-1)
+      act_BxT = jnp.einsum("btc,bc->bt", cas_BxTxC, video_BxC)
+    else:
+      prob_BxTxC = jax.nn.softmax(out["cas_BxTxC"], axis=-1)
+      act_BxT = hybrid_action_score(out["s_a_BxT"], out.get("s_v_BxT"))
+      cas_BxTxC = (prob_BxTxC + act_BxT[:, :, None]) / 2
+      if s.use_vl:
+        z_BxTxC = s.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+        if s.use_dsp:
+          num_b, _, num_c = prob_BxTxC.shape
+          all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
+          p0_BxC = jax.nn.softmax(vl_video_logits(
+              z_BxTxC, mask_BxT, k_B,
+              hybrid_cas_BxTxC=dsp_hybrid_cas(prob_BxTxC, act_BxT, all_BxC)), axis=-1)
+          y_BxC = predicted_labels(p0_BxC, self.infer_class_threshold)
+          hybrid_BxTxC = dsp_hybrid_cas(prob_BxTxC, act_BxT, y_BxC)
+          video_BxC = jax.nn.softmax(vl_video_logits(
+              z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC), axis=-1)
+        else:
+          video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B), axis=-1)
+      else:
+        video_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
+    return {"video_scores_BxC": video_BxC,
+            "cas_BxTxC": jnp.where(valid_BxT[:, :, None], cas_BxTxC, 0.0),
+            "actionness_BxT": jnp.where(valid_BxT, act_BxT, 0.0)}
+
+  def param_labels(self, params, step):
+    """'train' everywhere, except VLM projections in modes that must not fine-tune them.
+
+    zero_shot / training_free build no projection (their similarity is the raw cosine), so
+    in practice everything is 'train'; a projection found under those modes is 'freeze'.
+    """
+    del step
+    frozen_scopes = ({"cm_afa", "clip_adapter"}
+                     if self.finetune in ("zero_shot", "training_free") else set())
+
+    def label(path, _):
+      keys = {getattr(p, "key", None) for p in path}
+      return "freeze" if keys & frozen_scopes else "train"
+    return jax.tree_util.tree_map_with_path(label, params)
