@@ -1,0 +1,42 @@
+r"""VLPO's baseline (vlpo.txt Sec. 3.1, Eq. 2; Table 3 row 1): MIL top-k classification plus
+GCE actionness on I3D features alone, the ASL-style model VLPO builds on. It reads neither
+the VLM features nor the text embeddings.
+
+Built-in benchmark:
+
+  python -m wstal_jax.main --config=configs/base.py
+
+  Expected (small, seed 0, 2 CPU cores): average mAP@0.1:0.7 TODO(19), ACC TODO(20).
+
+THUMOS14:
+
+  python -m wstal_jax.main --config=configs/base.py:dataset=thumos14 \
+      --config.data.dir=/path/to/thumos14_shards
+
+  Paper (Table 3 row 1): average mAP@0.1:0.7 42.4, ACC 90.0. Ours: TODO(21).
+
+Same protocol and model sizes as configs/vlpo.py (it shares `config.vlpo` for the widths, q
+and k; the method 'base' switches every VLPO component off).
+"""
+import importlib.util
+import os
+
+
+def _load(name):
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"wstal_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  common = _load("common")
+  arg = common.parse_arg(arg, dataset="builtin")
+  config = common.base_config(name="base", method="base", dataset=arg.dataset)
+  vlpo_config = _load("vlpo")
+  config.vlpo = vlpo_config.vlpo_block(common, arg.dataset)
+  config.eval.postprocess = vlpo_config.postprocess_block()
+  for switch in ("use_vl", "use_kl", "use_snip", "use_dsp", "use_apr"):
+    config.vlpo[switch] = False
+  return config

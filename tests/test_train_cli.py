@@ -1,0 +1,113 @@
+"""The command line: `python -m wstal_jax.main` with the real configs and VLPO on tiny data.
+
+Runs from a directory outside the repository with an absolute --config path, as a user of an
+installed package would.
+"""
+import glob
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wstal_jax.data import format as data_format
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NUM_CLASSES, DIM, VLM_DIM = 3, 8, 8
+
+
+def _write_vlpo_dataset(out_dir):
+  """i3d + videoclip features and text embeddings, as VLPO needs."""
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(NUM_CLASSES, VLM_DIM)).astype(np.float32)
+  text /= np.linalg.norm(text, axis=1, keepdims=True)
+  splits = {}
+  for split, n in (("train", 8), ("test", 4)):
+    videos = []
+    for i in range(n):
+      num_t, cls = int(rng.integers(10, 30)), i % NUM_CLASSES
+      i3d = rng.normal(size=(num_t, DIM)).astype(np.float32)
+      vlm = rng.normal(size=(num_t, VLM_DIM)).astype(np.float32)
+      i3d[2:8, cls] += 2.0
+      vlm[2:8] += text[cls]
+      label = np.eye(NUM_CLASSES, dtype=np.float32)[cls]
+      videos.append(data_format.VideoRecord(
+          name=f"{split}_{i}", duration=num_t * 0.64, features={"i3d": i3d, "videoclip": vlm},
+          label=label, segments=np.array([[2 * 0.64, 8 * 0.64]], np.float32),
+          segment_labels=np.array([cls], np.int32)))
+    splits[split] = videos
+  data_format.write_dataset(str(out_dir), dataset="tiny", classes=["a", "b", "c"],
+                            feature_dims={"i3d": DIM, "videoclip": VLM_DIM}, splits=splits,
+                            num_shards=1, text_embeddings=text)
+  return str(out_dir)
+
+
+def _main(args, cwd):
+  # One device; a shared persistent compilation cache lets the eval run reuse the train run's
+  # compiled predict function.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="", WSTAL_DATA_CACHE=str(cwd),
+             JAX_COMPILATION_CACHE_DIR=str(cwd / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  return subprocess.run([sys.executable, "-m", "wstal_jax.main", *args], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+TINY = ["--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.log_every=1",
+        "--config.data.num_snippets=16", "--config.train.batch_size=4",
+        "--config.eval.batch_size=4", "--config.vlpo.embed_dim=8",
+        "--config.vlpo.act_hidden_dim=8", "--config.eval.num_plots=1",
+        "--config.eval.postprocess.upsample=1"]
+
+
+def test_train_then_eval_from_another_directory(tmp_path):
+  data = _write_vlpo_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  config = f"--config={ROOT / 'configs' / 'vlpo.py'}"
+  proc = _main([config, f"--config.data.dir={data}", f"--workdir={workdir}", *TINY], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "Traceback" not in proc.stderr
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  keys = {"mAP@0.10", "mAP@0.20", "mAP@0.30", "mAP@0.40", "mAP@0.50", "mAP@0.60", "mAP@0.70",
+          "average_mAP", "acc", "cls_mAP", "step", "selected_on"}
+  assert keys <= set(metrics)
+  assert metrics["step"] == 2 and metrics["selected_on"] == "test"
+  results = json.loads((workdir / "results.json").read_text())
+  assert set(results) == {"version", "results", "external_data"}
+  assert set(results["results"]) == {f"test_{i}" for i in range(4)}
+  for rows in results["results"].values():
+    for row in rows:
+      assert row["label"] in ("a", "b", "c") and len(row["segment"]) == 2
+      assert row["segment"][0] <= row["segment"][1]
+  assert glob.glob(str(workdir / "plots" / "*.png"))
+  assert glob.glob(str(workdir / "tensorboard" / "events.out.tfevents.*"))
+  assert json.loads((workdir / "config.json").read_text())["method"] == "vlpo"
+  assert "average_mAP" not in proc.stdout and "avg" in proc.stdout   # the printed table
+  assert str(workdir / "results.json") in proc.stdout
+
+  # --mode=eval reads the run's config.json; --config.x overrides apply on top.
+  eval_dir = tmp_path / "eval"
+  proc = _main(["--mode=eval", f"--workdir={workdir}", "--checkpoint=latest",
+                f"--eval_dir={eval_dir}", "--config.eval.num_plots=2"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  again = json.loads((eval_dir / "metrics.json").read_text())
+  for key in keys - {"selected_on"}:
+    assert again[key] == metrics[key], key
+  assert (eval_dir / "results.json").exists()
+  assert len(glob.glob(str(eval_dir / "plots" / "*.png"))) == 2
+  assert (eval_dir / "plots" / "scores.npz").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config.eval.select_on=bogus"], "select_on"),
+    ([f"--config={ROOT / 'configs' / 'vlpo.py'}:dataset=nope"], "unknown dataset 'nope'"),
+])
+def test_bad_config_value_is_an_error_not_a_traceback(tmp_path, args, message):
+  proc = _main([*args, f"--workdir={tmp_path / 'w'}", "--config.data.dir=/nonexistent"],
+               tmp_path)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  assert "error:" in proc.stderr and message in proc.stderr
+  assert not (tmp_path / "w" / "metrics.json").exists()
