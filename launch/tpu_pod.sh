@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs wstal_jax on every worker of an existing Cloud TPU VM slice (v4-32, v5p-64, ...).
 #
-# The same `python -m wstal_jax.main` command line goes to all workers through one
-# `gcloud compute tpus tpu-vm ssh --worker=all`; jax.distributed.initialize() in main.py finds
-# the other workers from the TPU metadata, so no coordinator flags are passed. Dataset shards and
-# the workdir live on gs:// because every worker must read and write the same paths.
+# The same `python -m wstal_jax.main --distributed=on` command line goes to all workers through
+# one `gcloud compute tpus tpu-vm ssh --worker=all`; --distributed=on makes main.py call
+# jax.distributed.initialize(), which finds the other workers from the TPU VM metadata, so no
+# coordinator flags are passed. Dataset shards and the workdir live on gs:// because every
+# worker must read and write the same paths.
 #
 # Steps (each printed before it runs; --dry_run prints them and runs nothing):
 #   1. gcloud compute tpus tpu-vm describe      check the TPU VM exists and is READY
@@ -12,8 +13,9 @@
 #        scp --recurse of this checkout's package files (default; replaces ~/wstal_jax), or
 #        git clone --repo_url [--repo_ref]                          (replaces ~/wstal_jax)
 #   3. pip install -c constraints.txt -e '.[tpu]' into ~/wstal_jax_venv (created if absent)
-#   4. python -m wstal_jax.main --config=... --workdir=gs://... on every worker, in the
-#      foreground: run this script inside tmux/screen so a dropped connection does not stop it.
+#   4. python -m wstal_jax.main --config=... --workdir=gs://... --distributed=on on every
+#      worker, in the foreground: run this script inside tmux/screen so a dropped connection
+#      does not stop it.
 # It creates no TPU VM, bucket or disk. Steps 2-3 are skipped with --skip_setup.
 set -euo pipefail
 
@@ -168,7 +170,8 @@ if ((!skip_setup)); then
 fi
 
 # 4. One command line, identical on every worker.
-main=("../$REMOTE_VENV/bin/python" -m wstal_jax.main --config="$config" --workdir="$workdir")
+main=("../$REMOTE_VENV/bin/python" -m wstal_jax.main --config="$config" --workdir="$workdir"
+  --distributed=on)
 [[ -z "$data_dir" ]] || main+=(--config.data.dir="$data_dir")
 main+=("${extra[@]}")
 on_all_workers "cd $REMOTE_DIR && $(quote_cmd "${main[@]}")"

@@ -114,7 +114,7 @@ def test_train_determinism_and_resume(data_dir):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k])
   assert any(not np.array_equal(a["feat_BxTxD"], b["feat_BxTxD"]) for a, b in zip(full, other))
-  # Process 1 of 2 holds shards 1 and 3: 11 videos, so resuming at 5 and 8 crosses epochs.
+  # Global batches of 6 from 23 videos: resuming at 5 and 8 starts in epochs 1 and 2.
   for start in (1, 5, 8):
     resumed = _take(ip.train_batches(data_dir, start_step=start, **kw), 12 - start)
     for a, b in zip(full[start:], resumed):
@@ -122,31 +122,47 @@ def test_train_determinism_and_resume(data_dir):
         np.testing.assert_array_equal(a[k], b[k])
 
 
-def test_train_process_sharding_and_subsets(data_dir):
-  kw = dict(split="train", batch_size=2, num_snippets=4, seed=0, process_count=2)
-  seen = []
-  for p in range(2):
-    idx = np.concatenate([b["index_B"] for b in _take(
-        ip.train_batches(data_dir, process_index=p, **kw), 30)])
-    assert set(idx) == {i for i in range(NUM_TRAIN) if (i % 4) % 2 == p}
-    seen.append(set(idx))
-  assert not seen[0] & seen[1]
-  with pytest.raises(WstalError, match="4 shards but there are 5 processes"):
-    ip.train_batches(data_dir, split="train", batch_size=2, num_snippets=4, seed=0,
-                     process_index=0, process_count=5)
+def test_train_global_batches_do_not_depend_on_the_process_layout(data_dir):
+  """Process p of P yields rows [pB, (p+1)B) of the global batch that one process yields with
+  batch P*B: same videos, snippets and order for any layout, more processes than shards
+  included, and after a resume."""
+  kw = dict(split="train", num_snippets=4, seed=0)
+  one = _take(ip.train_batches(data_dir, batch_size=6, process_index=0, process_count=1, **kw),
+              10)   # 60 elements: three epochs of 23
+  layouts = {2: None, 3: None, 6: None}   # 6 processes > 4 shards
+  for num_procs in layouts:
+    layouts[num_procs] = [_take(ip.train_batches(
+        data_dir, batch_size=6 // num_procs, process_index=p, process_count=num_procs, **kw),
+        10) for p in range(num_procs)]
+  resumed = [_take(ip.train_batches(data_dir, batch_size=3, start_step=7, process_index=p,
+                                    process_count=2, **kw), 3) for p in range(2)]
+  for s in range(10):
+    for k, want in one[s].items():
+      for num_procs, parts in layouts.items():
+        got = np.concatenate([parts[p][s][k] for p in range(num_procs)])
+        np.testing.assert_array_equal(got, want, err_msg=f"{num_procs} processes, step {s}")
+      if s >= 7:
+        np.testing.assert_array_equal(np.concatenate([r[s - 7][k] for r in resumed]), want)
+
+
+def test_train_subsets_and_errors(data_dir):
   sub = [0, 1, 5, 9, 13]
   idx = np.concatenate([b["index_B"] for b in _take(ip.train_batches(
       data_dir, split="train", batch_size=5, num_snippets=4, seed=0, video_indices=sub,
       process_index=0, process_count=1), 3)])
   assert sorted(idx[:5]) == sub and set(idx) == set(sub)
-  with pytest.raises(WstalError, match="no videos among video_indices"):
-    ip.train_batches(data_dir, video_indices=[1, 5], process_index=0, **kw)
+  kw = dict(split="train", batch_size=2, num_snippets=4, seed=0, process_count=2)
+  both = [np.concatenate([b["index_B"] for b in _take(ip.train_batches(
+      data_dir, video_indices=[1, 5], process_index=p, **kw), 2)]) for p in range(2)]
+  assert [sorted(i[:2]) for i in both] == [[1, 5], [1, 5]]   # one epoch per global batch
   with pytest.raises(WstalError, match=r"video_indices must lie in \[0, 23\)"):
     ip.train_batches(data_dir, video_indices=[23], process_index=0, **kw)
   with pytest.raises(WstalError, match="unknown sampling"):
     ip.train_batches(data_dir, sampling="dense", process_index=0, **kw)
   with pytest.raises(WstalError, match="VLM feature 'videoclip'"):
     ip.train_batches(data_dir, vlm_feature="videoclip", process_index=0, **kw)
+  with pytest.raises(WstalError, match="bad process layout"):
+    ip.train_batches(data_dir, process_index=2, **kw)
 
 
 def test_train_pad_sampling(data_dir, lengths):

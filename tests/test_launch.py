@@ -141,7 +141,7 @@ def test_tpu_dry_run_copies_installs_and_runs_one_command_on_all_workers(repo):
 
   # One ssh --worker=all call: every worker runs the same arguments.
   assert _main_argv(_ssh_command(run))[3:] == [
-      "--config=configs/demo.py:thumos14", "--workdir=gs://bkt/runs/r1",
+      "--config=configs/demo.py:thumos14", "--workdir=gs://bkt/runs/r1", "--distributed=on",
       "--config.data.dir=gs://bkt/data/thumos14", *MAIN_EXTRA]
   assert sum(a[4] == "ssh" and "wstal_jax.main" in _ssh_command(a) for a in argvs) == 1
 
@@ -165,7 +165,7 @@ def test_tpu_skip_setup_only_runs_main(repo):
   argvs = [shlex.split(cmd) for _, _, cmd in lines]
   assert [a[4] for a in argvs] == ["describe", "ssh"]
   assert _main_argv(_ssh_command(argvs[1]))[3:] == [
-      "--config=configs/demo.py:thumos14", "--workdir=gs://bkt/runs/r1"]
+      "--config=configs/demo.py:thumos14", "--workdir=gs://bkt/runs/r1", "--distributed=on"]
 
 
 def _fake_gcloud(repo, state="READY"):

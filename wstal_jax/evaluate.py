@@ -11,6 +11,7 @@ classification mAP and top-1 accuracy. Metric values are percentages.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -105,25 +106,43 @@ def resolve_data_dir(config) -> str:
 
 
 def make_mesh(config) -> jax.sharding.Mesh:
-  """1-D data-parallel mesh over all devices, or the first config.mesh.num_devices."""
+  """1-D data-parallel mesh over all devices, or the first config.mesh.num_devices.
+
+  Devices are ordered by process, so process p's devices hold rows [p B, (p + 1) B) of every
+  global batch: the rows input_pipeline gives process p."""
   total = jax.device_count()
   n = int(config.mesh.num_devices) or total
   if n < 0 or n > total:
     raise WstalError(f"config.mesh.num_devices={n}: this job has {total} device(s)")
-  if n != total and jax.process_count() > 1:
-    raise WstalError("config.mesh.num_devices must be 0 (all devices) in a multi-process job")
+  if jax.process_count() > 1:
+    if n != total:
+      raise WstalError("config.mesh.num_devices must be 0 (all devices) in a multi-process job")
+    per_process = dict(collections.Counter(d.process_index for d in jax.devices()))
+    if len(set(per_process.values())) != 1:
+      raise WstalError(f"every process needs the same number of devices, got {per_process} "
+                       "(process: devices); check CUDA_VISIBLE_DEVICES / JAX_LOCAL_DEVICE_IDS")
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:n]
   # Auto axes: the methods are written as single-device code and XLA partitions them (data
-  # parallel: only the batch axis is sharded), so they need no sharding annotations.
-  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n])
+  # parallel: only the batch axis is sharded), so they need no sharding annotations. The mesh
+  # is built directly: jax.make_mesh may reorder devices by physical topology, which would
+  # interleave processes along the batch axis.
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def check_batch_size(global_batch: int, mesh, what: str):
+  """WstalError unless `global_batch` splits evenly over the processes and the devices."""
+  n_dev, n_proc = mesh.devices.size, jax.process_count()
+  if global_batch <= 0 or global_batch % n_dev or global_batch % n_proc:
+    layout = f" = {n_proc} processes x {n_dev // n_proc} devices" if n_proc > 1 else ""
+    raise WstalError(f"{what}={global_batch} must be a positive multiple of the number of "
+                     f"devices ({n_dev}{layout}): the global batch is split evenly over the "
+                     "processes and their devices")
 
 
 def per_process_batch_size(global_batch: int, mesh, what: str) -> int:
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if global_batch <= 0 or global_batch % n_dev:
-    raise WstalError(f"{what}={global_batch} must be a positive multiple of the number of "
-                     f"devices ({n_dev})")
-  return global_batch // n_proc
+  check_batch_size(global_batch, mesh, what)
+  return global_batch // jax.process_count()
 
 
 def setup(config, *, method=None) -> Setup:

@@ -5,13 +5,18 @@ asked for), mask_BxT, label_BxC, index_B, valid_B, scale_B. `batch_size` is alwa
 per-process batch; the global batch is batch_size * process_count.
 
 Training (`train_batches`) is infinite and resumable: the batch for step s is a pure function of
-(seed, s, process layout). Process p reads shards p, p + P, ... Its element stream is a
-sequence of epochs; epoch e is a permutation of the process's videos that depends only on
-(seed, e, p): the shard files are shuffled, read round-robin, and cut into blocks of
+(seed, s), the same whatever the process layout. Every process reads one global element
+stream, a sequence of epochs; epoch e is a permutation of the selected videos that depends only
+on (seed, e): the shard files are shuffled, read round-robin, and cut into blocks of
 `shuffle_buffer` records that are each permuted with a stateless shuffle. Element k of the
-stream (k = e * N_p + position) draws its snippet sampling from a stateless RNG keyed by
-(seed, k * P + p). start_step=s therefore starts at epoch (s * B) // N_p and skips the
-remaining (s * B) % N_p serialized records before any parsing.
+stream draws its snippet sampling from a stateless RNG keyed by (seed, k). Global batch s is
+elements [s G, (s + 1) G) with G = batch_size * process_count, and process p keeps rows
+[p B, (p + 1) B) of it: it reads every shard's records but parses only its own rows, so 1
+process x 4 devices and 2 processes x 2 devices train on identical global batches. Each process
+thus reads all training records every epoch (P times the reads of disjoint shards, though none
+parses another's rows): the price of results that do not depend on the layout. start_step=s
+starts at epoch (s G) // N and skips the remaining (s G) % N serialized records before any
+parsing.
 
 Evaluation (`eval_batches`) yields whole videos in manifest order (per process: the videos of
 its shards). Batch j of every process is padded to the same length bucket, chosen from the
@@ -196,17 +201,18 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
   Args:
     data_dir: dataset directory (manifest.json + shards).
     split: "train" usually.
-    batch_size: per-process batch size B.
+    batch_size: per-process batch size B (the global batch is B * process_count).
     num_snippets: T, snippets per video after sampling.
-    seed: integer seed; with the step and the process layout it fixes every batch.
+    seed: integer seed; with the step it fixes every global batch.
     start_step: first step to produce; equals continuing an uninterrupted run from there.
     sampling: "random_perturb" | "uniform" | "pad" (see `sample_indices`; pad crops a random
       window of long videos and zero-pads short ones, mask 0 on padding).
     vlm_feature: also emit this manifest feature as vlm_BxTxE (same snippet indices).
     video_indices: restrict to these video indices of the split (held-out subsets).
-    process_index, process_count: default jax.process_index() / jax.process_count().
+    process_index, process_count: default jax.process_index() / jax.process_count(). Process p
+      yields rows [p B, (p + 1) B) of every global batch.
     shuffle_buffer: records permuted together; an epoch is a perfect shuffle when it holds at
-      most this many videos per process.
+      most this many videos.
 
   Yields:
     dicts of numpy arrays: feat_BxTxD float32, [vlm_BxTxE float32], mask_BxT float32,
@@ -221,20 +227,12 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
   manifest = fmt.read_manifest(data_dir)
   paths = fmt.shard_paths(data_dir, split, manifest)
   p, num_procs = _layout(process_index, process_count)
-  if len(paths) < num_procs:
-    raise WstalError(f"{data_dir}: split {split!r} has {len(paths)} shards but there are "
-                     f"{num_procs} processes; every process needs at least one shard "
-                     "(rewrite the dataset with --num_shards >= the number of processes)")
   num_videos = manifest["splits"][split]["num_videos"]
   sel = _selection(video_indices, num_videos, data_dir, split)
-  mine = _process_videos(sel, len(paths), p, num_procs)
-  num_mine = len(mine)
-  if num_mine == 0:
-    raise WstalError(f"{data_dir}: split {split!r}: process {p} of {num_procs} has no videos "
-                     "among video_indices")
+  num_sel = len(sel)
   primary, names = _feature_names(manifest, vlm_feature, data_dir)
-  files = tf.constant(paths[p::num_procs])
-  cycle = min(len(paths[p::num_procs]), _MAX_CYCLE)
+  files = tf.constant(paths)
+  cycle = min(len(paths), _MAX_CYCLE)
   keep_pred = None
   if video_indices is not None:
     keep_N = np.zeros(num_videos, bool)
@@ -242,30 +240,36 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     keep_pred = _index_filter(keep_N)
   seed64 = tf.constant(int(seed) % (1 << 63), tf.int64)
   shuffle_seed64 = tf.constant((int(seed) ^ 0x5EED5EED) % (1 << 63), tf.int64)
-  num_mine64 = tf.constant(num_mine, tf.int64)
-  block = min(shuffle_buffer, num_mine)
+  num_sel64 = tf.constant(num_sel, tf.int64)
+  block = min(shuffle_buffer, num_sel)
+  global_batch = batch_size * num_procs
 
   def epoch(e):
-    key = tf.stack([seed64, e * num_procs + p])
-    order = tf.random.experimental.stateless_shuffle(files, seed=key)
+    order = tf.random.experimental.stateless_shuffle(files, seed=tf.stack([seed64, e]))
     ds = tf.data.Dataset.from_tensor_slices(order).interleave(
         tf.data.TFRecordDataset, cycle_length=cycle, block_length=1)
     if keep_pred is not None:
       ds = ds.filter(keep_pred)
     ds = ds.batch(block).enumerate().map(
         lambda b, recs: tf.random.experimental.stateless_shuffle(
-            recs, seed=tf.stack([shuffle_seed64, (e * 1_000_003 + b) * num_procs + p])))
-    return ds.unbatch().enumerate().map(lambda pos, rec: (e * num_mine64 + pos, rec))
+            recs, seed=tf.stack([shuffle_seed64, e * 1_000_003 + b])))
+    return ds.unbatch().enumerate().map(lambda pos, rec: (e * num_sel64 + pos, rec))
 
-  first = start_step * batch_size
-  ds = tf.data.Dataset.range(first // num_mine, 1 << 62).flat_map(epoch)
-  ds = ds.skip(first % num_mine)  # serialized records: nothing parsed yet
+  first = start_step * global_batch
+  ds = tf.data.Dataset.range(first // num_sel, 1 << 62).flat_map(epoch)
+  ds = ds.skip(first % num_sel)  # serialized records: nothing parsed yet
+  if num_procs > 1:
+    # Element k is row k % G of global batch k // G (the stream starts on a batch boundary);
+    # keep this process's rows, before parsing.
+    lo, hi = p * batch_size, (p + 1) * batch_size
+    ds = ds.filter(lambda k, rec: tf.logical_and(k % global_batch >= lo,
+                                                 k % global_batch < hi))
   parse = fmt.tf_parse_fn(manifest, names)
   random_window = sampling == "pad"
 
   def element(counter, serialized):
     ex = parse(serialized)
-    key = tf.stack([seed64, counter * num_procs + p])
+    key = tf.stack([seed64, counter])
     need_key = sampling == "random_perturb" or random_window
     idx_T, mask_T, scale = sample_indices(ex["num_snippets"], num_snippets, sampling,
                                           key if need_key else None)

@@ -4,15 +4,24 @@ r"""Train or evaluate a method.
   python -m wstal_jax.main --config=configs/vlpo.py:dataset=thumos14 --config.data.dir=SHARDS
   python -m wstal_jax.main --mode=eval --workdir=DIR [--checkpoint=best|latest|STEP]
 
+Several processes (one per host, or per GPU), each seeing its local devices:
+
+  python -m wstal_jax.main ... --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+On a Cloud TPU VM slice, a SLURM job or with JAX_COORDINATOR_ADDRESS set, jax finds these
+values itself (--distributed=auto, the default; launch/tpu_pod.sh passes --distributed=on).
+
 Training writes DIR/metrics.json (the selected checkpoint on the test split) and
 DIR/results.json (ActivityNet format); re-running the same command resumes. --mode=eval reads
 the run's DIR/config.json (`--config.x=y` overrides apply on top; an explicit --config
 replaces it) and writes the same two files to --eval_dir (default DIR).
 """
 import hashlib
+import importlib.util
 import logging as pylogging
 import os
 import sys
+import urllib.request
 
 from absl import app
 from absl import flags
@@ -33,9 +42,16 @@ _WORKDIR = flags.DEFINE_string(
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume) or evaluate.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "--mode=eval: best, latest or a step.")
 _EVAL_DIR = flags.DEFINE_string("eval_dir", None, "--mode=eval: output folder (default workdir).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-process: host:port of process 0 (it listens there).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's id.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "jax.distributed.initialize(): 'on' always (what it is not given comes from the cluster: "
+    "Cloud TPU VM metadata, SLURM, Open MPI), 'off' never (one process), 'auto' when "
+    "--coordinator_address / --num_processes, JAX_COORDINATOR_ADDRESS, a SLURM job of several "
+    "tasks or a Cloud TPU slice of several workers asks for it.")
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -46,18 +62,103 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def _maybe_init_distributed():
+def cloud_tpu_vm_workers(timeout_s: float = 5.0) -> int:
+  """Workers of the Cloud TPU VM slice this machine is part of; 0 when it is not a TPU VM.
+
+  A TPU VM has libtpu installed (the package's [tpu] extra) and its GCE metadata server lists
+  one `worker-network-endpoints` entry per worker (the attribute jax.distributed itself reads).
+  Without libtpu nothing is queried; elsewhere the query fails fast and counts as 0.
+  """
+  if importlib.util.find_spec("libtpu") is None or "TPU_SKIP_MDS_QUERY" in os.environ:
+    return 0
+  host = os.environ.get("GCE_METADATA_IP", "metadata.google.internal")
+  request = urllib.request.Request(
+      f"http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints",
+      headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+      text = response.read().decode()
+  except (OSError, ValueError):
+    return 0
+  return len([w for w in text.split(",") if w.strip()])
+
+
+def distributed_reason(mode, *, coordinator=None, num_processes=None, env=None,
+                       tpu_workers=cloud_tpu_vm_workers) -> str | None:
+  """Why this process joins a multi-process job (None: it runs on its own).
+
+  mode: --distributed. env: the environment (default os.environ). tpu_workers: a function
+  giving the Cloud TPU VM worker count, only called when nothing else decided."""
+  env = os.environ if env is None else env
+  explicit = [f for f, v in (("--coordinator_address", coordinator),
+                             ("--num_processes", num_processes)) if v is not None]
+  if mode == "off":
+    if explicit:
+      raise WstalError(f"--distributed=off contradicts {' and '.join(explicit)}")
+    return None
+  if mode == "on":
+    return "--distributed=on"
+  if explicit:
+    return explicit[0]
+  if env.get("JAX_COORDINATOR_ADDRESS"):
+    return "JAX_COORDINATOR_ADDRESS"
+  try:
+    if int(env.get("SLURM_NTASKS", "1")) > 1:
+      return f"SLURM job of {env['SLURM_NTASKS']} tasks"
+  except ValueError:
+    pass
+  for var in ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"):
+    if "," in env.get(var, ""):
+      return f"{var} lists several TPU workers"
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return "multislice TPU (MEGASCALE_COORDINATOR_ADDRESS)"
+  workers = tpu_workers()
+  if workers > 1:
+    return f"Cloud TPU VM slice of {workers} workers"
+  return None
+
+
+def _init_distributed():
+  """jax.distributed.initialize() when this is a multi-process job; logs the layout."""
   import jax
-  env = os.environ
-  auto = ("JAX_COORDINATOR_ADDRESS" in env or int(env.get("SLURM_NTASKS", "1")) > 1
-          or "," in env.get("TPU_WORKER_HOSTNAMES", ""))
-  if _COORDINATOR.value or _NUM_PROCESSES.value is not None or auto:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
-  logging.info("JAX process %d of %d; %d local / %d global devices (%s)", jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  reason = distributed_reason(_DISTRIBUTED.value, coordinator=_COORDINATOR.value,
+                              num_processes=_NUM_PROCESSES.value)
+  if reason is not None:
+    # CPU jobs need a cross-process collectives backend (jax's CPU default has been 'none').
+    if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("jax.distributed.initialize (%s)", reason)
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                                 num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
+    except (ValueError, TypeError, RuntimeError) as e:
+      cause = _first_line(e).rstrip(".")
+      raise WstalError(f"cannot start the multi-process job ({reason}): {cause}; pass "
+                       "--coordinator_address=HOST:PORT --num_processes=N --process_id=I, or "
+                       "--distributed=off for a single process") from None
+  logging.info("JAX process %d of %d; %d local / %d global devices (%s)%s",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform,
+               f"; local: {[d.id for d in jax.local_devices()]}" if reason else "")
+
+
+def _first_line(e: BaseException) -> str:
+  lines = [line for line in str(e).strip().splitlines() if line.strip()]
+  return lines[0][:500] if lines else type(e).__name__
+
+
+def _abandon_multiprocess_job(e: BaseException):
+  """A runtime failure in a multi-process job (usually a collective whose peer died): say so and
+  exit at once. os._exit skips jax.distributed's shutdown barrier, which would wait for the lost
+  process until the heartbeat timeout (100 s) and then abort with a C++ stack dump."""
+  import jax
+  sys.stdout.flush()
+  print(f"error: process {jax.process_index()} of {jax.process_count()} stopped: "
+        f"{_first_line(e)}\nAnother process of this job has probably died or stopped "
+        "responding (see its log). Re-running the same command on every process resumes from "
+        "the latest checkpoint.", file=sys.stderr, flush=True)
+  os._exit(1)
 
 
 def _eval_config(workdir):
@@ -102,7 +203,17 @@ def main(argv):
     raise WstalError(f"unexpected arguments: {' '.join(argv[1:])}")
   if logging.get_verbosity() <= logging.INFO:
     logging.get_absl_handler().addFilter(_QuietLibraries())
-  _maybe_init_distributed()
+  _init_distributed()
+  import jax
+  try:
+    _run(jax.process_index() == 0)
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _abandon_multiprocess_job(e)
+
+
+def _run(is_chief: bool):
   from wstal_jax import evaluate, train   # after distributed init: they touch devices
   try:
     config = _CONFIG.value
@@ -124,9 +235,12 @@ def main(argv):
     out = train.train_and_evaluate(config, workdir)
     where = workdir
     if out is None:
-      print(f"stopped early; checkpoint saved in {os.path.join(workdir, 'checkpoints')}. "
-            "Run the same command again to resume.")
+      if is_chief:
+        print(f"stopped early; checkpoint saved in {os.path.join(workdir, 'checkpoints')}. "
+              "Run the same command again to resume.")
       return
+  if not is_chief:   # process 0 wrote the files and reports them
+    return
   print(f"step {out['step']} (selected on {out['selected_on']}), split {out['split']}:")
   print(evaluate.format_table(out, config.eval.tiou))
   print(f"metrics:     {os.path.join(where, 'metrics.json')}")

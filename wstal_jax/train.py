@@ -1,9 +1,19 @@
 """Training: `train_and_evaluate(config, workdir)`.
 
-Data parallel over a 1-D `jax.make_mesh` of all devices (or the first config.mesh.num_devices):
-one `jax.jit`-compiled step with the state donated and replicated, the batch sharded over its
-first axis. Every process reads its own slice of the global batch; the slices are joined into
-global arrays by `jax.make_array_from_process_local_data`.
+Data parallel over a 1-D mesh of all devices (or the first config.mesh.num_devices), ordered
+by process: one `jax.jit`-compiled step with the state donated and replicated, the batch sharded
+over its first axis. Every process reads its own rows of the global batch; the rows are joined
+into global arrays by `jax.make_array_from_process_local_data`.
+
+Multi-process. The global batch of a step does not depend on the process layout
+(`input_pipeline.train_batches`), so 1 process x 4 devices and 2 processes x 2 devices run the
+same per-device computation; they differ only in the order in which the cross-device gradient
+sum is accumulated (float rounding: parameters agree to ~1e-6 relative after a few steps), and
+a run may resume under another layout. In evaluation every process runs the same number of
+batches (its own videos, padded with dummy videos) and receives all predictions (replicated
+outputs), so every process computes the same metrics (the orbax checkpoint ranking needs that);
+only process 0 writes config.json, TensorBoard events, metrics.json, results.json and plots;
+every process takes part in orbax saves and restores.
 
 Resuming. The batch of step s is a pure function of (seed, s) (`input_pipeline.train_batches(
 start_step=s)`), the step's RNG is `fold_in(key, s)`, and the optimizer phase is a function of
@@ -272,6 +282,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   tf.io.gfile.makedirs(workdir)   # gfile: gs:// workdirs work too
   _check_workdir_config(workdir, config)
   run = evaluate.setup(config, method=method)
+  # Both batch sizes are global: checked against the process and device layout before any
+  # data is read.
+  evaluate.check_batch_size(config.train.batch_size, run.mesh, "config.train.batch_size")
+  evaluate.check_batch_size(config.eval.batch_size, run.mesh, "config.eval.batch_size")
   if is_chief:
     evaluate.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(config))
   mesh = run.mesh
@@ -301,12 +315,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # TensorBoard event files on process 0 (the log lines below are written by the loop).
   writer = (metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")) if is_chief
             else metric_writers.MultiWriter([]))
+  peer_lost = False
   try:
     metrics = _train_loop(config, workdir, run, ckpts, writer, select_eval, select_prefix,
                           train_idx)
+  except jax.errors.JaxRuntimeError:
+    # In a multi-process job this is mostly a collective whose peer died; finishing the saves
+    # would wait at orbax's cross-process barriers for that peer.
+    peer_lost = jax.process_count() > 1
+    raise
   finally:
-    ckpts.wait()
-    ckpts.close()
+    if not peer_lost:
+      ckpts.wait()
+      ckpts.close()
     writer.close()
   return metrics
 
