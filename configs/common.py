@@ -149,7 +149,10 @@ def apply_dataset(c, dataset):
     c.train.num_steps = 1000
     c.train.log_every = 100
     c.train.eval_every = 250
-    c.optim.lr = 1e-4
+    # lr 1e-3, not THUMOS14's 1e-4: with 1000 steps the baseline under-fits at 1e-4 (video
+    # ACC ~75%, avg mAP 11-18, below the untrained zero-shot localizer); at 1e-3 it converges
+    # (ACC ~85%). Chosen on the baseline's convergence and applied to every method alike.
+    c.optim.lr = 1e-3
     c.eval.tiou = tiou_range(0.1, 0.7, 0.1)
     c.eval.batch_size = 16
     c.eval.num_snippets = None
