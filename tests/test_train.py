@@ -231,6 +231,23 @@ def test_outputs_of_a_run(reference):
   assert ckpt_steps == [4, 8]
 
 
+def test_training_metrics_equal_the_scoring_command(reference, tiny_data, tmp_path):
+  """The run's metrics.json equals evaluate_results on its results.json against the GT JSON
+  written from the dataset: one evaluation, whichever way a user computes it."""
+  from wstal_jax import evaluate_results
+  from wstal_jax import results_io
+  workdir, metrics = reference
+  gt_path = str(tmp_path / "gt.json")
+  results_io.write_ground_truth(gt_path, tiny_data, ["test"])
+  with open(gt_path) as fh:
+    gt = json.load(fh)
+  with open(os.path.join(workdir, "results.json")) as fh:
+    results = json.load(fh)
+  got = evaluate_results.evaluate_detections(gt, results, (0.1, 0.3, 0.5), subset="test")
+  for key in ("mAP@0.10", "mAP@0.30", "mAP@0.50", "average_mAP"):
+    assert got[key] == pytest.approx(metrics[key], abs=1e-3), key
+
+
 def test_eval_mode_restores_and_rewrites_the_same_metrics(reference, tiny_data, tmp_path):
   from wstal_jax import evaluate
   workdir, metrics = reference

@@ -239,12 +239,18 @@ class Evaluator:
                             in_shardings=(run.replicated, run.data_sharding, run.replicated),
                             out_shardings=run.replicated)
     gt_rows = [(i, self.infos[i]) for i in self.video_indices]
+    # Times as the GT JSON stores them (shortest decimal of each float32, see
+    # results_io.ground_truth_dict), so these metrics equal `evaluate_results` on written files
+    # even where a tIoU lands exactly on a threshold.
+    as_written = np.vectorize(results_io.short_float, otypes=[np.float64])
     self.gt = {
         "video": np.concatenate([np.full(len(v.segment_labels), i) for i, v in gt_rows]
                                 + [np.zeros(0, np.int64)]),
         "label": np.concatenate([v.segment_labels for _, v in gt_rows] + [np.zeros(0, int)]),
-        "start": np.concatenate([v.segments[:, 0] for _, v in gt_rows] + [np.zeros(0)]),
-        "end": np.concatenate([v.segments[:, 1] for _, v in gt_rows] + [np.zeros(0)]),
+        "start": as_written(np.concatenate([v.segments[:, 0] for _, v in gt_rows]
+                                           + [np.zeros(0)])),
+        "end": as_written(np.concatenate([v.segments[:, 1] for _, v in gt_rows]
+                                         + [np.zeros(0)])),
     }
 
   def batches(self):

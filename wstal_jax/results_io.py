@@ -282,9 +282,12 @@ def write_results(path: str, proposals_by_video: Mapping, class_names,
   return res
 
 
-def _short_float(x) -> float:
+def short_float(x) -> float:
   """Shortest decimal that round-trips the float32 value (18.6, not 18.600000381469727)."""
   return float(str(np.float32(x)))
+
+
+_short_float = short_float
 
 
 def ground_truth_dict(videos: Iterable, class_names, subset: str) -> dict:
