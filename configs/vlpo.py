@@ -22,25 +22,25 @@ Table 3 ablations: one argument each, `--config=configs/vlpo.py:exp=N[,dataset=.
 (each row gets its own default workdir workdirs/vlpo-expN-<dataset>-seed<seed>):
 
   exp  L_vl L_kl L_snip DSP APR   paper ACC / AVG   built-in AVG
-   1    -    -    -      -   -    90.0 / 42.4       TODO(6)   (the baseline = configs/base.py)
-   2    x    -    x      -   -    93.3 / 50.6       TODO(7)
-   3    x    x    x      -   -    92.4 / 51.0       TODO(8)
-   4    x    x    -      -   x    90.5 / 45.0       TODO(9)
-   5    x    x    -      x   x    99.0 / 50.6       TODO(10)
-   6    x    x    x      x   -    99.5 / 52.1       TODO(11)
-   7    x    -    x      x   x    99.1 / 52.9       TODO(12)
-   8    x    x    x      -   x    90.5 / 47.8       TODO(13)
-   9    x    x    x      x   x    99.0 / 54.3       TODO(14)  (the default)
+   1    -    -    -      -   -    90.0 / 42.4       32.4 (base, seed 0)   (the baseline = configs/base.py)
+   2    x    -    x      -   -    93.3 / 50.6       37.8 (seed 0)
+   3    x    x    x      -   -    92.4 / 51.0       37.7 (seed 0)
+   4    x    x    -      -   x    90.5 / 45.0       44.0 (seed 0)
+   5    x    x    -      x   x    99.0 / 50.6       42.9 (seed 0)
+   6    x    x    x      x   -    99.5 / 52.1       37.3 (seed 0)
+   7    x    -    x      x   x    99.1 / 52.9       44.4 (seed 0)
+   8    x    x    x      -   x    90.5 / 47.8       45.2 (seed 0)
+   9    x    x    x      x   x    99.0 / 54.3       43.6 (seed 0)  (the default)
 
 Rows 5-8 remove one module from the full method, so each is also a single switch:
 `--config.vlpo.use_snip=False` (5), `use_apr=False` (6), `use_kl=False` (7), `use_dsp=False` (8).
 
 Table 4 (how the VLFT branch is fine-tuned), one override each:
 
-  --config.vlpo.finetune=zero_shot       paper AVG 14.9   built-in TODO(15)
-  --config.vlpo.finetune=training_free   paper AVG 50.2   built-in TODO(16)
-  --config.vlpo.finetune=clip_adapter    paper AVG 52.5   built-in TODO(17)
-  --config.vlpo.finetune=cm_afa          paper AVG 54.3   built-in TODO(18)  (the default)
+  --config.vlpo.finetune=zero_shot       paper AVG 14.9   built-in 26.1 (seed 0)
+  --config.vlpo.finetune=training_free   paper AVG 50.2   built-in 44.2 (seed 0)
+  --config.vlpo.finetune=clip_adapter    paper AVG 52.5   built-in 42.6 (seed 0)
+  --config.vlpo.finetune=cm_afa          paper AVG 54.3   built-in 43.6 (seed 0)  (the default)
 
 Seeds: `--config.seed=1`. Honest model selection on held-out training videos instead of the
 test split: `--config.eval.select_on=heldout`. Overrides that change the run get their own
