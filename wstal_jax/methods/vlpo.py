@@ -51,6 +51,14 @@ Readings of the paper (the text leaves these open; each is also noted where it i
   p^ with Eq. 5 on those labels, exactly as in training. `cas_BxTxC` is A^'s labelled-class
   branch (softmax_C(A)_c + S) / 2 for every class (post-processing picks the classes itself).
 """
+# Open question (see README "Results on the built-in benchmark"): on the built-in data DSP and
+# L_kl do not help as in the paper's Table 3. Public code that appears to be the authors'
+# (read only) differs from the paper text in ways that touch exactly these modules: `norm` of
+# Eq. 3 is a temporal min-max of the cosine; L_kl uses the class softmax of the raw cosine with
+# one side detached; L_mil and the video score pool the CAS (not M) at the DSP indices; at
+# inference the DSP branch comes from ground-truth labels; separate RGB / flow / VL actionness
+# heads with an MSE between them; a fixed top-100 for A_p; the CAS encoder also sees the VLM
+# features. We implement the paper; these are the candidates to try as options.
 import dataclasses
 from typing import Any
 
