@@ -126,7 +126,7 @@ def test_classes_balanced_and_partners_cooccur():
 def test_full_size_features():
   """`full` has THUMOS14's feature dims (one short video synthesised, not the whole set)."""
   spec = synthetic.get_spec("full")
-  assert (spec.rgb_dim, spec.flow_dim, spec.vl_dim) == (1024, 1024, 768)
+  assert (spec.rgb_dim, spec.flow_dim, spec.vl_dim, spec.clip_dim) == (1024, 1024, 768, 1024)
   assert (spec.num_train, spec.num_test) == (200, 212)
   world = synthetic.make_world(0, spec)
   assert world.text_CxE.shape == (NUM_C, 768)
@@ -136,6 +136,8 @@ def test_full_size_features():
   feats = synthetic.synthesize(np.random.default_rng(1), world, layout)
   assert feats["i3d"].shape == (layout.num_snippets, 2048)
   assert feats["videoclip"].shape == (layout.num_snippets, 768)
+  assert feats["clip"].shape == (layout.num_snippets, 1024)  # CLIP RN50 (PVLR Sec. 4.2)
+  assert world.clip["text"].shape == (NUM_C, 1024)
   assert all(np.all(np.isfinite(f)) and f.dtype == np.float32 for f in feats.values())
 
 
@@ -155,7 +157,7 @@ def test_manifest(small_dir, small_layouts):
   m = fmt.read_manifest(small_dir)
   assert m["dataset"] == "synthetic-thumos14-small"
   assert m["classes"] == list(synthetic.CLASSES)
-  assert m["features"] == {"i3d": {"dim": 128}, "videoclip": {"dim": 64}}
+  assert m["features"] == {"i3d": {"dim": 128}, "videoclip": {"dim": 64}, "clip": {"dim": 64}}
   assert m["primary_feature"] == "i3d"
   assert m["snippet_frames"] == 16 and m["fps"] == 25.0
   assert m["splits"]["train"]["num_videos"] == 200
@@ -169,6 +171,12 @@ def test_manifest(small_dir, small_layouts):
   text = fmt.load_text_embeddings(small_dir, m)
   assert text.shape == (NUM_C, 64) and text.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)
+  clip_text = fmt.load_text_embeddings(small_dir, m, feature="clip")
+  assert m["feature_text_embeddings"] == {"clip": "text_embeddings_clip.npy"}
+  assert clip_text.shape == (NUM_C, 64)
+  assert not np.allclose(clip_text, text)  # its own space
+  # Features without their own text embeddings fall back to text_embeddings.npy.
+  np.testing.assert_array_equal(fmt.load_text_embeddings(small_dir, m, feature="videoclip"), text)
 
 
 def test_records_match_layouts(small_videos, small_layouts):
@@ -181,6 +189,8 @@ def test_records_match_layouts(small_videos, small_layouts):
       assert np.all(rec.features["i3d"] >= 0)  # like post-ReLU I3D
       np.testing.assert_allclose(np.linalg.norm(rec.features["videoclip"], axis=1), 1.0,
                                  rtol=1e-4)
+      assert rec.features["clip"].shape == (rec.num_snippets, 64)
+      np.testing.assert_allclose(np.linalg.norm(rec.features["clip"], axis=1), 1.0, rtol=1e-4)
       np.testing.assert_allclose(rec.segments, lay.segments, atol=1e-5)
       np.testing.assert_array_equal(np.flatnonzero(rec.label), lay.classes)
 
@@ -428,3 +438,38 @@ def test_cli_help():
   assert res.returncode == 0
   for flag in ("--size", "--seed", "--out", "--overwrite"):
     assert flag in res.stdout
+
+
+def test_clip_stream_is_frame_like(small_videos, small_dir):
+  """CLIP-like features: zero-shot classification of the video works, the labelled class's
+  similarity is higher inside instances than outside, and it drops within a snippet of the
+  boundary (no temporal leakage, unlike `videoclip`)."""
+  text = fmt.load_text_embeddings(small_dir, feature="clip")
+  hits, inside, outside, edge_drop_clip, edge_drop_vl = [], [], [], [], []
+  vl_text = fmt.load_text_embeddings(small_dir)
+  for rec in small_videos["test"][:80]:
+    cls = np.flatnonzero(rec.label)
+    sim_T = (rec.features["clip"] @ text.T)[:, cls].max(1)
+    vl_T = (rec.features["videoclip"] @ vl_text.T)[:, cls].max(1)
+    hits.append(rec.label[np.argmax((rec.features["clip"] @ text.T).mean(0))] > 0)
+    gt_T = np.zeros(rec.num_snippets, bool)
+    for s, e in rec.segments:
+      gt_T[int(np.ceil(s / SPS)):int(e / SPS)] = True
+    if gt_T.any() and (~gt_T).any():
+      inside.append(sim_T[gt_T].mean())
+      outside.append(sim_T[~gt_T].mean())
+      # Snippets just after an instance ends (1-2 snippets out) vs inside.
+      after = np.zeros_like(gt_T)
+      idx = np.flatnonzero(gt_T[:-1] & ~gt_T[1:]) + 1
+      for i in idx:
+        after[i + 1:i + 3] = True  # skip the boundary snippet itself
+      after &= ~gt_T
+      if after.any():
+        edge_drop_clip.append(sim_T[gt_T].mean() - sim_T[after].mean())
+        edge_drop_vl.append(vl_T[gt_T].mean() - vl_T[after].mean())
+  assert np.mean(hits) > 0.9
+  assert np.mean(inside) > np.mean(outside) + 0.02
+  # Relative to its in/out contrast, clip drops right after an instance; videoclip leaks.
+  contrast = np.mean(inside) - np.mean(outside)
+  assert np.mean(edge_drop_clip) > 0.8 * contrast
+  assert np.mean(edge_drop_clip) > 2 * np.mean(edge_drop_vl)

@@ -157,7 +157,7 @@ def setup(config, *, method=None) -> Setup:
   if vlm and vlm not in features:
     raise WstalError(f"config.data.vlm_feature={vlm!r}: the dataset at {data_dir} has "
                      f"features {sorted(features)}")
-  text = data_format.load_text_embeddings(data_dir, manifest)
+  text = data_format.load_text_embeddings(data_dir, manifest, feature=vlm)
   dims = {"feat": features[manifest["primary_feature"]]["dim"],
           "vlm": features[vlm]["dim"] if vlm else None,
           "text": None if text is None else int(text.shape[1])}

@@ -296,11 +296,28 @@ def _write_split(tmp_dir, split, records, num_shards, *, classes, feature_dims, 
           "video_num_snippets": lengths}
 
 
+def _check_text(arr, num_classes, what) -> np.ndarray:
+  text_CxE = np.asarray(arr)
+  if text_CxE.ndim != 2 or text_CxE.shape[0] != num_classes or text_CxE.shape[1] == 0:
+    raise WstalError(f"{what} must be [C={num_classes}, E], got {text_CxE.shape}")
+  if not np.all(np.isfinite(text_CxE)):
+    raise WstalError(f"{what} contain NaN/Inf")
+  return text_CxE.astype(np.float32)
+
+
+def _save_npy(path, arr):
+  buf = io.BytesIO()
+  np.save(buf, arr)
+  with tf.io.gfile.GFile(path, "wb") as fh:
+    fh.write(buf.getvalue())
+
+
 def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[str, int],
                   splits: Mapping[str, Iterable[VideoRecord]],
                   num_shards: int | Mapping[str, int],
                   text_embeddings: np.ndarray | None = None, primary_feature: str = "i3d",
                   snippet_frames: int = 16, fps: float = 25.0,
+                  feature_text_embeddings: Mapping[str, np.ndarray] | None = None,
                   source: Mapping[str, Any] | None = None,
                   optional_fields=None, overwrite: bool = False) -> dict:
   """Validates and writes a dataset directory atomically; returns the manifest dict.
@@ -314,6 +331,10 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
     num_shards: shards per split (an int for all, or {split: int}); capped at the number of
       videos of the split.
     text_embeddings: optional float32 [C, E] stored as text_embeddings.npy.
+    feature_text_embeddings: optional {feature name: float32 [C, E_f]}: class text
+      embeddings in the space of that feature stream (e.g. CLIP text embeddings for `clip`
+      image features), stored as text_embeddings_<feature>.npy. `load_text_embeddings(...,
+      feature=name)` prefers these over text_embeddings.npy.
     optional_fields: extras fields allowed in records (default: whatever records carry).
     overwrite: replace an existing out_dir (only after the new one is complete).
 
@@ -344,12 +365,13 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
       raise WstalError(f"num_shards for split {s!r} must be an integer >= 1, got {n!r}")
   text_path = None
   if text_embeddings is not None:
-    text_CxE = np.asarray(text_embeddings)
-    if text_CxE.ndim != 2 or text_CxE.shape[0] != len(classes) or text_CxE.shape[1] == 0:
-      raise WstalError(f"text embeddings must be [C={len(classes)}, E], got {text_CxE.shape}")
-    if not np.all(np.isfinite(text_CxE)):
-      raise WstalError("text embeddings contain NaN/Inf")
-    text_CxE = text_CxE.astype(np.float32)
+    text_CxE = _check_text(text_embeddings, len(classes), "text embeddings")
+  per_feature = {}
+  for name, arr in (feature_text_embeddings or {}).items():
+    if name not in dims:
+      raise WstalError(f"feature_text_embeddings: {name!r} is not a feature of the dataset "
+                       f"({sorted(dims)})")
+    per_feature[name] = _check_text(arr, len(classes), f"text embeddings of feature {name!r}")
   if optional_fields is not None:
     optional_fields = sorted(set(optional_fields))
   parent = out_dir.rsplit("/", 1)[0] if "/" in out_dir else "."
@@ -375,10 +397,11 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
           feature_dims=dims, optional_fields=allowed)
     if text_embeddings is not None:
       text_path = TEXT_EMBEDDINGS
-      buf = io.BytesIO()
-      np.save(buf, text_CxE)
-      with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, TEXT_EMBEDDINGS), "wb") as fh:
-        fh.write(buf.getvalue())
+      _save_npy(tf.io.gfile.join(tmp_dir, TEXT_EMBEDDINGS), text_CxE)
+    feature_text_paths = {}
+    for name, arr in sorted(per_feature.items()):
+      feature_text_paths[name] = f"text_embeddings_{name}.npy"
+      _save_npy(tf.io.gfile.join(tmp_dir, feature_text_paths[name]), arr)
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset": str(dataset),
@@ -388,6 +411,7 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
         "snippet_frames": snippet_frames,
         "fps": float(fps),
         "text_embeddings": text_path,
+        "feature_text_embeddings": feature_text_paths,
         "optional_fields": optional_fields if optional_fields is not None
                            else sorted(seen_fields),
         "splits": split_entries,
@@ -469,6 +493,7 @@ def read_manifest(data_dir: str) -> dict:
   for key in ("snippet_frames", "fps"):
     _require(isinstance(m[key], (int, float)) and m[key] > 0, path, f"{key} must be > 0")
   m.setdefault("text_embeddings", None)
+  m.setdefault("feature_text_embeddings", {})
   m.setdefault("optional_fields", [])
   m.setdefault("source", {})
   _require(isinstance(m["optional_fields"], list), path, "optional_fields must be a list")
@@ -476,6 +501,14 @@ def read_manifest(data_dir: str) -> dict:
     _require(isinstance(m["text_embeddings"], str), path, "text_embeddings must be a file name")
     _require(tf.io.gfile.exists(tf.io.gfile.join(data_dir, m["text_embeddings"])), path,
              f"text_embeddings file {m['text_embeddings']} is missing")
+  per_feature = m["feature_text_embeddings"]
+  _require(isinstance(per_feature, dict), path, "feature_text_embeddings must be an object")
+  for name, fname in per_feature.items():
+    _require(name in feats, path, f"feature_text_embeddings: {name!r} is not a feature")
+    _require(isinstance(fname, str) and "/" not in fname, path,
+             f"feature_text_embeddings[{name!r}] must be a file name")
+    _require(tf.io.gfile.exists(tf.io.gfile.join(data_dir, fname)), path,
+             f"text embeddings file {fname} (feature {name!r}) is missing")
   splits = m["splits"]
   _require(isinstance(splits, dict) and splits, path, "splits must be a non-empty object")
   for split, entry in splits.items():
@@ -723,12 +756,19 @@ def read_video_info(data_dir: str, split: str) -> list[VideoInfo]:
           for ex in _iter_parsed(data_dir, split, [], manifest)]
 
 
-def load_text_embeddings(data_dir: str, manifest: dict | None = None) -> np.ndarray | None:
-  """float32 [C, E] class text embeddings, or None when the dataset has none."""
+def load_text_embeddings(data_dir: str, manifest: dict | None = None,
+                         feature: str | None = None) -> np.ndarray | None:
+  """float32 [C, E] class text embeddings, or None when the dataset has none.
+
+  With `feature`, the text embeddings in that feature stream's space
+  (manifest feature_text_embeddings) when the dataset has them, else text_embeddings.npy.
+  """
   manifest = manifest or read_manifest(data_dir)
-  if not manifest.get("text_embeddings"):
+  fname = (manifest.get("feature_text_embeddings") or {}).get(feature) if feature else None
+  fname = fname or manifest.get("text_embeddings")
+  if not fname:
     return None
-  path = tf.io.gfile.join(str(data_dir).rstrip("/"), manifest["text_embeddings"])
+  path = tf.io.gfile.join(str(data_dir).rstrip("/"), fname)
   try:
     with tf.io.gfile.GFile(path, "rb") as fh:
       arr = np.load(io.BytesIO(fh.read()), allow_pickle=False)

@@ -29,6 +29,14 @@ What is generated (docs/ARCHITECTURE.md; calibration targets in BENCHMARK.md):
   projection can do much better.
 * `text_embeddings.npy` [C, E]: one unit vector per class, correlated like CLIP prompt
   embeddings (a shared prompt direction, sport groups, a class-specific part).
+* `clip` features, like CLIP image embeddings of each snippet's middle frame (PVLR Sec. 4.2:
+  RN50, 1024-d in `full`), unit-norm, in their own space with their own class text embeddings
+  (`text_embeddings_clip.npy`): a frame sees appearance, not motion, so the class semantics
+  are on exactly while the instance is in view (no temporal leakage, frequent per-frame
+  dropouts from blur and occlusion), and any frame that merely looks like the sport - the
+  venue, replays, unclear actions - resembles the class text strongly (PVLR Fig. 1a: high
+  similarity "even when actual human actions do not occur"). Generated after, and from draws
+  after, the other streams, so adding it left `i3d` / `videoclip` unchanged.
 
 Nothing is a noise-free linear function of the labels: every modality has temporally correlated
 noise, per-video style, per-instance variation and class sub-types, and the confusers above.
@@ -48,12 +56,13 @@ import numpy as np
 
 from wstal_jax.errors import WstalError, cli_main
 
-GENERATOR_VERSION = 2  # 1 was used only by development snapshots
+GENERATOR_VERSION = 3  # 1: development snapshots; 2: without the `clip` stream
 SIZES = ("small", "full")
 SNIPPET_FRAMES = 16
 FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS
 VL_FEATURE = "videoclip"
+CLIP_FEATURE = "clip"
 
 # THUMOS14's 20 classes in its class-list order (W-TALC classlist.npy).
 CLASSES = (
@@ -88,6 +97,7 @@ class SizeSpec:
   rgb_dim: int
   flow_dim: int
   vl_dim: int
+  clip_dim: int
   num_train: int
   num_test: int
   log_duration_mean: float
@@ -103,9 +113,9 @@ class SizeSpec:
 
 _SPECS = {
     # THUMOS14 durations: log-mean 4.94 (median ~150 s), log-std 0.92, 31 s .. 1409 s.
-    "full": SizeSpec("full", 1024, 1024, 768, 200, 212, 4.98, 0.92, 15.0, 1500.0, 8),
+    "full": SizeSpec("full", 1024, 1024, 768, 1024, 200, 212, 4.98, 0.92, 15.0, 1500.0, 8),
     # Same structure, shorter videos (about 40 .. 400 snippets) and small dims.
-    "small": SizeSpec("small", 64, 64, 64, 200, 212, math.log(70.0), 0.6, 26.0, 256.0, 2),
+    "small": SizeSpec("small", 64, 64, 64, 64, 200, 212, math.log(70.0), 0.6, 26.0, 256.0, 2),
 }
 
 
@@ -166,6 +176,17 @@ class Knobs:
   vl_noise: float = 0.15
   vl_nuisance: float = 1.0
   vl_noise_slow: float = 0.08
+  # CLIP-like image features (same units as the vision-language ones).
+  clip_sem: float = 4.0                   # class semantics while the instance is in view
+  clip_flicker_z: float = -0.3            # ~38% of snippets lose most of the semantics ...
+  clip_flicker_level: float = 0.25        # ... keeping this fraction
+  clip_venue: float = 3.4                 # the venue looks like the sport (Fig. 1a)
+  clip_replay: float = 0.9                # replays / unclear actions: level of semantics
+  clip_generic: float = 3.0
+  clip_img: float = 26.0
+  clip_style: float = 1.5
+  clip_noise: float = 0.2
+  clip_nuisance: float = 1.0
 
 
 KNOBS = Knobs()
@@ -362,12 +383,15 @@ class World:
 
   text_CxE: unit-norm class text embeddings. rows: name -> row indices into bank_KxD.
   text_basis_QxE: orthonormal basis of the span of the text vectors' parts.
+  clip: the CLIP-like image space ({'text': [C, E'], 'sem': [C * subtypes, E'], 'venue',
+    'generic', 'img', 'nuisance', 'basis'}), drawn from its own stream.
   """
   spec: SizeSpec
   text_CxE: np.ndarray
   text_basis_QxE: np.ndarray
   bank_KxD: np.ndarray
   rows: dict
+  clip: dict = dataclasses.field(default_factory=dict)
 
 
 def _unit(x):
@@ -435,7 +459,37 @@ def make_world(seed: int, spec: SizeSpec) -> World:
     rows[name] = np.arange(k, k + len(vecs))
     k += len(vecs)
   return World(spec=spec, text_CxE=text.astype(np.float32), text_basis_QxE=text_basis,
-               bank_KxD=bank, rows=rows)
+               bank_KxD=bank, rows=rows, clip=_clip_world(seed, spec))
+
+
+def _clip_world(seed: int, spec: SizeSpec) -> dict:
+  """The CLIP-like image space: the same construction as the vision-language one (text =
+  prompt + group + class; visual semantics share it only partly), from its own stream."""
+  rng = np.random.default_rng(np.random.SeedSequence([_check_seed(seed), _WORLD_KEY, 1]))
+  num_c, num_k, d = len(CLASSES), _NUM_SUBTYPES, spec.clip_dim
+  group = np.asarray(_GROUP)
+  cls_of = np.repeat(np.arange(num_c), num_k)
+
+  def rand(n):
+    return _unit(rng.standard_normal((n, d)))
+
+  prompt, grp, cls = rand(1), rand(_NUM_GROUPS)[group], rand(num_c)
+  text = _unit(0.75 * prompt + 0.45 * grp + 0.5 * cls)
+  basis = np.linalg.qr(np.concatenate([prompt, grp, cls]).T)[0].T
+
+  def free(n):
+    x = rng.standard_normal((n, d))
+    return _unit(x - (x @ basis.T) @ basis)
+
+  # A frame of the sport is closer to the text than a video embedding is (appearance is
+  # what CLIP learned), and the venue is nearly as close as the action itself.
+  sem = _unit(0.35 * grp[cls_of] + 0.45 * cls[cls_of] + 0.7 * free(num_c)[cls_of]
+              + 0.3 * free(num_c * num_k))
+  venue = _unit(0.35 * grp + 0.35 * cls + 0.8 * free(num_c))
+  nuis = _unit(0.6 * rand(_NUM_NUISANCE) + 0.8 * _unit(
+      rng.standard_normal((_NUM_NUISANCE, len(sem))) @ sem))
+  return {"text": text.astype(np.float32), "sem": sem, "venue": venue,
+          "generic": free(_NUM_GENERIC), "img": free(1)[0], "nuisance": nuis, "basis": basis}
 
 
 # ---------------------------------------------------------------------------------- features
@@ -464,7 +518,7 @@ def _ar_processes(rng, num_t, specs) -> dict:
 
 def synthesize(rng: np.random.Generator, world: World, layout: Layout,
                knobs: Knobs = KNOBS) -> dict:
-  """Features of one video: {"i3d": [T, rgb+flow], "videoclip": [T, E]} float32."""
+  """Features of one video: {"i3d": [T, rgb+flow], "videoclip": [T, E], "clip": [T, E']}."""
   spec = world.spec
   num_t = layout.num_snippets
   dr, df, de = spec.rgb_dim, spec.flow_dim, spec.vl_dim
@@ -485,8 +539,10 @@ def synthesize(rng: np.random.Generator, world: World, layout: Layout,
       ("i3d_slow", dr + df, 0.97, g_i3d * knobs.noise_slow),
       ("vl", de, 0.6, g_vl * knobs.vl_noise), ("vl_slow", de, 0.97, g_vl * knobs.vl_noise_slow)])
 
+  event_rows = []  # (start, end, kind, class sub-type row) for the clip stream
   for start, end, c, kind, strength in layout.events:
     k = c * num_k + int(rng.integers(num_k))
+    event_rows.append((start, end, kind, k))
     length = max(end - start, 1e-3)
     amp = strength * float(np.exp(rng.normal(0.0, knobs.i3d_strength_log_std)))
     motion_gain = 0.4 if kind == "replay" else 1.0  # slow motion
@@ -583,7 +639,40 @@ def synthesize(rng: np.random.Generator, world: World, layout: Layout,
   raw_TxD[:, dr + df:] += ar["vl"] + ar["vl_slow"]
   i3d = np.maximum(knobs.i3d_scale * raw_TxD[:, :dr + df] + knobs.i3d_offset, 0.0)
   vl = _unit(raw_TxD[:, dr + df:])
-  return {"i3d": i3d.astype(np.float32), VL_FEATURE: vl.astype(np.float32)}
+  # Every draw of the clip stream comes after those of the streams above.
+  clip = _clip_features(rng, world, layout, tau_TxS, event_rows, venue_T, generic_TxG, knobs)
+  return {"i3d": i3d.astype(np.float32), VL_FEATURE: vl.astype(np.float32),
+          CLIP_FEATURE: clip.astype(np.float32)}
+
+
+def _clip_features(rng, world, layout, tau_TxS, event_rows, venue_T, generic_TxG, knobs):
+  """CLIP-like middle-frame embeddings [T, E'] (module docstring): semantics exactly while an
+  instance is in view, frequent per-frame dropouts, strong venue / replay resemblance."""
+  cw = world.clip
+  num_t, d = tau_TxS.shape[0], world.spec.clip_dim
+  g = (_REF_DIM / d) ** _NOISE_POWER
+  ar = _ar_processes(rng, num_t, [
+      ("flicker", 1, 0.3, 1.0), ("nuisance", _NUM_NUISANCE, 0.9, 1.0),
+      ("noise", d, 0.3, g * knobs.clip_noise)])
+  mid_T = tau_TxS[:, tau_TxS.shape[1] // 2]  # the snippet's middle frame
+  sem_TxR = np.zeros((num_t, cw["sem"].shape[0]))
+  for start, end, kind, k in event_rows:
+    level = 1.0 if kind == "instance" else knobs.clip_replay * rng.uniform(0.7, 1.0)
+    inside_T = (mid_T >= start) & (mid_T <= end)
+    sem_TxR[inside_T, k] = np.maximum(sem_TxR[inside_T, k], level)
+  visible_T = np.where(ar["flicker"][:, 0] < knobs.clip_flicker_z, knobs.clip_flicker_level,
+                       1.0)
+  raw = knobs.clip_sem * (sem_TxR * visible_T[:, None]) @ cw["sem"]
+  for c in layout.classes:
+    raw += knobs.clip_venue * np.outer(venue_T / len(layout.classes), cw["venue"][c])
+  raw += knobs.clip_generic * generic_TxG @ cw["generic"]
+  raw += knobs.clip_img * cw["img"][None, :]
+  raw += knobs.clip_nuisance * ar["nuisance"] @ cw["nuisance"]
+  style = rng.standard_normal(d)
+  style -= (style @ cw["basis"].T) @ cw["basis"]
+  raw += knobs.clip_style * _unit(style)[None, :] + ar["noise"]
+  return _unit(raw)
+
 
 
 # ---------------------------------------------------------------------------------- datasets
@@ -624,7 +713,8 @@ def generate(out_dir: str, size: str, seed: int = 0, *, overwrite: bool = False,
                        if v != getattr(KNOBS, k)}
   return fmt.write_dataset(
       out_dir, dataset=f"synthetic-thumos14-{size}", classes=list(CLASSES),
-      feature_dims={"i3d": spec.i3d_dim, VL_FEATURE: spec.vl_dim},
+      feature_dims={"i3d": spec.i3d_dim, VL_FEATURE: spec.vl_dim, CLIP_FEATURE: spec.clip_dim},
+      feature_text_embeddings={CLIP_FEATURE: world.clip["text"]},
       splits={split: iter_videos(size, seed, split, knobs=knobs, world=world)
               for split in ("train", "test")},
       num_shards=spec.num_shards, text_embeddings=world.text_CxE, primary_feature="i3d",
