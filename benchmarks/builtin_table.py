@@ -36,6 +36,14 @@ ROWS = {
     "clip_adapter": (VLPO, ["--config.vlpo.finetune=clip_adapter"],
                      "Table 4: CLIP-Adapter VLFT"),
     "vlpo": (VLPO, [], "VLPO full (Table 3 exp 9, CM-AFA)"),
+    # PVLR (pvlr.txt) on its CO2-Net base.
+    "co2net": ("configs/co2net.py", [], "CO2-Net, PVLR's base (Table 3 row 1)"),
+    "pvlr_exp2": ("configs/pvlr.py:exp=2", [], "PVLR Table 3: + P-CAS + L_kd"),
+    "pvlr_exp3": ("configs/pvlr.py:exp=3", [], "PVLR Table 3: + L_intra"),
+    "pvlr_exp4": ("configs/pvlr.py:exp=4", [], "PVLR Table 3: + L_inter"),
+    "pvlr": ("configs/pvlr.py", [], "PVLR full (Table 3 row 5, + L_ortho)"),
+    "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],
+                 "PVLR Table 4: deterministic CAS (K = 0)"),
 }
 
 

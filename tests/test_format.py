@@ -257,3 +257,25 @@ def test_more_shards_than_videos_and_per_split_shards(tmp_path):
   assert m["text_embeddings"] is None
   assert fmt.load_text_embeddings(str(tmp_path / "ds")) is None
   assert len(list(fmt.read_videos(str(tmp_path / "ds"), "test"))) == 5
+
+
+def test_feature_text_embeddings(tmp_path):
+  """Per-feature class text embeddings: written, listed, preferred for their feature, and
+  validated (unknown feature, wrong shape, missing file)."""
+  out = tmp_path / "ds"
+  clip_text = np.arange(12, dtype=np.float32).reshape(3, 4)
+  m = write(out, train=make_records(3), feature_text_embeddings={"clip": clip_text})
+  assert m["feature_text_embeddings"] == {"clip": "text_embeddings_clip.npy"}
+  m = fmt.read_manifest(str(out))
+  np.testing.assert_array_equal(fmt.load_text_embeddings(str(out), m, feature="clip"), clip_text)
+  np.testing.assert_array_equal(fmt.load_text_embeddings(str(out), m, feature="i3d"),
+                                np.ones((3, 5)))   # no own file: the default
+  np.testing.assert_array_equal(fmt.load_text_embeddings(str(out), m), np.ones((3, 5)))
+  with pytest.raises(WstalError, match="'flow' is not a feature"):
+    write(tmp_path / "b1", train=make_records(2), feature_text_embeddings={"flow": clip_text})
+  with pytest.raises(WstalError, match=r"text embeddings of feature 'clip' must be \[C=3"):
+    write(tmp_path / "b2", train=make_records(2), feature_text_embeddings={"clip": clip_text[:2]})
+  assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+  (out / "text_embeddings_clip.npy").unlink()
+  with pytest.raises(WstalError, match="text_embeddings_clip.npy .feature 'clip'. is missing"):
+    fmt.read_manifest(str(out))

@@ -162,8 +162,12 @@ def setup(config, *, method=None) -> Setup:
           "vlm": features[vlm]["dim"] if vlm else None,
           "text": None if text is None else int(text.shape[1])}
   if method is None:
-    method = methods.get_method(config, len(manifest["classes"]), dims)
+    method = methods.get_method(config, len(manifest["classes"]), dims,
+                                class_names=list(manifest["classes"]))
   consts = {} if text is None else {"text_CxE": text}
+  extra = getattr(method, "extra_consts", None)
+  if extra is not None:
+    consts.update(extra())
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   consts = jax.device_put(consts, replicated)
   return Setup(config=config, data_dir=data_dir, manifest=manifest, method=method,

@@ -1,0 +1,442 @@
+"""PVLR: Probabilistic Vision-Language Representation for WS-TAL (pvlr.txt), on CO2-Net.
+
+The method object `PVLR` wires `models.pvlr.PVLRModel` to the pure losses below. Paper map:
+
+  Eq. 1-6    CO2-Net base and L_vid, computed on P-CAS      methods/co2net.video_loss
+  Eq. 7-10   probabilistic adapters, K samples, P-CAS       models/pvlr.py
+  Eq. 11     L_ortho = ||X_C X_C^T - I||_F^2                 `ortho_loss`
+  Eq. 12     L_kd, rescaled cosine of g_mu to CLIP images    `distill_loss`
+  Eq. 13-15  threshold a, erosion / dilation mining          `mine_snippets`
+  Eq. 16-17  Gaussian divergences, L_intra                   `divergence`, `intra_loss`
+  Eq. 18-19  attention-weighted GMM per video, L_inter       `video_gaussians`, `inter_loss`
+  Eq. 20     L = L_vid + a L_kd + b L_ortho + g (L_intra + L_inter)    `pvlr_loss`
+
+Readings (the paper leaves these open; each is noted again where it is coded):
+* The CAS of L_vid is P-CAS: "we reformulated the classification objective using P-CAS"
+  (Sec. 4.6), and the authors' public code has no other classifier. So f_cls's last layer is
+  replaced by P-CAS (S_base in Eq. 4-5 and in L_guide is S_prob); the rest of CO2-Net is kept.
+* P-CAS uses cosine similarity / tau at training and evaluation (Eq. 10; the authors' code
+  uses an unnormalised dot product / 8 in training and cos / 0.03 at test). tau = 0.03.
+* Eq. 11 runs over the C class embeddings (X_C), L2-normalised first (cosine is what P-CAS
+  uses; unnormalised, the identity target would also fix their norms).
+* Eq. 12: the paper's mean over snippets of -log((cos + 1) / 2) (the authors' code takes the
+  log of the mean).
+* Eq. 13: theta_b < 0 (the default) thresholds at the per-video median of a, as CoLA's
+  mining and the authors' code do; theta_b in [0, 1] is a fixed threshold.
+* Eq. 14-15: R_inner = erosion(b; m) - erosion(b; M), R_outer = dilation(b; M) -
+  dilation(b; m) with m < M (CoLA's m = 3, M = 6; the authors' defaults m = 24, M = 3 give
+  an empty inner region). Binary erosion / dilation with a centred window and zero border,
+  as scipy.ndimage; padded snippets count as border. Hard action snippets: the k_hard
+  highest-a in R_inner; hard background: the k_hard highest-a in R_outer (the hardest
+  background); easy action / background: the k_easy highest a / highest (max a - a) after a
+  random drop of easy_drop of the snippets (CoLA, the authors' code). Fewer candidates than k
+  are not padded: only real picks count.
+* Eq. 16-17: p(N) is read as a dissimilarity in [0, 1): p = D / (1 + D) with D a
+  divergence between the two diagonal Gaussians, so positive pairs get -log(1 - p) =
+  log(1 + D) and negative pairs -log p. The paper names the Jensen-Shannon divergence, which
+  has no closed form for Gaussians; the default D is the symmetrised KL (KL(P||Q) +
+  KL(Q||P)) / 2 (Eq. 16 both ways: the Jensen-Shannon-style symmetrisation of KL, the
+  authors' code's choice); 'bhattacharyya' and 'mahalanobis' (squared, with the averaged
+  covariance) give Table 4's alternatives. Variances get `var_floor` (1e-5, as the authors'
+  code) so a ReLU at 0 has a finite divergence. Positive pairs: (hard action, easy action)
+  and (hard background, easy background); negative pairs: the crossed ones; losses are the
+  mean over pairs, the action and background queries summed.
+* Eq. 18: the mixture weights are a normalised over the video's valid snippets, and the GMM
+  is compared through its moment-matched Gaussian (mean sum w mu, variance sum w (Sigma +
+  mu^2) - mean^2): divergences between mixtures have no closed form. Eq. 19: p = 1 / (1 + D)
+  (a matching probability), H(i, j) = 1 when videos i and j share a label, L_inter = the mean
+  BCE over the N^2 pairs of valid videos.
+* Sampling noise comes from the step key (rng 'sample'); the easy-snippet drop from 'mining'.
+"""
+import dataclasses
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from wstal_jax.errors import WstalError
+from wstal_jax.methods import co2net
+from wstal_jax.methods.vlpo import video_mean
+from wstal_jax.models import pvlr as pvlr_model
+
+METRICS = ("kl", "bhattacharyya", "mahalanobis")
+SWITCHES = ("use_kd", "use_intra", "use_inter", "use_ortho")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.pvlr` block: the paper's PVLR on THUMOS14 (Sec. 4.2; numbers the paper does
+  not give are from the authors' public code, as noted)."""
+  c = ml_collections.ConfigDict()
+  c.num_samples = 20          # K (Sec. 4.5.2); 0 = Table 4's deterministic CAS
+  c.eps_std = 1.0             # std of eps in Eq. 8 (paper: unit Gaussian)
+  c.temperature = 0.03        # tau of Eq. 10 (authors' code at inference)
+  # Class text (Eq. 9): 'auto' = 'clip' when clip_checkpoint is set, else 'precomputed'.
+  c.text_mode = "auto"
+  c.clip_checkpoint = ml_collections.config_dict.placeholder(str)  # converted .npz / .pt
+  c.clip_tokenizer_vocab = ml_collections.config_dict.placeholder(str)  # BPE vocab (.txt.gz)
+  c.class_names = ml_collections.config_dict.placeholder(str)  # "a,b,..." (default: dataset's
+                                                                # names, CamelCase split)
+  c.n_ctx_pre = 4             # learnable prompt vectors before the name (Sec. 4.2)
+  c.n_ctx_post = 4            # ... and after
+  # Eq. 20 weights (the paper gives none; the authors' code: alpha4=200, alpha8=0.5,
+  # alpha5 = alpha6 = alpha7 = 0.005).
+  c.w_kd = 1.0                # alpha (see the module docstring: not the authors 200)
+  c.w_ortho = 0.5             # beta
+  c.w_intra = 0.005           # gamma for L_intra
+  c.w_inter = 0.005           # gamma for L_inter
+  # Table 3 switches (all True = PVLR).
+  c.use_kd = True
+  c.use_intra = True
+  c.use_inter = True
+  c.use_ortho = True
+  c.metric = "kl"             # Table 4: 'kl', 'bhattacharyya', 'mahalanobis'
+  c.var_floor = 1e-5
+  # Snippet mining (Eq. 13-15; CoLA's numbers).
+  c.theta_b = -1.0            # < 0: per-video median of a
+  c.erosion_m = 3
+  c.erosion_M = 6
+  c.k_easy = 20
+  c.k_hard = 5
+  c.easy_drop = 0.6
+  return c
+
+
+def validate_config(cfg) -> None:
+  def bad(field, why):
+    raise WstalError(f"config.pvlr.{field}={cfg.get(field)!r}: {why}")
+  if cfg.metric not in METRICS:
+    bad("metric", f"must be one of {METRICS}")
+  if cfg.text_mode not in ("auto",) + pvlr_model.TEXT_MODES:
+    bad("text_mode", f"must be 'auto' or one of {pvlr_model.TEXT_MODES}")
+  if int(cfg.num_samples) < 0:
+    bad("num_samples", "must be >= 0")
+  if cfg.temperature <= 0:
+    bad("temperature", "must be > 0")
+  if not 1 <= int(cfg.erosion_m) < int(cfg.erosion_M):
+    bad("erosion_m", f"need 1 <= erosion_m < erosion_M={cfg.erosion_M}")
+  for field in ("k_easy", "k_hard"):
+    if int(cfg[field]) < 1:
+      bad(field, "must be >= 1")
+  if not 0.0 <= cfg.easy_drop < 1.0:
+    bad("easy_drop", "must be in [0, 1)")
+  if cfg.theta_b > 1.0:
+    bad("theta_b", "must be < 0 (median) or in [0, 1]")
+  for field in ("w_kd", "w_ortho", "w_intra", "w_inter", "var_floor"):
+    if cfg[field] < 0:
+      bad(field, "must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------
+# Gaussian divergences (diagonal covariances; [..., E] -> [...]).
+
+
+def kl_gauss(mu_p, var_p, mu_q, var_q):
+  """KL(N_p || N_q) of Eq. 16 for diagonal covariances."""
+  d = mu_q - mu_p
+  return 0.5 * jnp.sum(var_p / var_q + d * d / var_q - 1.0 + jnp.log(var_q) - jnp.log(var_p),
+                       axis=-1)
+
+
+def divergence(mu_p, var_p, mu_q, var_q, metric: str):
+  """Symmetric divergence D >= 0 between diagonal Gaussians (module docstring)."""
+  if metric == "kl":
+    return 0.5 * (kl_gauss(mu_p, var_p, mu_q, var_q) + kl_gauss(mu_q, var_q, mu_p, var_p))
+  d = mu_p - mu_q
+  avg = 0.5 * (var_p + var_q)
+  if metric == "bhattacharyya":
+    return jnp.sum(0.125 * d * d / avg + 0.5 * (jnp.log(avg) - 0.5 * (jnp.log(var_p)
+                                                                    + jnp.log(var_q))), axis=-1)
+  if metric == "mahalanobis":
+    return jnp.sum(d * d / avg, axis=-1)
+  raise WstalError(f"unknown metric {metric!r}; choose one of {METRICS}")
+
+
+# ------------------------------------------------------------------------------------------
+# Snippet mining (Eq. 13-15).
+
+
+def _window_reduce(b_BxT, width: int, op, reflect: bool):
+  """op (min: erosion, max: dilation) over a window of `width` snippets with scipy.ndimage's
+  origin: erosion reads offsets -width//2 .. width - 1 - width//2, dilation the reflected
+  window; zero border."""
+  lo = width // 2
+  hi = width - 1 - lo
+  if reflect:
+    lo, hi = hi, lo
+  padded = jnp.pad(b_BxT, ((0, 0), (lo, hi)))
+  num_t = b_BxT.shape[1]
+  stack = jnp.stack([padded[:, i:i + num_t] for i in range(width)], axis=0)
+  return op(stack, axis=0)
+
+
+def erode(b_BxT, width: int):
+  return _window_reduce(b_BxT, width, jnp.min, reflect=False)
+
+
+def dilate(b_BxT, width: int):
+  return _window_reduce(b_BxT, width, jnp.max, reflect=True)
+
+
+def masked_median(x_BxT, mask_BxT):
+  """Per-video median over valid snippets (numpy's: the mean of the two middle values)."""
+  valid = mask_BxT > 0
+  n_B = jnp.sum(valid, axis=1)
+  s = jnp.sort(jnp.where(valid, x_BxT, jnp.inf), axis=1)
+  lo = jnp.take_along_axis(s, jnp.maximum((n_B - 1) // 2, 0)[:, None], axis=1)[:, 0]
+  hi = jnp.take_along_axis(s, jnp.maximum(n_B // 2, 0)[:, None], axis=1)[:, 0]
+  return jnp.where(n_B > 0, 0.5 * (lo + hi), 0.0)
+
+
+def hard_regions(attn_BxT, mask_BxT, theta_b: float, m: int, big_m: int):
+  """(R_inner, R_outer) boolean [B, T] of Eq. 14-15 (module docstring)."""
+  valid = mask_BxT > 0
+  thr_B = masked_median(attn_BxT, mask_BxT) if theta_b < 0 else jnp.full(
+      attn_BxT.shape[:1], theta_b, attn_BxT.dtype)
+  b = ((attn_BxT > thr_B[:, None]) & valid).astype(jnp.float32)
+  inner = (erode(b, m) - erode(b, big_m)) > 0
+  outer = (dilate(b, big_m) - dilate(b, m)) > 0
+  return inner & valid, outer & valid
+
+
+def top_picks(score_BxT, allowed_BxT, k: int):
+  """Indices [B, k] of the k highest allowed scores and whether each pick is real."""
+  k = min(k, score_BxT.shape[1])
+  vals, idx = jax.lax.top_k(jnp.where(allowed_BxT, score_BxT, -jnp.inf), k)
+  return idx, jnp.isfinite(vals)
+
+
+def mine_snippets(attn_BxT, mask_BxT, rng, cfg):
+  """Easy / hard action / background picks: {name: (idx_BxK, ok_BxK)}."""
+  a = jax.lax.stop_gradient(attn_BxT)
+  valid = mask_BxT > 0
+  keep = jax.random.bernoulli(rng, 1.0 - cfg.easy_drop, a.shape) & valid
+  a_max = jnp.max(jnp.where(valid, a, -jnp.inf), axis=1, keepdims=True)
+  inner, outer = hard_regions(a, mask_BxT, cfg.theta_b, cfg.erosion_m, cfg.erosion_M)
+  return {"easy_act": top_picks(a, keep, cfg.k_easy),
+          "easy_bkg": top_picks(a_max - a, keep, cfg.k_easy),
+          "hard_act": top_picks(a, inner, cfg.k_hard),
+          "hard_bkg": top_picks(a, outer, cfg.k_hard)}
+
+
+# ------------------------------------------------------------------------------------------
+# Loss terms.
+
+
+def _gather(x_BxTxE, idx_BxK):
+  return jnp.take_along_axis(x_BxTxE, idx_BxK[:, :, None], axis=1)
+
+
+def _pair_loss(q, k, mu, var, metric, positive: bool):
+  """Mean over real (query, key) pairs of Eq. 17 per video -> (l_B, has_pairs_B)."""
+  (qi, qok), (ki, kok) = q, k
+  mq, vq = _gather(mu, qi), _gather(var, qi)
+  mk, vk = _gather(mu, ki), _gather(var, ki)
+  d_BxQxK = divergence(mq[:, :, None], vq[:, :, None], mk[:, None], vk[:, None], metric)
+  if positive:
+    l = jnp.log1p(d_BxQxK)                                     # -log(1 - p), p = D / (1 + D)
+  else:
+    l = jnp.log1p(d_BxQxK) - jnp.log(jnp.maximum(d_BxQxK, 1e-12))  # -log p
+  w = (qok[:, :, None] & kok[:, None, :]).astype(l.dtype)
+  n = jnp.sum(w, axis=(1, 2))
+  return jnp.sum(l * w, axis=(1, 2)) / jnp.maximum(n, 1.0), n > 0
+
+
+def intra_loss(mu_BxTxE, var_BxTxE, picks, metric: str):
+  """L_intra per video (Eq. 17): hard action / background queries against easy keys."""
+  total = 0.0
+  for hard, pos, neg in (("hard_act", "easy_act", "easy_bkg"),
+                         ("hard_bkg", "easy_bkg", "easy_act")):
+    lp, okp = _pair_loss(picks[hard], picks[pos], mu_BxTxE, var_BxTxE, metric, True)
+    ln, okn = _pair_loss(picks[hard], picks[neg], mu_BxTxE, var_BxTxE, metric, False)
+    total = total + jnp.where(okp, lp, 0.0) + jnp.where(okn, ln, 0.0)
+  return total
+
+
+def video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT):
+  """Moment-matched Gaussian of each video's attention-weighted GMM (Eq. 18): (mu, var)."""
+  w = attn_BxT * (mask_BxT > 0)
+  w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-8)
+  mean = jnp.einsum("bt,bte->be", w, mu_BxTxE)
+  second = jnp.einsum("bt,bte->be", w, var_BxTxE + mu_BxTxE * mu_BxTxE)
+  return mean, jnp.maximum(second - mean * mean, 0.0)
+
+
+def inter_loss(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B, metric: str,
+               var_floor: float):
+  """L_inter (Eq. 19): mean BCE(H, 1 / (1 + D)) over the pairs of valid videos (scalar)."""
+  mean, var = video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT)
+  var = var + var_floor
+  d_BxB = divergence(mean[:, None], var[:, None], mean[None], var[None], metric)
+  p = jnp.clip(1.0 / (1.0 + d_BxB), 1e-6, 1.0 - 1e-6)
+  h = (label_BxC @ label_BxC.T > 0).astype(p.dtype)
+  bce = -(h * jnp.log(p) + (1.0 - h) * jnp.log1p(-p))
+  w = valid_B[:, None] * valid_B[None, :]
+  return jnp.sum(bce * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def distill_loss(mu_BxTxE, clip_BxTxE, mask_BxT):
+  """L_kd per video (Eq. 12): mean over valid snippets of -log((cos(g_mu, x^i) + 1) / 2)."""
+  m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
+  cos = jnp.sum(_unit(mu_BxTxE) * _unit(clip_BxTxE), axis=-1)
+  l = -jnp.log(jnp.maximum((cos + 1.0) / 2.0, 1e-6))
+  return jnp.sum(l * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def ortho_loss(text_CxE):
+  """L_ortho (Eq. 11) on the L2-normalised class embeddings: ||X X^T - I||_F^2."""
+  x = _unit(text_CxE)
+  g = x @ x.T - jnp.eye(x.shape[0], dtype=x.dtype)
+  return jnp.sum(g * g)
+
+
+def _unit(x, eps=1e-12):
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
+
+
+def pvlr_loss(out, batch, rng, video_settings, cfg):
+  """Eq. 20: -> (loss, terms)."""
+  total, terms = co2net.video_loss(out, out["pcas_BxTxC1"], batch, video_settings)
+  mask, valid = batch["mask_BxT"], batch["valid_B"]
+  var = out["var_BxTxE"] + cfg.var_floor
+  mu = out["mu_BxTxE"]
+  if cfg.use_kd:
+    terms["l_kd"] = video_mean(distill_loss(mu, batch["vlm_BxTxE"], mask), valid)
+    total = total + cfg.w_kd * terms["l_kd"]
+  if cfg.use_ortho:
+    terms["l_ortho"] = ortho_loss(out["text_CxE"])
+    total = total + cfg.w_ortho * terms["l_ortho"]
+  if cfg.use_intra:
+    picks = mine_snippets(out["attn_BxT"], mask, rng, cfg)
+    terms["l_intra"] = video_mean(intra_loss(mu, var, picks, cfg.metric), valid)
+    total = total + cfg.w_intra * terms["l_intra"]
+  if cfg.use_inter:
+    terms["l_inter"] = inter_loss(out["attn_BxT"], mu, out["var_BxTxE"], mask,
+                                  batch["label_BxC"], valid, cfg.metric, cfg.var_floor)
+    total = total + cfg.w_inter * terms["l_inter"]
+  return total, terms
+
+
+# ------------------------------------------------------------------------------------------
+# The method object.
+
+
+class PVLR:
+  """PVLR (method 'pvlr'). API (docs/ARCHITECTURE.md): init, loss, predict, param_labels,
+  postprocess_preset, extra_consts."""
+  postprocess_preset = "co2net"
+
+  def __init__(self, config, num_classes: int, dims: dict, class_names=None):
+    base = ml_collections.ConfigDict(config.get("co2net") if "co2net" in config
+                                     else co2net.default_config())
+    cfg = ml_collections.ConfigDict(config.get("pvlr") if "pvlr" in config
+                                    else default_config())
+    co2net.validate_config(base)
+    validate_config(cfg)
+    self.base_cfg, self.cfg = base, cfg
+    self.num_classes = int(num_classes)
+    self.video_settings = co2net.VideoLossSettings.from_config(base)
+    e_img = dims.get("vlm")
+    if not e_img:
+      raise WstalError("pvlr: needs CLIP image features per snippet (Eq. 12): set "
+                       "config.data.vlm_feature to the dataset's CLIP feature (e.g. 'clip')")
+    self.text_mode = cfg.text_mode
+    if self.text_mode == "auto":
+      self.text_mode = "clip" if cfg.clip_checkpoint else "precomputed"
+    self._consts = {}
+    clip_config = None
+    if self.text_mode == "clip":
+      clip_config, e_text = self._setup_clip(cfg, class_names, num_classes)
+    else:
+      logging.info("pvlr: no CLIP checkpoint (config.pvlr.clip_checkpoint): class text = the "
+                   "dataset's class text embeddings + a learnable offset per class "
+                   "(models/pvlr.py, 'precomputed')")
+      e_text = dims.get("text")
+      if not e_text:
+        raise WstalError(
+            "pvlr: text_mode='precomputed' needs class text embeddings in the CLIP image "
+            "space (the dataset's text_embeddings_<feature>.npy or text_embeddings.npy); "
+            "or set config.pvlr.clip_checkpoint to encode the class names with CLIP")
+    if e_text != e_img:
+      raise WstalError(f"pvlr: class text embeddings are {e_text}-d but the CLIP image "
+                       f"features ({config.data.vlm_feature}) are {e_img}-d; P-CAS (Eq. 10) "
+                       "and L_kd (Eq. 12) compare them in one space")
+    self.model = pvlr_model.PVLRModel(
+        num_classes=self.num_classes, rgb_dim=co2net.rgb_dim_of(dims), embed_dim=int(e_img),
+        attn_hidden=int(base.attn_hidden), dropout=float(base.dropout),
+        num_samples=int(cfg.num_samples), eps_std=float(cfg.eps_std),
+        temperature=float(cfg.temperature), text_mode=self.text_mode, clip_config=clip_config,
+        n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post))
+
+  def _setup_clip(self, cfg, class_names, num_classes):
+    # pylint: disable=import-outside-toplevel
+    from wstal_jax.models import clip_convert, clip_text, clip_tokenizer
+    params, clip_config = clip_convert.load_clip_text(cfg.clip_checkpoint)
+    if cfg.class_names:
+      names = [n.strip() for n in str(cfg.class_names).split(",")]
+    elif class_names:
+      names = [clip_text.split_camel_case(n) for n in class_names]
+    else:
+      raise WstalError("pvlr: text_mode='clip' needs class names (the dataset's, or "
+                       "config.pvlr.class_names)")
+    if len(names) != num_classes:
+      raise WstalError(f"config.pvlr.class_names has {len(names)} names; the dataset has "
+                       f"{num_classes} classes")
+    tok = clip_tokenizer.ClipTokenizer(cfg.clip_tokenizer_vocab) if cfg.clip_tokenizer_vocab \
+        else clip_tokenizer.ClipTokenizer()
+    ids, lens = clip_text.tokenize_class_names(
+        names, tok, n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post),
+        context_length=clip_config.context_length)
+    # Causal attention: the pooled EOT state never sees later positions, so the prompts are
+    # encoded in the shortest context that holds them (identical outputs; 77 / ~16 less work).
+    needed = 1 + int(cfg.n_ctx_pre) + int(np.max(lens)) + int(cfg.n_ctx_post) + 1
+    clip_config = dataclasses.replace(clip_config, context_length=needed)
+    params = dict(params)
+    params["positional_embedding"] = np.asarray(params["positional_embedding"])[:needed]
+    self._consts = {"class_name_ids_CxM": np.asarray(ids), "class_name_len_C": np.asarray(lens),
+                    "clip_text_params": params}
+    self.class_texts = names
+    logging.info("pvlr: class text from the CLIP text encoder %s (%s, %d layers, %d-d), "
+                 "tokenizer %s, prompts %r", cfg.clip_checkpoint, clip_config.activation,
+                 clip_config.layers, clip_config.output_dim, tok.backend,
+                 [f"X*{cfg.n_ctx_pre} {n} X*{cfg.n_ctx_post}" for n in names[:3]])
+    return clip_config, clip_config.output_dim
+
+  def extra_consts(self):
+    """Constants the method needs besides the dataset's (CLIP weights, class token ids)."""
+    return dict(self._consts)
+
+  def _variables(self, params, consts):
+    if self.text_mode != "clip":
+      return {"params": params}
+    text = dict(params["text"])
+    text["clip"] = consts["clip_text_params"]
+    return {"params": {**params, "text": text}}
+
+  def init(self, rng, batch, consts):
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch, consts,
+                                train=False)
+    params = dict(variables["params"])
+    if self.text_mode == "clip":  # the frozen encoder lives in consts, not in params
+      text = dict(params["text"])
+      text.pop("clip", None)
+      params["text"] = text
+    return {"params": params}
+
+  def loss(self, params, batch, consts, rng, step):
+    del step
+    drop_rng, sample_rng, mining_rng = jax.random.split(rng, 3)
+    out = self.model.apply(self._variables(params, consts), batch, consts, train=True,
+                           rngs={"dropout": drop_rng, "sample": sample_rng})
+    return pvlr_loss(out, batch, mining_rng, self.video_settings, self.cfg)
+
+  def predict(self, params, batch, consts):
+    out = self.model.apply(self._variables(params, consts), batch, consts, train=False)
+    return co2net.co2net_scores(out["pcas_BxTxC1"], out["attn_BxT"], batch["mask_BxT"],
+                                int(self.base_cfg.eval_topk_divisor))
+
+  def param_labels(self, params, step):
+    del step
+    return jax.tree.map(lambda _: "train", params)

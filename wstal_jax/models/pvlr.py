@@ -1,0 +1,103 @@
+"""Flax Linen modules of PVLR (pvlr.txt Sec. 3.2): probabilistic adapters and P-CAS.
+
+`PVLRModel` = the CO2-Net trunk (`models/co2net.py`, Eq. 1-2) + probabilistic adapters on
+X_B (Eq. 7) + class text embeddings (Eq. 9) + P-CAS (Eq. 10). Outputs, besides the trunk's:
+
+  mu_BxTxE       g_mu(X_B), a linear layer: the Gaussian's mean (Eq. 7)
+  var_BxTxE      g_Sigma(X_B) = ReLU(linear): the diagonal covariance (Eq. 7)
+  text_CxE       x_c, the C class text embeddings (Eq. 9)
+  pcas_BxTxC1    S_prob over C classes + the learnable background vector (Eq. 10)
+
+P-CAS (Eq. 10): s(t, c) = (1/K) sum_k cos(x_c, z_t^(k)) / tau with z = mu + eps * sqrt(Sigma)
+* eps_std, eps ~ N(0, I) (Eq. 8). Readings: Eq. 7 makes g_Sigma a covariance, so a sample's
+standard deviation is sqrt(g_Sigma) (Eq. 8's "eps * g_Sigma" read as the usual
+reparameterisation; eps_std = 1 is the paper's unit Gaussian; the authors' public code uses
+eps_std 0.005 with exp(Sigma / 2)). At evaluation, and with num_samples = 0 (Table 4's
+"deterministic CAS", Table 5's K = 0), P-CAS is cos(x_c, mu_t) / tau: "we computed the action
+confidence score using the estimated mean without utilizing the reparameterization strategy"
+(Sec. 4.1). The background class is a learnable vector in the embedding space (Sec. 4.2).
+
+Class text embeddings (Eq. 9), two modes:
+* 'clip': a frozen CLIP text transformer over [SOS; 4 learnable vectors; the class name's word
+  embeddings; 4 learnable vectors; EOT] (`models/clip_text.PromptedClassEncoder`). The frozen
+  weights are not parameters of this model: the method passes them as constants and merges
+  them at apply time (`clip_params`), so checkpoints hold only what trains.
+* 'precomputed' (no CLIP checkpoint, e.g. the built-in benchmark): the dataset's class text
+  embeddings e_c in the image features' space plus a learnable offset per class,
+  x_c = e_c + d_c, d_c ~ N(0, 0.01^2) at init (CoOp's class-specific-context variant, in the
+  embedding space). A shared offset, the literal analogue of the 4 + 4 shared context
+  vectors, was tried first and fails without an encoder between it and x_c: one vector added
+  to every class makes the classes alike as it grows (measured on the built-in benchmark:
+  video accuracy at chance after 400 steps), whereas CLIP's transformer mixes the shared
+  context with each name. The choice is logged at start-up.
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wstal_jax.models import co2net
+from wstal_jax.models.vlpo import l2_normalize
+
+TEXT_MODES = ("precomputed", "clip")
+
+
+class PrecomputedClassText(nn.Module):
+  """x_c = e_c + d_c, d_c learnable, N(0, init_std^2) (module docstring, 'precomputed')."""
+  init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, text_CxE):
+    offsets_CxE = self.param("offsets", nn.initializers.normal(self.init_std), text_CxE.shape)
+    return text_CxE + offsets_CxE
+
+
+class PVLRModel(nn.Module):
+  """See the module docstring. `clip_config` is the CLIP text tower's `ClipTextConfig` in
+  'clip' mode (a PromptedClassEncoder, params under text/...), None in 'precomputed' mode."""
+  num_classes: int
+  rgb_dim: int
+  embed_dim: int
+  attn_hidden: int = 512
+  dropout: float = 0.7
+  attn_dropout: float = 0.5
+  num_samples: int = 20
+  eps_std: float = 1.0
+  temperature: float = 0.03
+  text_mode: str = "precomputed"
+  clip_config: object = None
+  n_pre: int = 4
+  n_post: int = 4
+
+  @nn.compact
+  def __call__(self, batch, consts, *, train: bool):
+    mask_BxT = batch["mask_BxT"]
+    valid_BxTx1 = mask_BxT[:, :, None] > 0
+    out = co2net.CO2NetTrunk(self.rgb_dim, self.attn_hidden, self.dropout,
+                             self.attn_dropout, name="trunk")(
+        batch["feat_BxTxD"], mask_BxT, train=train)
+    x = nn.Dropout(self.dropout, deterministic=not train)(out["base_BxTxF"])
+    mu = nn.Dense(self.embed_dim, name="g_mu")(x)
+    var = nn.relu(nn.Dense(self.embed_dim, name="g_sigma")(x))
+    out["mu_BxTxE"] = jnp.where(valid_BxTx1, mu, 0.0)
+    out["var_BxTxE"] = jnp.where(valid_BxTx1, var, 0.0)
+
+    if self.text_mode == "clip":
+      from wstal_jax.models import clip_text  # pylint: disable=import-outside-toplevel
+      encoder = clip_text.PromptedClassEncoder(self.clip_config, n_pre=self.n_pre,
+                                               n_post=self.n_post, name="text")
+      text_CxE = encoder(consts["class_name_ids_CxM"], consts["class_name_len_C"])
+    else:
+      text_CxE = PrecomputedClassText(name="text")(consts["text_CxE"])
+    out["text_CxE"] = text_CxE
+    bg_E = self.param("background", nn.initializers.normal(0.01), (text_CxE.shape[-1],))
+    classes_C1xE = l2_normalize(jnp.concatenate([text_CxE, bg_E[None]], axis=0))
+
+    if train and self.num_samples > 0:
+      eps_BxTxKxE = jax.random.normal(self.make_rng("sample"),
+                                      mu.shape[:2] + (self.num_samples, mu.shape[-1]))
+      z = mu[:, :, None, :] + self.eps_std * eps_BxTxKxE * jnp.sqrt(var + 1e-8)[:, :, None, :]
+      sim_BxTxC1 = jnp.mean(jnp.einsum("btke,ce->btkc", l2_normalize(z), classes_C1xE), axis=2)
+    else:
+      sim_BxTxC1 = jnp.einsum("bte,ce->btc", l2_normalize(mu), classes_C1xE)
+    out["pcas_BxTxC1"] = jnp.where(valid_BxTx1, sim_BxTxC1 / self.temperature, 0.0)
+    return out
