@@ -227,6 +227,30 @@ def test_eval_more_processes_than_shards_and_subsets(data_dir, lengths):
     _eval_all(data_dir, 1, batch_size=4, buckets=[4, 8])
 
 
+def test_eval_plan_length_order(data_dir, lengths):
+  t_n = lengths["test"]
+  manifest = fmt.read_manifest(data_dir)
+  for procs, batch, subset in ((1, 2, None), (2, 2, None), (3, 4, [0, 2, 3, 5, 7, 8, 10])):
+    kw = dict(batch_size=batch, process_count=procs, video_indices=subset)
+    base_P, base_J = ip.eval_plan(manifest, data_dir, "test", **kw)
+    by_len_P, by_len_J = ip.eval_plan(manifest, data_dir, "test", order="length", **kw)
+    # Same videos on every process (each gets its own shards' videos), same batch count.
+    assert len(by_len_J) == len(base_J)
+    for base, by_len in zip(base_P, by_len_P):
+      assert sorted(by_len.tolist()) == base.tolist()
+      assert np.all(np.diff(t_n[by_len]) <= 0)            # longest first
+      ties = np.diff(t_n[by_len]) == 0
+      assert np.all(np.diff(by_len)[ties] > 0)             # ties by index
+      for j in range(0, len(by_len), batch):
+        assert by_len_J[j // batch] >= t_n[by_len[j:j + batch]].max()
+    assert sum(by_len_J) <= sum(base_J)
+  _, fixed = ip.eval_plan(manifest, data_dir, "test", batch_size=4, num_snippets=16,
+                          order="length")
+  assert fixed == [16] * 3
+  with pytest.raises(WstalError, match="order"):
+    ip.eval_plan(manifest, data_dir, "test", batch_size=4, order="random")
+
+
 def test_eval_resampled(data_dir, lengths):
   batches = _eval_all(data_dir, 1, batch_size=4, num_snippets=16, vlm_feature="clip")[0]
   for b in batches:

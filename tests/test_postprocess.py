@@ -273,3 +273,294 @@ def test_presets_end_to_end_on_a_long_video(preset):
   assert np.all(out.end > out.start) and np.all(np.isfinite(out.score))
   best = np.argsort(-out.score)[:2]
   np.testing.assert_allclose(sorted(out.start[best]), [50 * sps, 300 * sps], atol=sps)
+
+
+# ------------------------------------------- fast paths vs straightforward loops (exactness)
+#
+# Written here from the reference codes' algorithms, not from wstal_jax: runs found by walking
+# the mask, OIC from running sums accumulated one snippet at a time (in the order np.cumsum
+# adds, so equal sums stay equal), CO2-Net's soft-NMS with its row swap, ASL's NMS, and the
+# ambiguous filter as a double loop. The fast paths must give the same proposals in the same
+# order: labels, starts and ends exactly, scores to 1e-12 (they are in fact bit-identical).
+
+
+def _loop_iou(s0, e0, s, e, offset):
+  inter = max(0.0, min(e0, e) - max(s0, s) + offset)
+  union = (e0 - s0 + offset) + (e - s + offset) - inter
+  return inter / union
+
+
+def _loop_soft_nms(rows, sigma, offset):
+  """CO2-Net soft_nms on [[index, score, start, end], ...] -> rows in output order."""
+  rows = [list(r) for r in rows]
+  out = []
+  while rows:
+    best = int(np.argmax([r[1] for r in rows]))   # first maximum (NaN first, as numpy)
+    rows[0], rows[best] = rows[best], rows[0]
+    top = rows.pop(0)
+    out.append(top)
+    for r in rows:
+      iou = _loop_iou(top[2], top[3], r[2], r[3], offset)
+      r[1] = r[1] * np.exp(-(iou * iou) / sigma)
+  return out
+
+
+def _loop_hard_nms(rows, iou_threshold, sigma, offset, append):
+  """ASL's NMS (append_decayed) or plain greedy NMS on [[index, score, start, end], ...]."""
+  scores = np.array([r[1] for r in rows], np.float64)
+  order = list(scores.argsort()[::-1])      # the codes' own order, ties included
+  keep, dropped = [], []
+  while order:
+    i = order.pop(0)
+    keep.append(rows[i])
+    rest = []
+    for j in order:
+      iou = _loop_iou(rows[i][2], rows[i][3], rows[j][2], rows[j][3], offset)
+      if iou >= iou_threshold:
+        if append:
+          dropped.append([rows[j][0], rows[j][1] * np.exp(-np.square(iou) / sigma),
+                          rows[j][2], rows[j][3]])
+      else:
+        rest.append(j)
+    order = rest
+  return keep + dropped
+
+
+def _loop_nms(rows, cfg):
+  method = cfg.nms.method
+  if method == "none":
+    return rows
+  if method == "soft":
+    return _loop_soft_nms(rows, cfg.nms.sigma, cfg.nms.length_offset_s)
+  return _loop_hard_nms(rows, cfg.nms.iou_threshold, cfg.nms.sigma, cfg.nms.length_offset_s,
+                        method == "append_decayed")
+
+
+def _loop_runs(values, threshold, strict):
+  runs, start = [], None
+  for i, x in enumerate(list(values) + [-np.inf]):
+    above = x > threshold if strict else x >= threshold
+    if above and start is None:
+      start = i
+    elif not above and start is not None:
+      runs.append((start, i - 1))
+      start = None
+  return runs
+
+
+def _loop_upsample(x, factor):
+  t = len(x)
+  if factor == 1:
+    return [float(v) for v in x]
+  if t == 1:
+    return [float(x[0])] * factor
+  out = []
+  for j in range(t * factor):
+    pos = j / factor
+    lo = min(int(np.floor(pos)), t - 2)
+    w = pos - lo
+    out.append(x[lo] * (1.0 - w) + x[lo + 1] * w)
+  return out
+
+
+def _loop_oic(seq, s, e, lam):
+  csum = [0.0]
+  for x in seq:
+    csum.append(csum[-1] + x)
+  length = e - s + 1
+  inner = (csum[e + 1] - csum[s]) / length
+  outer_s = max(0, int(np.floor(s - lam * length)))
+  outer_e = min(len(seq) - 1, int(np.floor(e + lam * length)))
+  n_out = (s - outer_s) + (outer_e - e)
+  sum_out = (csum[s] - csum[outer_s]) + (csum[outer_e + 1] - csum[e + 1])
+  return inner - (sum_out / n_out if n_out > 0 else 0.0)
+
+
+def _loop_video_proposals(vs, cas, act, sps, duration, cfg, ambiguous):
+  """The pipeline of the module docstring, one class, threshold and region at a time."""
+  kept = [c for c in range(len(vs)) if vs[c] >= cfg.class_threshold] or [int(np.argmax(vs))]
+  u = int(cfg.upsample)
+  out = []
+  for c in kept:
+    seq_oic = _loop_upsample(cas[:, c].astype(np.float64), u)
+    seq = seq_oic if cfg.threshold_sequence == "cas" else _loop_upsample(
+        act.astype(np.float64), u)
+    rows = []
+    for thr in cfg.action_thresholds:
+      for s, e in _loop_runs(seq, thr, cfg.threshold_strict):
+        score = _loop_oic(seq_oic, s, e, cfg.oic_lambda) + cfg.oic_gamma * float(vs[c])
+        step = float(sps) / float(u)
+        start, end = s * step, (e + 1.0) * step
+        if duration is not None and duration > 0:
+          start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)
+        if end - start > 0 and (cfg.min_length_s <= 0 or end - start >= cfg.min_length_s):
+          rows.append([len(rows), score, start, end])
+    out += [(c, r[1], r[2], r[3]) for r in _loop_nms(rows, cfg)]
+  if cfg.filter_ambiguous and ambiguous is not None:
+    out = [r for r in out
+           if not any(min(r[3], b) - max(r[2], a) > 0 for a, b in np.reshape(ambiguous, (-1, 2)))]
+  return out
+
+
+def _random_video(rng, num_classes, max_t, quantize):
+  """Scores with runs above the thresholds; `quantize` rounds them to multiples of 1/8, which
+  makes many proposals tie exactly (equal OIC scores, equal tIoU)."""
+  t = int(rng.integers(1, max_t + 1))
+  cas = 0.1 * rng.random((t, num_classes))
+  act = 0.1 * rng.random(t)
+  for _ in range(int(rng.integers(0, 6))):
+    s = int(rng.integers(0, t))
+    e = min(t, s + int(rng.integers(1, 40)))
+    c = int(rng.integers(num_classes))
+    h = rng.uniform(0.3, 1.0)
+    cas[s:e, c] += h * (1 - 0.5 * rng.random(e - s))
+    act[s:e] += h * (1 - 0.5 * rng.random(e - s))
+  vs = rng.dirichlet(np.ones(num_classes) * 0.3)
+  if quantize:
+    cas, act, vs = (np.round(x * 8) / 8 for x in (cas, act, vs))
+  sps = 0.64 * float(rng.choice([1.0, 1.5]))
+  duration = None if rng.random() < 0.2 else t * sps * float(rng.uniform(0.8, 1.0))
+  amb = rng.uniform(0, t * sps, (int(rng.integers(0, 3)), 1)) + [0.0, 1.0]
+  return vs, cas, act, sps, duration, amb
+
+
+def _assert_same_rows(got, want_rows, what):
+  want_rows = list(want_rows)
+  assert len(got) == len(want_rows), what
+  if not want_rows:
+    return
+  want = np.array(want_rows, np.float64)
+  np.testing.assert_array_equal(got.label, want[:, 0].astype(np.int64), err_msg=what)
+  np.testing.assert_array_equal(got.start, want[:, 2], err_msg=what)
+  np.testing.assert_array_equal(got.end, want[:, 3], err_msg=what)
+  np.testing.assert_allclose(got.score, want[:, 1], rtol=1e-12, atol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("preset,quantize", [("co2net", False), ("co2net", True),
+                                             ("vlpo", False), ("vlpo", True)])
+def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, monkeypatch):
+  _fast_paths_only(monkeypatch)
+  rng = np.random.default_rng(7 + quantize)
+  cfg = pp.get_preset(preset)
+  max_t = 300 if preset == "co2net" else 60   # vlpo upsamples x24
+  videos = [_random_video(rng, 5, max_t, quantize) for _ in range(40)]
+  flat = np.full((30, 5), 0.05)
+  vs_two = np.array([0.5, 0.0, 0.3, 0.1, 0.1])
+  one_peak = flat.copy()
+  one_peak[10, 0] = 0.15             # above the lowest threshold only: a single region
+  videos += [(vs_two, flat, flat[:, 0], 0.64, 19.2, np.zeros((0, 2))),   # no proposals
+             (vs_two, one_peak, one_peak[:, 0], 0.64, None, np.zeros((0, 2)))]
+  vs, cas, act, sps, dur, amb = (list(x) for x in zip(*videos))
+  batched = pp.proposals_for_videos(vs, cas, act, seconds_per_snippet=sps, durations=dur,
+                                    config=cfg, ambiguous=amb)
+  assert len(batched) == len(videos)
+  sizes = []
+  for i, video in enumerate(videos):
+    want = _loop_video_proposals(*video[:5], cfg, video[5])
+    _assert_same_rows(batched[i], want, f"{preset} video {i} (batched)")
+    one = pp.video_proposals(vs[i], cas[i], act[i], seconds_per_snippet=sps[i],
+                             duration=dur[i], config=cfg, ambiguous=amb[i])
+    _assert_same_rows(one, want, f"{preset} video {i} (one video)")
+    kept = pp.select_classes(vs[i], cfg.class_threshold)
+    sizes += [int(np.sum(batched[i].label == c)) for c in kept]
+  # The data covers videos and kept classes without proposals, single-proposal classes, large
+  # groups, several classes per video and (quantized) ties.
+  assert 0 in sizes and 1 in sizes and max(sizes) > 15 and len(batched[-2]) == 0
+  assert max(len(np.unique(p.label)) for p in batched) > 1
+  if quantize:
+    scores = np.concatenate([p.score for p in batched])
+    assert len(np.unique(scores)) < 0.8 * len(scores)
+
+
+def _fast_paths_only(monkeypatch):
+  """Makes the step-by-step fallbacks fail: ordinary inputs must take the fast paths."""
+  def fail(*args, **kwargs):
+    raise AssertionError("the step-by-step fallback ran on ordinary inputs")
+  monkeypatch.setattr(pp, "_soft_nms_loop", fail)
+  monkeypatch.setattr(pp, "_hard_nms_loop", fail)
+
+
+def _random_groups(rng, num_groups, quantize):
+  """Proposals of many groups: sizes 0, 1 and up to 150, duplicates, negative scores."""
+  sizes = rng.choice([0, 1, 2, 3, 8, 30, 150], num_groups)
+  parts = []
+  for n in sizes:
+    start = np.round(rng.uniform(0, 60, n), 1)
+    end = start + np.round(rng.uniform(0.1, 15, n), 1)
+    score = rng.normal(0.3, 0.4, n)
+    if quantize:
+      score = np.round(score * 4) / 4
+    dup = rng.random(n) < 0.2
+    if n > 1 and dup.any():   # exact copies of another proposal of the group
+      src = rng.integers(0, n, int(dup.sum()))
+      start[dup], end[dup], score[dup] = start[src], end[src], score[src]
+    parts.append((start, end, score))
+  bounds = np.r_[0, np.cumsum(sizes)]
+  return [np.concatenate([p[k] for p in parts]) for k in range(3)], bounds
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("method,offset", [("soft", 0.64), ("soft", 0.0),
+                                           ("append_decayed", 1.0), ("hard", 0.0)])
+def test_nms_groups_matches_loops(method, offset, quantize, monkeypatch):
+  _fast_paths_only(monkeypatch)
+  rng = np.random.default_rng(3)
+  (start, end, score), bounds = _random_groups(rng, 60, quantize)
+  kw = dict(method=method, iou_threshold=0.4, sigma=0.3, length_offset=offset)
+  index, new_score = pp.nms_groups(start, end, score, bounds, **kw)
+  cfg = config(nms_method=method, nms_iou_threshold=0.4, nms_sigma=0.3,
+               nms_length_offset_s=offset)
+  pos = 0
+  for g in range(len(bounds) - 1):
+    lo, hi = bounds[g], bounds[g + 1]
+    rows = [[k, score[k], start[k], end[k]] for k in range(lo, hi)]
+    want = _loop_nms(rows, cfg)
+    got_index = index[pos:pos + len(want)]
+    np.testing.assert_array_equal(got_index, [r[0] for r in want], err_msg=f"group {g}")
+    np.testing.assert_allclose(new_score[pos:pos + len(want)], [r[1] for r in want],
+                               rtol=1e-12, atol=0, err_msg=f"group {g}")
+    one_index, one_score = pp.nms(start[lo:hi], end[lo:hi], score[lo:hi], **kw)
+    np.testing.assert_array_equal(one_index + lo, got_index)
+    np.testing.assert_array_equal(one_score, new_score[pos:pos + len(want)])
+    pos += len(want)
+  assert pos == len(index)
+
+
+def test_nms_groups_odd_inputs_take_the_loop(monkeypatch):
+  # NaN / infinite scores, zero-length proposals without an offset (0/0 tIoU), a threshold
+  # of 0, too many overlapping pairs: the loops' results (whatever they are), not the fast
+  # path's assumptions.
+  monkeypatch.setattr(pp, "_MAX_PAIRS_PER_GROUP", 2)
+  start = np.array([0.0, 1.0, 1.0, 5.0, 0.0, 2.0, 2.0, 0.0, 1.0, 2.0, 0.0, 5.0])
+  end = np.array([2.0, 3.0, 1.0, 6.0, 2.0, 2.0, 4.0, 3.0, 4.0, 5.0, 1.0, 6.0])
+  score = np.array([0.5, np.nan, 0.7, 0.2, 0.5, 0.9, -np.inf, 0.3, 0.6, 0.4, 0.2, 0.8])
+  bounds = np.array([0, 4, 7, 10, 12])   # the last group alone is ordinary
+  cfg = config(nms_method="soft", nms_sigma=0.3, nms_length_offset_s=0.0)
+  for method, thr in (("soft", 0.5), ("append_decayed", 0.5), ("hard", 0.5), ("hard", 0.0)):
+    cfg.nms.method, cfg.nms.iou_threshold = method, thr
+    with np.errstate(invalid="ignore", divide="ignore"):
+      index, new_score = pp.nms_groups(start, end, score, bounds, method=method,
+                                       iou_threshold=thr, sigma=0.3, length_offset=0.0)
+      want = [r for g in range(len(bounds) - 1) for r in _loop_nms(
+          [[k, score[k], start[k], end[k]] for k in range(bounds[g], bounds[g + 1])], cfg)]
+    np.testing.assert_array_equal(index, [r[0] for r in want], err_msg=method)
+    np.testing.assert_allclose(new_score, [r[1] for r in want], rtol=1e-12, err_msg=method)
+
+
+def test_proposals_for_videos_arguments():
+  cfg = pp.get_preset("co2net")
+  assert pp.proposals_for_videos([], [], None, seconds_per_snippet=0.64, durations=None,
+                                 config=cfg) == []
+  rng = np.random.default_rng(0)
+  vs, cas, act, sps, dur, amb = _random_video(rng, 4, 50, False)
+  out = pp.proposals_for_videos([vs, vs], [cas, cas], [act, act], seconds_per_snippet=sps,
+                                durations=dur, config=cfg)   # scalars apply to every video
+  one = pp.video_proposals(vs, cas, act, seconds_per_snippet=sps, duration=dur, config=cfg)
+  for got in out:
+    _assert_same_rows(got, zip(one.label, one.score, one.start, one.end), "scalar args")
+  with pytest.raises(ValueError, match="durations"):
+    pp.proposals_for_videos([vs, vs], [cas, cas], [act, act], seconds_per_snippet=sps,
+                            durations=[dur], config=cfg)
+  with pytest.raises(WstalError, match="actionness"):
+    pp.proposals_for_videos([vs], [cas], None, seconds_per_snippet=sps, durations=dur,
+                            config=cfg)

@@ -21,6 +21,12 @@ The pipeline, every step a field of the config (see `get_preset`):
 6. proposals overlapping an ambiguous segment (THUMOS14's `Ambiguous_test.txt`) are removed
    when `filter_ambiguous` is set.
 
+`video_proposals` runs this for one video; `proposals_for_videos` for many videos at once,
+with the same output bit for bit and each step vectorised across videos (the sequential
+soft-NMS of all (video, class) groups advances in lockstep; the NMS section explains why the
+result is the step-by-step loop's, ties included). On the THUMOS14 test set with the 'co2net'
+preset that is ~10x faster than the former per-video loop; per-video calls are 2-3x faster.
+
 Snippet time: one snippet = 16 frames at 25 fps = 0.64 s; snippet i covers
 [i * sps, (i + 1) * sps). For a video uniformly resampled from N original snippets to T
 (`scale_B` in the batch), sps = 0.64 * N / T (`seconds_per_sampled_snippet`). With upsampling
@@ -261,20 +267,57 @@ def oic_scores(seq_TxK, col_N, start_N, end_N, oic_lambda: float) -> np.ndarray:
   seq = np.asarray(seq_TxK, np.float64)
   t = seq.shape[0]
   csum = np.concatenate([np.zeros((1, seq.shape[1])), np.cumsum(seq, axis=0)], axis=0)
+  col = np.asarray(col_N, np.int64)
+  return _oic_from_prefix_sums(csum.T.reshape(-1), col * (t + 1), start_N, end_N, t,
+                               oic_lambda)
+
+
+def _oic_from_prefix_sums(csum, base_N, start_N, end_N, t_N, oic_lambda):
+  """`oic_scores` of regions whose column's prefix sums (0 first) start at csum[base]; t_N is
+  that column's length."""
   s = np.asarray(start_N, np.int64)
   e = np.asarray(end_N, np.int64)
-  col = np.asarray(col_N, np.int64)
   length = e - s + 1
-  inner = (csum[e + 1, col] - csum[s, col]) / length
+  inner = (csum[base_N + e + 1] - csum[base_N + s]) / length
   outer_s = np.maximum(0, np.floor(s - oic_lambda * length)).astype(np.int64)
-  outer_e = np.minimum(t - 1, np.floor(e + oic_lambda * length)).astype(np.int64)
+  outer_e = np.minimum(t_N - 1, np.floor(e + oic_lambda * length)).astype(np.int64)
   n_out = (s - outer_s) + (outer_e - e)
-  sum_out = (csum[s, col] - csum[outer_s, col]) + (csum[outer_e + 1, col] - csum[e + 1, col])
+  sum_out = ((csum[base_N + s] - csum[base_N + outer_s])
+             + (csum[base_N + outer_e + 1] - csum[base_N + e + 1]))
   outer = np.where(n_out > 0, sum_out / np.maximum(n_out, 1), 0.0)
   return inner - outer
 
 
 # ----------------------------------------------------------------------------------- NMS
+#
+# `nms` defines the result: one class's proposals, one Python step per output proposal, as
+# the reference codes' loops (`_soft_nms_loop`, `_hard_nms_loop`). `nms_groups` gives exactly
+# the same (indices, order and scores bit for bit, ties included) for many (video, class)
+# groups at once; `nms`, video_proposals and proposals_for_videos all run it. Why it is the
+# same:
+#
+# * Every tIoU and decay is the reference's elementwise formula on the same float64 operands
+#   in the same order, and each score is multiplied by the same decays in the same order.
+# * Only pairs that can overlap are looked at (`_overlap_pairs`: sorted by start, a proposal
+#   and the later-starting ones that start before its end + length_offset, plus a margin far
+#   above rounding error); for every other pair the formula gives tIoU 0, which suppresses
+#   nothing when iou_threshold > 0 and decays by exp(-0) = 1, a no-op.
+# * Gaussian soft-NMS is sequential within a group, but groups are independent:
+#   `_soft_nms_lockstep` advances every group by one step per Python step, keeping the
+#   reference's row-swap bookkeeping (so ties go the same way), and decays only the pick's
+#   overlapping proposals (decay != 1). Python steps: the largest group's size, not the total.
+# * Hard NMS / append_decayed: in the loop's order (the same argsort call per group), a
+#   proposal is kept iff no kept proposal before it has tIoU >= iou_threshold with it. That
+#   fixed point is unique (each depends on earlier ones only) and Jacobi rounds reach it (after
+#   d rounds every proposal with a chain of at most d suppressors is final). A dropped proposal
+#   is appended by its first kept suppressor: the loop step that removes it.
+# * Groups with non-finite values, a length + offset <= 0, or too many overlapping pairs
+#   (memory), and iou_threshold <= 0, run the loops.
+
+_MAX_PAIRS_PER_GROUP = 2_000_000   # more overlapping pairs (memory): the group runs the loop
+_MAX_JACOBI_ROUNDS = 64            # hard NMS groups not settled by then run the loop
+_FEW_ROWS = 4                      # soft-NMS lockstep: this many groups left run one by one
+_MARGIN = 1e-9                     # relative to the largest |time|
 
 
 def _iou_one(i, rest, start, end, offset):
@@ -285,6 +328,315 @@ def _iou_one(i, rest, start, end, offset):
   area_r = end[rest] - start[rest] + offset
   with np.errstate(divide="ignore", invalid="ignore"):
     return inter / (area_i + area_r - inter)
+
+
+def _pair_iou(start, end, a, b, offset):
+  """tIoU of proposals a[k] and b[k], computed as `_iou_one` computes it (symmetric)."""
+  inter = np.maximum(0.0, np.minimum(end[a], end[b]) - np.maximum(start[a], start[b]) + offset)
+  area_a = end[a] - start[a] + offset
+  area_b = end[b] - start[b] + offset
+  with np.errstate(divide="ignore", invalid="ignore"):
+    return inter / (area_a + area_b - inter)
+
+
+def _hard_nms_loop(start, end, score, *, append, iou_threshold, sigma, offset):
+  """'hard' / 'append_decayed' of one group, one step per kept proposal (the definition)."""
+  order = score.argsort()[::-1]
+  keep, dropped, dropped_score = [], [], []
+  while order.size:
+    i = order[0]
+    keep.append(i)
+    rest = order[1:]
+    iou = _iou_one(i, rest, start, end, offset)
+    gone = iou >= iou_threshold
+    if append and gone.any():
+      dropped.append(rest[gone])
+      dropped_score.append(score[rest[gone]] * np.exp(-np.square(iou[gone]) / sigma))
+    order = rest[~gone]
+  index = np.array(keep, np.int64)
+  new_score = score[index]
+  if dropped:
+    index = np.concatenate([index] + dropped)
+    new_score = np.concatenate([new_score] + dropped_score)
+  return index, new_score
+
+
+def _soft_nms_loop(start, end, score, *, sigma, offset):
+  """Gaussian soft-NMS of one group, one step per proposal (the definition, as CO2-Net)."""
+  n = len(score)
+  score = score.copy()
+  order = np.arange(n)
+  out = np.empty(n, np.int64)
+  out_score = np.empty(n)
+  for step in range(n):
+    m = int(np.argmax(score[order]))
+    i = order[m]
+    order[m] = order[0]  # CO2-Net swaps the maximum to the front, then drops the front
+    order = order[1:]
+    out[step] = i
+    out_score[step] = score[i]
+    if order.size:
+      iou = _iou_one(i, order, start, end, offset)
+      score[order] *= np.exp(-(iou * iou) / sigma)
+  return out, out_score
+
+
+def _new_run(ids):
+  """True where an array starts a new run of equal values."""
+  out = np.ones(len(ids), bool)
+  out[1:] = ids[1:] != ids[:-1]
+  return out
+
+
+def _runnable(start, end, score, bounds, offset):
+  """Per group: all values finite and every length + offset > 0 (else the loops run it)."""
+  ok = np.isfinite(score) & np.isfinite(start) & np.isfinite(end) & (end - start + offset > 0)
+  good = np.ones(len(bounds) - 1, bool)
+  good[np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))[~ok]] = False
+  return good
+
+
+def _overlap_pairs(start, end, bounds, groups, offset):
+  """Pairs (a_P, b_P) of proposals of one group among `groups` whose tIoU can be > 0, and a
+  boolean [len(groups)] marking groups left out for having more than _MAX_PAIRS_PER_GROUP.
+
+  Every pair with a positive intersection in the tIoU formula is listed once (a starts no
+  later than b). Sorted by (group, start), proposal a is paired with the later ones that start
+  at most end_a + offset + margin; the margin (1e-9 of the largest |time|) is far above the
+  formula's rounding error, so for a pair left out the formula's intersection is 0.
+  """
+  sizes = bounds[groups + 1] - bounds[groups]
+  elem = np.repeat(bounds[groups] - np.cumsum(np.r_[0, sizes[:-1]]), sizes) + np.arange(
+      int(sizes.sum()))
+  gid = np.repeat(np.arange(len(groups)), sizes)
+  order = np.lexsort((start[elem], gid))
+  elem, gid = elem[order], gid[order]
+  times = np.abs(np.concatenate([start[elem], end[elem]]))
+  margin = _MARGIN * max(float(times.max(initial=0.0)), abs(float(offset)), 1.0)
+  # Complex numbers sort by (real, imaginary): one search over all groups at once.
+  key = gid + 1j * start[elem]
+  reach = np.searchsorted(key, gid + 1j * (end[elem] + offset + margin), side="right")
+  num_after = np.maximum(reach - np.arange(len(elem)) - 1, 0)
+  too_many = np.bincount(gid, weights=num_after, minlength=len(groups)) > _MAX_PAIRS_PER_GROUP
+  num_after[too_many[gid]] = 0
+  a = np.repeat(np.arange(len(elem)), num_after)
+  b = a + 1 + np.arange(len(a)) - np.repeat(np.cumsum(num_after) - num_after, num_after)
+  return elem[a], elem[b], too_many
+
+
+def _soft_nms_lockstep(start, end, score, bounds, groups, *, sigma, offset, out_index,
+                       out_score):
+  """Gaussian soft-NMS of `groups` (sizes > 0), all advancing together one step at a time.
+
+  Group g is a row of slots holding the reference's array (slot s = row s of CO2-Net's
+  `dets`). A step takes the first maximum of slots [t, n_g) of every row still running, moves
+  the proposal in slot t into the picked slot (the reference's swap), drops slot t, and
+  multiplies the scores of the pick's overlapping proposals by their decays. Rows are
+  bucketed by size (power-of-two buckets, one argmax call each); the last few rows finish one
+  at a time on scalars (cheaper per step). Writes out_index / out_score[bounds[g] + t].
+  """
+  n_all = len(score)
+  # Picking i multiplies the scores of member[row_at[i]:row_at[i] + count[i]] by the
+  # decays in the same range of `decay` (pairs whose decay is exactly 1 left out).
+  a, b, too_many = _overlap_pairs(start, end, bounds, groups, offset)
+  left_out = groups[too_many]
+  groups = groups[~too_many]
+  if groups.size == 0:
+    return left_out
+  sizes = bounds[groups + 1] - bounds[groups]
+  by_size = np.argsort(-sizes, kind="stable")
+  groups, sizes = groups[by_size], sizes[by_size]
+  iou = _pair_iou(start, end, a, b, offset)
+  pair_decay = np.exp(-(iou * iou) / sigma)
+  moves = pair_decay != 1.0
+  source = np.concatenate([a[moves], b[moves]])
+  by_source = np.argsort(source, kind="stable")
+  member = np.concatenate([b[moves], a[moves]])[by_source]
+  decay = np.concatenate([pair_decay[moves], pair_decay[moves]])[by_source]
+  count = np.bincount(source, minlength=n_all + 1)
+  row_at = np.cumsum(count) - count
+
+  # Slots: bucket k holds rows heads[k]:tails[k], each widths[k] slots (its largest size).
+  level = np.ceil(np.log2(sizes)).astype(np.int64)
+  heads = np.r_[0, np.flatnonzero(np.diff(level)) + 1]
+  tails = np.append(heads[1:], len(groups))
+  widths = sizes[heads]
+  width_of_row = np.repeat(widths, tails - heads)
+  row0 = np.cumsum(width_of_row) - width_of_row      # first slot of each row
+  sink = int(width_of_row.sum())                     # slot of picked / absent proposals
+  pos = np.arange(sink) - np.repeat(row0, width_of_row)
+  row_of_slot = np.repeat(np.arange(len(groups)), width_of_row)
+  real = pos < sizes[row_of_slot]
+  at = np.append(np.where(real, bounds[groups][row_of_slot] + pos, n_all), n_all)
+  live = np.append(np.where(real, score[np.minimum(at[:sink], n_all - 1)], -np.inf), 0.0)
+  slot = np.full(n_all + 1, sink, np.int64)
+  slot[at[:sink][real]] = np.flatnonzero(real)
+  out0 = bounds[groups]
+  running = np.searchsorted(-sizes, -np.arange(int(sizes[0])), side="left")   # sizes > t
+  views = [(live[row0[h]:row0[h] + (e - h) * w].reshape(e - h, w), int(h), int(e))
+           for h, e, w in zip(heads, tails, widths)]
+  t = 0
+  while t < sizes[0] and running[t] > _FEW_ROWS:
+    na = int(running[t])
+    parts = [view[:min(na, hi) - lo, t:].argmax(axis=1) for view, lo, hi in views if na > lo]
+    front = row0[:na] + t
+    pick = front + (parts[0] if len(parts) == 1 else np.concatenate(parts))
+    p = at[pick]
+    f = at[front]
+    dest = out0[:na] + t
+    out_index[dest] = p
+    out_score[dest] = live[pick]
+    at[pick] = f
+    live[pick] = live[front]
+    slot[f] = pick
+    slot[p] = sink
+    c = count[p]
+    ends = np.cumsum(c)
+    total = int(ends[-1])
+    if total:
+      idx = np.repeat(row_at[p] - (ends - c), c) + np.arange(total)
+      live[slot[member[idx]]] *= decay[idx]
+    t += 1
+  # The last few rows one at a time: the same step on scalars.
+  for r in range(int(running[t]) if t < sizes[0] else 0):
+    r0, o0, n_r = int(row0[r]), int(out0[r]), int(sizes[r])
+    row = live[r0:r0 + n_r]
+    for u in range(t, n_r):
+      pick = r0 + u + int(row[u:].argmax())
+      p, f = at[pick], at[r0 + u]
+      out_index[o0 + u] = p
+      out_score[o0 + u] = live[pick]
+      at[pick] = f
+      live[pick] = live[r0 + u]
+      slot[f] = pick
+      slot[p] = sink
+      lo, c = row_at[p], count[p]
+      if c:
+        live[slot[member[lo:lo + c]]] *= decay[lo:lo + c]
+  return left_out
+
+
+def _soft_nms_groups(start, end, score, bounds, *, sigma, offset):
+  """Gaussian soft-NMS of every group -> (index_N, score_N) in group order."""
+  n = len(score)
+  sizes = np.diff(bounds)
+  fast = _runnable(start, end, score, bounds, offset) & (sizes > 0)
+  out_index = np.empty(n, np.int64)
+  out_score = np.empty(n)
+  if fast.any():
+    fast[_soft_nms_lockstep(start, end, score, bounds, np.flatnonzero(fast), sigma=sigma,
+                            offset=offset, out_index=out_index, out_score=out_score)] = False
+  for g in np.flatnonzero(~fast & (sizes > 0)):
+    lo, hi = bounds[g], bounds[g + 1]
+    idx, sc = _soft_nms_loop(start[lo:hi], end[lo:hi], score[lo:hi], sigma=sigma,
+                             offset=offset)
+    out_index[lo:hi] = lo + idx
+    out_score[lo:hi] = sc
+  return out_index, out_score
+
+
+def _hard_nms_groups(start, end, score, bounds, *, append, iou_threshold, sigma, offset):
+  """'hard' / 'append_decayed' of every group -> (index_M, score_M) in group order."""
+  n = len(score)
+  num_groups = len(bounds) - 1
+  sizes = np.diff(bounds)
+  gid = np.repeat(np.arange(num_groups), sizes)
+  fast = _runnable(start, end, score, bounds, offset) & (sizes > 0)
+  if not iou_threshold > 0:   # then tIoU 0 suppresses too: every pair interacts
+    fast[:] = False
+  candidates = np.flatnonzero(fast)
+  a, b, too_many = _overlap_pairs(start, end, bounds, candidates, offset)
+  fast[candidates[too_many]] = False
+  rank = np.zeros(n, np.int64)
+  for g in np.flatnonzero(fast):
+    lo, hi = bounds[g], bounds[g + 1]
+    rank[lo + score[lo:hi].argsort()[::-1]] = np.arange(hi - lo)   # the loop's order
+  iou = _pair_iou(start, end, a, b, offset)
+  hit = iou >= iou_threshold
+  a, b, iou = a[hit], b[hit], iou[hit]
+  a_first = rank[a] < rank[b]
+  sup = np.where(a_first, a, b)     # the earlier one in the loop's order suppresses
+  vic = np.where(a_first, b, a)
+
+  keep = fast[gid]
+  for _ in range(_MAX_JACOBI_ROUNDS):
+    suppressed = np.zeros(n, bool)
+    suppressed[vic[keep[sup]]] = True
+    new_keep = fast[gid] & ~suppressed
+    changed = new_keep != keep
+    keep = new_keep
+    if not changed.any():
+      break
+  else:
+    fast[gid[changed]] = False
+    keep &= fast[gid]
+
+  # Output order per group: kept by rank, then dropped by (suppressor's rank, rank).
+  major = rank.copy()
+  minor = np.zeros(n, np.int64)
+  dropped = fast[gid] & ~keep
+  new_score = score.copy()
+  if append:
+    live = keep[sup] & fast[gid[vic]]
+    s_sup, s_vic, s_iou = sup[live], vic[live], iou[live]
+    first = np.lexsort((rank[s_sup], s_vic))
+    head = first[_new_run(s_vic[first])]
+    s_sup, s_vic, s_iou = s_sup[head], s_vic[head], s_iou[head]
+    new_score[s_vic] = score[s_vic] * np.exp(-np.square(s_iou) / sigma)
+    major[s_vic] = rank[s_sup]
+    minor[s_vic] = rank[s_vic]
+    out = fast[gid]
+  else:
+    out = fast[gid] & keep
+  index = np.flatnonzero(out)
+  index = index[np.lexsort((minor[index], major[index], dropped[index], gid[index]))]
+  if fast.all():
+    return index, new_score[index]
+  parts_index, parts_score = [], []
+  cuts = np.searchsorted(gid[index], np.arange(num_groups + 1))
+  for g in range(num_groups):
+    if fast[g]:
+      part = index[cuts[g]:cuts[g + 1]]
+      parts_index.append(part)
+      parts_score.append(new_score[part])
+    elif sizes[g]:
+      lo, hi = bounds[g], bounds[g + 1]
+      idx, sc = _hard_nms_loop(start[lo:hi], end[lo:hi], score[lo:hi], append=append,
+                               iou_threshold=iou_threshold, sigma=sigma, offset=offset)
+      parts_index.append(lo + idx)
+      parts_score.append(sc)
+  if not parts_index:
+    return np.zeros(0, np.int64), np.zeros(0)
+  return np.concatenate(parts_index), np.concatenate(parts_score)
+
+
+def nms_groups(start_N, end_N, score_N, bounds_G1, *, method: str, iou_threshold: float = 0.5,
+               sigma: float = 0.3, length_offset: float = 0.0):
+  """`nms` of G groups at once (e.g. every (video, class) of a test set) -> (index_M, score_M).
+
+  Group g is proposals [bounds_G1[g], bounds_G1[g + 1]) of the inputs. The output lists the
+  groups in order, each exactly as `nms` gives it for that group alone (indices into the whole
+  inputs, the same scores bit for bit), in a fraction of the time when there are many groups.
+  """
+  start = np.asarray(start_N, np.float64).reshape(-1)
+  end = np.asarray(end_N, np.float64).reshape(-1)
+  score = np.array(score_N, np.float64).reshape(-1)
+  bounds = np.asarray(bounds_G1, np.int64).reshape(-1)
+  n = len(score)
+  if (len(start) != n or len(end) != n or len(bounds) < 1 or bounds[0] != 0
+      or bounds[-1] != n or np.any(np.diff(bounds) < 0)):
+    raise ValueError(f"nms_groups: start {start.shape}, end {end.shape}, score {score.shape} "
+                     f"and bounds {bounds.tolist()[:8]}... do not describe contiguous groups")
+  if method not in NMS_METHODS:
+    raise WstalError(f"post-processing config: nms.method {method!r} not in {NMS_METHODS}")
+  if method == "none" or n == 0:
+    return np.arange(n), score
+  if method == "soft":
+    return _soft_nms_groups(start, end, score, bounds, sigma=float(sigma),
+                            offset=float(length_offset))
+  return _hard_nms_groups(start, end, score, bounds, append=method == "append_decayed",
+                          iou_threshold=float(iou_threshold), sigma=float(sigma),
+                          offset=float(length_offset))
 
 
 def nms(start_N, end_N, score_N, *, method: str, iou_threshold: float = 0.5,
@@ -301,49 +653,11 @@ def nms(start_N, end_N, score_N, *, method: str, iou_threshold: float = 0.5,
     'soft' (Gaussian soft-NMS, Bodla et al. 2017, as CO2-Net): repeatedly take the current
       maximum (first on ties, with CO2-Net's swap-with-front bookkeeping) and multiply every
       remaining score by exp(-iou^2 / sigma); every proposal is kept.
-  tIoU uses lengths end - start + length_offset.
+  tIoU uses lengths end - start + length_offset. `nms_groups` does many classes at once.
   """
-  start = np.asarray(start_N, np.float64)
-  end = np.asarray(end_N, np.float64)
-  score = np.array(score_N, np.float64)
-  n = len(score)
-  if method == "none" or n == 0:
-    return np.arange(n), score
-  if method in ("hard", "append_decayed"):
-    order = score.argsort()[::-1]
-    keep, dropped, dropped_score = [], [], []
-    while order.size:
-      i = order[0]
-      keep.append(i)
-      rest = order[1:]
-      iou = _iou_one(i, rest, start, end, length_offset)
-      gone = iou >= iou_threshold
-      if method == "append_decayed" and gone.any():
-        dropped.append(rest[gone])
-        dropped_score.append(score[rest[gone]] * np.exp(-np.square(iou[gone]) / sigma))
-      order = rest[~gone]
-    index = np.array(keep, np.int64)
-    new_score = score[index]
-    if dropped:
-      index = np.concatenate([index] + dropped)
-      new_score = np.concatenate([new_score] + dropped_score)
-    return index, new_score
-  if method == "soft":
-    order = np.arange(n)
-    out = np.empty(n, np.int64)
-    out_score = np.empty(n)
-    for step in range(n):
-      m = int(np.argmax(score[order]))
-      i = order[m]
-      order[m] = order[0]  # CO2-Net swaps the maximum to the front, then drops the front
-      order = order[1:]
-      out[step] = i
-      out_score[step] = score[i]
-      if order.size:
-        iou = _iou_one(i, order, start, end, length_offset)
-        score[order] *= np.exp(-(iou * iou) / sigma)
-    return out, out_score
-  raise WstalError(f"post-processing config: nms.method {method!r} not in {NMS_METHODS}")
+  n = len(np.asarray(score_N).reshape(-1))
+  return nms_groups(start_N, end_N, score_N, [0, n], method=method,
+                    iou_threshold=iou_threshold, sigma=sigma, length_offset=length_offset)
 
 
 def remove_ambiguous(proposals: Proposals, ambiguous_Mx2) -> Proposals:
@@ -357,6 +671,209 @@ def remove_ambiguous(proposals: Proposals, ambiguous_Mx2) -> Proposals:
 
 
 # ------------------------------------------------------------------------------ pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """A checked post-processing config as plain values (ConfigDict reads are slow)."""
+  class_threshold: float
+  threshold_sequence: str
+  action_thresholds: np.ndarray
+  threshold_strict: bool
+  upsample: int
+  oic_lambda: float
+  oic_gamma: float
+  min_length_s: float
+  nms_method: str
+  iou_threshold: float
+  sigma: float
+  length_offset_s: float
+  filter_ambiguous: bool
+
+  @classmethod
+  def of(cls, config) -> "_Settings":
+    _check_config(config)
+    nms_cfg = config.nms
+    return cls(float(config.class_threshold), str(config.threshold_sequence),
+               np.asarray(config.action_thresholds, np.float64), bool(config.threshold_strict),
+               int(config.upsample), float(config.oic_lambda), float(config.oic_gamma),
+               float(config.min_length_s), str(nms_cfg.method), float(nms_cfg.iou_threshold),
+               float(nms_cfg.sigma), float(nms_cfg.length_offset_s),
+               bool(config.filter_ambiguous))
+
+
+def _threshold_regions(x_L, thresholds_A, strict: bool):
+  """Runs of x > t (strict) or x >= t for every threshold t -> (a_R, start_R, end_R).
+
+  The same runs as `find_regions` on the [A, L] masks (a = index into thresholds_A, ends
+  inclusive), sorted by (a, start), but in O(A L) cheap passes plus O(L + R): x_i passes the
+  lowest c_i of the sorted thresholds (the masks are nested), so a run of sorted threshold j
+  starts where c rises past j and ends where it falls to j or below.
+  """
+  thr = np.asarray(thresholds_A, np.float64).reshape(-1)
+  by_value = np.argsort(thr, kind="stable")
+  count = np.zeros(len(x_L) + 2, np.int16 if len(thr) < 2 ** 15 else np.int64)
+  inner = count[1:-1]
+  for t in thr[by_value]:
+    inner += (x_L > t) if strict else (x_L >= t)
+  step = np.diff(count)            # step[i] = c_i - c_(i-1), c_(-1) = c_L = 0
+  up = np.flatnonzero(step[:-1] > 0)
+  down = np.flatnonzero(step[1:] < 0)
+  rises = step[up].astype(np.int64)
+  falls = -step[down + 1].astype(np.int64)
+  j_start = (np.repeat(inner[up] - step[up], rises).astype(np.int64)
+             + np.arange(int(rises.sum())) - np.repeat(np.cumsum(rises) - rises, rises))
+  j_end = (np.repeat(inner[down] + step[down + 1], falls).astype(np.int64)
+           + np.arange(int(falls.sum())) - np.repeat(np.cumsum(falls) - falls, falls))
+  start = np.repeat(up, rises)
+  end = np.repeat(down, falls)
+  first = np.lexsort((start, j_start))
+  last = np.lexsort((end, j_end))
+  a = by_value[j_start[first]]
+  order = np.lexsort((start[first], a))
+  return a[order], start[first][order], end[last][order]
+
+
+def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
+                cfg: _Settings):
+  """Steps 1-4 of the pipeline for every video at once -> (video_N, Proposals before NMS).
+
+  Sorted by video, then class (ascending), then threshold, then start: each class's regions in
+  the reference order (it decides NMS ties). Each value is computed as the one-video
+  reference computes it: per-video prefix sums, the same elementwise formulas.
+  """
+  u = cfg.upsample
+  seqs, seg_video, seg_class = [], [], []     # thresholded sequences
+  sums, sum_at, seq_len = [], [], []          # OIC prefix sums, (video, class) columns
+  classes, class_at, vid_score = [], [], []
+  class_base = sum_base = 0
+  for v, (scores_c, cas_tc) in enumerate(zip(video_scores, cas)):
+    scores_c = np.asarray(scores_c, np.float64).reshape(-1)
+    cas_tc = np.asarray(cas_tc, np.float64)
+    num_classes = scores_c.shape[0]
+    if cas_tc.ndim != 2 or cas_tc.shape[1] != num_classes or cas_tc.shape[0] == 0:
+      raise ValueError(f"cas_TxC {cas_tc.shape} must be [T > 0, C={num_classes}]")
+    t = cas_tc.shape[0]
+    act = actionness[v]
+    if cfg.threshold_sequence == "actionness":
+      if act is None:
+        raise WstalError("post-processing config: threshold_sequence='actionness' but the "
+                         "method gives no actionness_T")
+      act = np.asarray(act, np.float64).reshape(-1)
+      if act.shape[0] != t:
+        raise ValueError(f"actionness_T {act.shape} does not match cas_TxC {cas_tc.shape}")
+    classes_k = select_classes(scores_c, cfg.class_threshold)
+    oic_tk = upsample_linear(cas_tc[:, classes_k], u)
+    if cfg.threshold_sequence == "cas":
+      seqs.extend(oic_tk.T)                   # one sequence per kept class
+      seg_video.extend([v] * len(classes_k))
+      seg_class.extend(range(len(classes_k)))
+    else:
+      seqs.append(upsample_linear(act, u))    # one sequence, shared by all kept classes
+      seg_video.append(v)
+    csum = np.cumsum(oic_tk, axis=0)
+    sums.append(np.concatenate([np.zeros((len(classes_k), 1)), csum.T], axis=1).reshape(-1))
+    sum_at.append(sum_base)
+    seq_len.append(oic_tk.shape[0])
+    sum_base += sums[-1].size
+    classes.append(classes_k)
+    class_at.append(class_base)
+    vid_score.append(scores_c[classes_k])
+    class_base += len(classes_k)
+  num_k = np.array([len(c) for c in classes], np.int64)
+  sum_at, seq_len, class_at = (np.array(x, np.int64) for x in (sum_at, seq_len, class_at))
+
+  # All sequences end to end, NaN between them (below every threshold, whatever the rule).
+  lengths = np.array([len(x) for x in seqs], np.int64)
+  seg_at = np.cumsum(lengths + 1) - (lengths + 1)
+  gap = np.full(1, np.nan)
+  joined = np.concatenate([part for x in seqs for part in (x, gap)])
+  thr, s_idx, e_idx = _threshold_regions(joined, cfg.action_thresholds, cfg.threshold_strict)
+  seg = np.searchsorted(seg_at, s_idx, side="right") - 1
+  s_idx, e_idx = s_idx - seg_at[seg], e_idx - seg_at[seg]
+  video = np.asarray(seg_video, np.int64)[seg]
+  if cfg.threshold_sequence == "cas":
+    col = np.asarray(seg_class, np.int64)[seg]
+  else:  # every actionness region is a candidate for every kept class of its video
+    reps = num_k[video]
+    col = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
+    thr, s_idx, e_idx, video = (np.repeat(x, reps) for x in (thr, s_idx, e_idx, video))
+  order = np.lexsort((s_idx, thr, col, video))
+  video, col, s_idx, e_idx = video[order], col[order], s_idx[order], e_idx[order]
+
+  t_n = seq_len[video]
+  csum_flat = np.concatenate(sums) if sums else np.zeros(0)
+  vid_score_flat = np.concatenate(vid_score) if vid_score else np.zeros(0)
+  score = (_oic_from_prefix_sums(csum_flat, sum_at[video] + col * (t_n + 1), s_idx, e_idx, t_n,
+                                 cfg.oic_lambda)
+           + cfg.oic_gamma * vid_score_flat[class_at[video] + col])
+  step_v = np.array([float(sps) / float(u) for sps in seconds_per_snippet])
+  clip = np.array([d is not None and d > 0 for d in durations], bool)
+  lo_v = np.where(clip, 0.0, -np.inf)
+  hi_v = np.array([float(d) if c else np.inf for d, c in zip(durations, clip)])
+  step = step_v[video]
+  start = np.clip(s_idx.astype(np.float64) * step, lo_v[video], hi_v[video])
+  end = np.clip((e_idx.astype(np.float64) + 1.0) * step, lo_v[video], hi_v[video])
+  length = end - start
+  keep = length > 0  # only a region wholly past `duration` has none left after clipping
+  if cfg.min_length_s > 0:
+    keep &= length >= cfg.min_length_s
+  label = (np.concatenate(classes) if classes else np.zeros(0, np.int64))[class_at[video] + col]
+  return video[keep], Proposals(label[keep], score[keep], start[keep], end[keep])
+
+
+def _per_video(value, num_videos, what):
+  """A scalar or None for every video, or a sequence of one value per video -> list."""
+  if value is None or isinstance(value, (int, float, np.number)) or (
+      isinstance(value, np.ndarray) and value.ndim == 0):
+    return [value] * num_videos
+  value = list(value)
+  if len(value) != num_videos:
+    raise ValueError(f"{what}: {len(value)} values for {num_videos} videos")
+  return value
+
+
+def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, durations,
+                         config, ambiguous=None) -> list:
+  """`video_proposals` of many videos at once -> list of Proposals, one per video.
+
+  The same proposals bit for bit as calling `video_proposals` per video, but each step runs
+  once for all videos (the soft-NMS of all (video, class) groups in lockstep, see
+  `nms_groups`), which is several times faster on a test set.
+
+  Args:
+    video_scores: per video, [C] video-level class probabilities.
+    cas: per video, [T_v, C] (valid snippets only).
+    actionness: per video [T_v] (or None), or None for all videos.
+    seconds_per_snippet: one value, or one per video.
+    durations: one value (None: no clipping), or one per video.
+    config: a `get_preset` ConfigDict (or one with the same fields).
+    ambiguous: None, or per video [M, 2] ambiguous segments in seconds (or None).
+  """
+  cfg = _Settings.of(config)
+  num_videos = len(video_scores)
+  if len(cas) != num_videos:
+    raise ValueError(f"{num_videos} video_scores but {len(cas)} cas")
+  act = _per_video(actionness, num_videos, "actionness")
+  sps = _per_video(seconds_per_snippet, num_videos, "seconds_per_snippet")
+  dur = _per_video(durations, num_videos, "durations")
+  amb = _per_video(ambiguous, num_videos, "ambiguous") if ambiguous is not None else None
+  if num_videos == 0:
+    return []
+  video, flat = _candidates(video_scores, cas, act, sps, dur, cfg)
+  # Groups: (video, class); candidates are sorted by video, then class.
+  bounds = np.append(np.flatnonzero(_new_run(video * (int(flat.label.max(initial=0)) + 1)
+                                             + flat.label)), len(flat))
+  index, score = nms_groups(flat.start, flat.end, flat.score, bounds, method=cfg.nms_method,
+                            iou_threshold=cfg.iou_threshold, sigma=cfg.sigma,
+                            length_offset=cfg.length_offset_s)
+  out = flat.take(index)
+  out.score = score
+  cuts = np.searchsorted(video[index], np.arange(1, num_videos))
+  parts = [out.take(slice(lo, hi)) for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(out)])]
+  if cfg.filter_ambiguous and amb is not None:
+    parts = [p if a is None else remove_ambiguous(p, a) for p, a in zip(parts, amb)]
+  return parts
 
 
 def video_proposals(video_scores_C, cas_TxC, actionness_T, *, seconds_per_snippet: float,
@@ -375,65 +892,10 @@ def video_proposals(video_scores_C, cas_TxC, actionness_T, *, seconds_per_snippe
     ambiguous: [M, 2] ambiguous segments in seconds, used if `config.filter_ambiguous`.
 
   Returns:
-    Proposals (label int64, score, start, end seconds).
+    Proposals (label int64, score, start, end seconds). `proposals_for_videos` gives the same
+    for many videos, faster.
   """
-  _check_config(config)
-  video_scores_C = np.asarray(video_scores_C, np.float64).reshape(-1)
-  cas_TxC = np.asarray(cas_TxC, np.float64)
-  num_classes = video_scores_C.shape[0]
-  if cas_TxC.ndim != 2 or cas_TxC.shape[1] != num_classes or cas_TxC.shape[0] == 0:
-    raise ValueError(f"cas_TxC {cas_TxC.shape} must be [T > 0, C={num_classes}]")
-  t = cas_TxC.shape[0]
-  if config.threshold_sequence == "actionness":
-    if actionness_T is None:
-      raise WstalError("post-processing config: threshold_sequence='actionness' but the "
-                       "method gives no actionness_T")
-    actionness_T = np.asarray(actionness_T, np.float64).reshape(-1)
-    if actionness_T.shape[0] != t:
-      raise ValueError(f"actionness_T {actionness_T.shape} does not match cas_TxC {cas_TxC.shape}")
-
-  classes_K = select_classes(video_scores_C, config.class_threshold)
-  u = int(config.upsample)
-  oic_TxK = upsample_linear(cas_TxC[:, classes_K], u)
-  if config.threshold_sequence == "cas":
-    seq_RxT = oic_TxK.T                                   # one row per kept class
-  else:
-    seq_RxT = upsample_linear(actionness_T, u)[None, :]   # one row, shared by all classes
-  thr_A = np.asarray(config.action_thresholds, np.float64)
-  if config.threshold_strict:
-    mask_AxRxT = seq_RxT[None] > thr_A[:, None, None]
-  else:
-    mask_AxRxT = seq_RxT[None] >= thr_A[:, None, None]
-  rows, s_idx, e_idx = find_regions(mask_AxRxT.reshape(-1, seq_RxT.shape[1]))
-  if config.threshold_sequence == "cas":
-    col = rows % len(classes_K)
-  else:  # every actionness region is a candidate for every kept class
-    col = np.repeat(np.arange(len(classes_K))[None, :], len(rows), axis=0).reshape(-1)
-    s_idx = np.repeat(s_idx, len(classes_K))
-    e_idx = np.repeat(e_idx, len(classes_K))
-  # Regions of one class stay in threshold order (reference order, matters for NMS ties).
-  by_class = np.argsort(col, kind="stable")
-  col, s_idx, e_idx = col[by_class], s_idx[by_class], e_idx[by_class]
-
-  score = (oic_scores(oic_TxK, col, s_idx, e_idx, config.oic_lambda)
-           + config.oic_gamma * video_scores_C[classes_K[col]])
-  start, end = snippets_to_seconds(s_idx, e_idx, seconds_per_snippet, u, duration)
-  length = end - start
-  keep = length > 0  # only a region wholly past `duration` has none left after clipping
-  if config.min_length_s > 0:
-    keep &= length >= config.min_length_s
-  props = Proposals(classes_K[col[keep]], score[keep], start[keep], end[keep])
-
-  parts = []
-  for k in np.unique(props.label):
-    idx = np.flatnonzero(props.label == k)
-    order, new_score = nms(props.start[idx], props.end[idx], props.score[idx],
-                           method=config.nms.method, iou_threshold=config.nms.iou_threshold,
-                           sigma=config.nms.sigma, length_offset=config.nms.length_offset_s)
-    part = props.take(idx[order])
-    part.score = new_score
-    parts.append(part)
-  out = Proposals.concat(parts)
-  if config.filter_ambiguous and ambiguous is not None:
-    out = remove_ambiguous(out, ambiguous)
-  return out
+  return proposals_for_videos([video_scores_C], [cas_TxC], [actionness_T],
+                              seconds_per_snippet=[seconds_per_snippet], durations=[duration],
+                              config=config,
+                              ambiguous=None if ambiguous is None else [ambiguous])[0]

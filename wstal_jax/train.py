@@ -177,7 +177,13 @@ def _labels(method, params, start):
 # ----------------------------------------------------------------------------- step
 
 
-def _make_train_step(run: evaluate.Setup, tx):
+def make_train_step(run: evaluate.Setup, tx):
+  """The trainer's jitted training step for `run`'s method and the optax transform `tx`.
+
+  Returns step(state, batch, consts, key) -> (new_state, terms): state is {'step',
+  'params', 'opt_state'} (donated), the step's RNG is fold_in(key, state['step']), and terms
+  holds the float32 'loss' and every aux term of `method.loss`.
+  """
   method = run.method
 
   def train_step(state, batch, consts, key):
@@ -206,7 +212,7 @@ class _Phase:
     self.index = index
     self.start = starts[index]
     self.tx = make_optimizer(config, _labels(run.method, params, self.start))
-    self.step_fn = _make_train_step(run, self.tx)
+    self.step_fn = make_train_step(run, self.tx)
 
 
 # ----------------------------------------------------------------------------- signals
