@@ -4,22 +4,26 @@
 
 --only=train  Train-step throughput (videos/s, steps/s; compilation timed apart) of the
               baseline ('base') and VLPO ('vlpo') at THUMOS14 shapes (T=750, batch 16, I3D
-              2048-d, VLM 768-d, the configs' `dataset=thumos14` widths) and at the built-in
-              `small` shapes (T=128, 128-d / 64-d), each as the trainer runs it: the method's
-              loss + the config's optax Adam in one jax.jit step with the state donated
-              (`wstal_jax.train`'s step builder). Next to it the same baseline in eager
-              PyTorch (benchmarks/torch_reference.py, torch.optim.Adam) on the same batch,
-              steps interleaved with the JAX ones, with torch's default threads and with 1
-              thread (the faster is the baseline). FLOPs per step from XLA's cost analysis,
-              and the achieved FLOP/s. PVLR is listed as not implemented.
+              2048-d, VLM 768-d, the configs' `dataset=thumos14` widths), of CO2-Net
+              ('co2net') and PVLR ('pvlr') at their protocol's THUMOS14 shapes (T=320, batch
+              10, I3D 2048-d, CLIP 1024-d), and of all four at the built-in `small` shapes
+              (T=128, 128-d / 64-d; batch 16, CO2-Net / PVLR 10), each as the trainer runs
+              it: the method's loss + the config's optax Adam in one jax.jit step with the
+              state donated (`wstal_jax.train.make_train_step`). Next to it the same baseline
+              in eager PyTorch (benchmarks/torch_reference.py, torch.optim.Adam) on the same
+              batch, steps interleaved with the JAX ones, with torch's default threads and
+              with 1 thread (the faster is the baseline). FLOPs per step from XLA's cost
+              analysis, and the achieved FLOP/s.
 --only=eval   A THUMOS14-sized test set: the 212 test videos with their real lengths
               (T = round(duration x 25 / 16)) and ground truth from the shared W-TALC
               annotations, else the built-in `full` test split. Forward pass: VLPO's jitted
-              predict over the evaluator's batches (batch 8, length buckets from
-              input_pipeline.eval_plan; random features and parameters: values do not change
-              the cost), and the same over length-sorted batches (eval_plan's
-              order='length'). Post-processing (`postprocess.proposals_for_videos`, all
-              videos at once; also `video_proposals` per video, as the Evaluator calls it)
+              predict over batches of 8 whole videos padded to length buckets
+              (input_pipeline.eval_plan; random features and parameters: values do not
+              change the cost), in manifest order (the Evaluator's batching before it
+              read in plan order) and longest first (order='length', what eval_batches and
+              the Evaluator use now). Post-processing (`postprocess.proposals_for_videos`,
+              all videos at once, as the Evaluator calls it; also `video_proposals` per
+              video, as it did before)
               and detection mAP (`metrics.detection_map`, tIoU 0.1:0.7) run on
               trained-model-like scores generated from the ground truth, once with the
               'co2net' preset (the work the reference does) and once with VLPO's own
@@ -32,10 +36,10 @@
               built-in `small` dims and lengths (T=128, batch 16).
 
 Prints a markdown table; --json writes every number (flat keys listed in README.md) plus
-details. --quick (< 2 minutes on 2 CPU cores) times fewer steps and a subset of the test set
-for the forward pass (extrapolated by padded snippets, flagged in the JSON); --tiny is for
-tests. Timings are wall-clock medians; the load average is recorded, because the CPU may be
-shared.
+details. --quick (< 2 minutes on 2 CPU cores at load ~3) times fewer steps (train: the
+baseline and PVLR at the small shapes only) and a subset of the test set for the forward
+pass (extrapolated by padded snippets, flagged in the JSON); --tiny is for tests. Timings
+are wall-clock medians; the load average is recorded, because the CPU may be shared.
 """
 import argparse
 import dataclasses
@@ -95,7 +99,11 @@ KEYS = (
     "train_compile_s_vlpo", "train_flops_per_step_vlpo", "train_flop_per_s_vlpo",
     "train_steps_per_s_jax_small", "train_steps_per_s_torch_small",
     "train_speedup_vs_torch_small", "train_steps_per_s_vlpo_small", "train_steps_per_s_pvlr",
-    "gemm_flop_per_s",
+    "train_videos_per_s_vlpo", "train_videos_per_s_pvlr", "train_compile_s_pvlr",
+    "train_flops_per_step_pvlr", "train_flop_per_s_pvlr", "train_steps_per_s_pvlr_small",
+    "train_steps_per_s_co2net", "train_videos_per_s_co2net", "train_compile_s_co2net",
+    "train_flops_per_step_co2net", "train_flop_per_s_co2net",
+    "train_steps_per_s_co2net_small", "gemm_flop_per_s",
     "eval_num_videos", "eval_num_snippets", "eval_forward_s", "eval_forward_compile_s",
     "eval_forward_base_s", "eval_forward_sorted_s", "eval_forward_sorted_compile_s",
     "eval_forward_base_sorted_s", "eval_forward_torch_s", "eval_postprocess_s", "eval_map_s",
@@ -163,20 +171,40 @@ SHAPES = {
     "small": Shapes("small", 16, 128, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
+# CO2-Net and PVLR train with their family's protocol (configs/co2net.py family_protocol:
+# T=320, batch 10 on THUMOS14; T=128, batch 10 on the built-in benchmark) and PVLR reads CLIP
+# image features (RN50: 1024-d; the built-in `small` clip stream: 64-d) with class text
+# embeddings in the same space. vlm_dim is that CLIP width here.
+SHAPES_CO2NET = {
+    "thumos14": Shapes("thumos14", 10, 320, 2048, 1024, "dataset=thumos14"),
+    "small": Shapes("small", 10, 128, 128, 64, "dataset=builtin"),
+    "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
+}
+TRAIN_METHODS = ("base", "vlpo", "co2net", "pvlr")
 
 
-def make_train_batch(shapes: Shapes, seed=0):
-  """A fixed-T training batch (numpy, the input pipeline's keys); I3D-like features >= 0."""
+def method_shapes(method_name, shape_name) -> Shapes:
+  """The train-step shapes of `method_name` at the `shape_name` family."""
+  return (SHAPES_CO2NET if method_name in ("co2net", "pvlr") else SHAPES)[shape_name]
+
+
+def make_train_batch(shapes: Shapes, seed=0, with_vlm=True):
+  """A fixed-T training batch (numpy, the input pipeline's keys); I3D-like features >= 0.
+  vlm_BxTxE (the VLM / CLIP stream) is left out when `with_vlm` is False, as the input
+  pipeline does for a config without config.data.vlm_feature."""
   rng = np.random.default_rng(seed)
   b, t = shapes.batch, shapes.num_t
   label = np.zeros((b, NUM_CLASSES), np.float32)
   label[np.arange(b), rng.integers(0, NUM_CLASSES, b)] = 1.0
-  return {
+  batch = {
       "feat_BxTxD": np.abs(rng.standard_normal((b, t, shapes.feat_dim), np.float32)),
       "vlm_BxTxE": rng.standard_normal((b, t, shapes.vlm_dim), np.float32),
       "mask_BxT": np.ones((b, t), np.float32), "label_BxC": label,
       "index_B": np.arange(b, dtype=np.int32), "valid_B": np.ones(b, np.float32),
       "scale_B": np.ones(b, np.float32)}
+  if not with_vlm:
+    del batch["vlm_BxTxE"]
+  return batch
 
 
 def _text(dim, seed=1):
@@ -185,15 +213,29 @@ def _text(dim, seed=1):
 
 
 def _setup(method_name, shapes: Shapes, config_overrides=None):
-  """(config, evaluate.Setup) for a method at `shapes`, without a dataset."""
-  config = _load_config("base" if method_name == "base" else "vlpo", shapes.config_arg)
+  """(config, evaluate.Setup) for a method at `shapes`, without a dataset.
+
+  configs/<method>.py with `shapes.config_arg`; dims and constants as evaluate.setup builds
+  them from a dataset: base / vlpo get the VLM stream and its text embeddings (base ignores
+  them), co2net neither, pvlr the CLIP stream with class text embeddings in the CLIP space
+  (its default 'precomputed' text mode, no CLIP checkpoint)."""
+  config = _load_config(method_name, shapes.config_arg)
   for key, value in (config_overrides or {}).items():
     config.vlpo[key] = value
-  dims = {"feat": shapes.feat_dim, "vlm": shapes.vlm_dim, "text": shapes.vlm_dim}
-  method = methods.get_method(config, NUM_CLASSES, dims)
+  if method_name == "co2net":
+    dims, consts = {"feat": shapes.feat_dim, "vlm": None, "text": None}, {}
+  else:
+    dims = {"feat": shapes.feat_dim, "vlm": shapes.vlm_dim, "text": shapes.vlm_dim}
+    consts = {"text_CxE": _text(shapes.vlm_dim)}
+  method = methods.get_method(config, NUM_CLASSES, dims,
+                              class_names=[f"class {i}" for i in range(NUM_CLASSES)])
+  extra = getattr(method, "extra_consts", None)
+  if extra is not None:
+    consts.update(extra())
+  mesh = evaluate.make_mesh(config)
+  consts = jax.device_put(consts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   run = evaluate.Setup(config=config, data_dir="<benchmark: in-memory batches>", manifest={},
-                       method=method, consts={"text_CxE": jnp.asarray(_text(shapes.vlm_dim))},
-                       mesh=evaluate.make_mesh(config))
+                       method=method, consts=consts, mesh=mesh)
   return config, run
 
 
@@ -215,7 +257,7 @@ def jax_train_stepper(method_name, shapes: Shapes):
       last_loss() -> float).
   """
   config, run = _setup(method_name, shapes)
-  batch = run.put_batch(make_train_batch(shapes))
+  batch = run.put_batch(make_train_batch(shapes, with_vlm=method_name != "co2net"))
   params = run.init_params(jax.random.key(0), batch)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0))
   step_fn = train.make_train_step(run, tx)
@@ -278,7 +320,8 @@ def _train_row(impl, method, shapes, info, times, loss, flops=None):
   step_s = _median(times)
   if not np.isfinite(loss):
     raise RuntimeError(f"{impl} {method} at {shapes.name} shapes: non-finite loss {loss}")
-  row = {"impl": impl, "method": method, "shapes": shapes.name,
+  row = {"impl": impl, "method": method, "shapes": shapes.name, "batch": shapes.batch,
+         "num_t": shapes.num_t, "dims": [shapes.feat_dim, shapes.vlm_dim],
          "compile_s": info.get("compile_s"), "step_s": times, "steps_per_s": 1.0 / step_s,
          "videos_per_s": shapes.batch / step_s, "flops_per_step": flops,
          "flop_per_s": flops / step_s if flops else None, "loss": loss}
@@ -304,22 +347,30 @@ def gemm_flop_per_s(rows, repeats=3):
 
 
 def run_train(args, result):
-  # (shapes, warm-up steps, timed steps, with VLPO, torch thread counts). torch runs with its
-  # default (one thread per core) and with 1 thread: on a shared, oversubscribed CPU its
-  # OpenMP barriers can make the default many times slower; the faster one is the baseline.
+  # Plan rows: (shapes, warm-up steps, timed steps, JAX-only methods, torch thread counts).
+  # torch runs with its default (one thread per core) and with 1 thread: on a shared,
+  # oversubscribed CPU its OpenMP barriers can make the default many times slower; the faster
+  # one is the baseline. Each method runs at its own protocol's shapes (`method_shapes`).
   tr = torch_reference()
   all_threads = ((tr.torch.get_num_threads(), 1) if tr else ())
   all_threads = tuple(dict.fromkeys(all_threads))
   if args.tiny:
-    plan = [("tiny", 1, 3, True, (1,))]
+    plan = [("tiny", 1, 3, ("vlpo", "co2net", "pvlr"), (1,))]
   elif args.quick:
-    # VLPO costs ~20 s of compilation per shape: left to the full run.
-    plan = [("thumos14", 0, 1, False, all_threads[:1]), ("small", 2, 10, False, all_threads)]
+    # Compilation dominates --quick (per shape on 2 loaded cores: base 5-7 s, VLPO 10-20 s,
+    # CO2-Net 11-16 s, PVLR 16-30 s, plus 4-9 s for the jitted init) and a THUMOS14-shape
+    # step takes 5-8 s per implementation: the small shapes only, the baseline against torch
+    # and PVLR; THUMOS14 shapes, VLPO and CO2-Net (PVLR's base) are left to the full run.
+    plan = [("small", 1, 5, ("pvlr",), all_threads)]
   else:
-    plan = [("thumos14", 1, 5, True, all_threads), ("small", 3, 30, True, all_threads)]
+    plan = [("thumos14", 1, 5, ("vlpo", "co2net", "pvlr"), all_threads),
+            ("small", 3, 30, ("vlpo", "co2net", "pvlr"), all_threads)]
   rows = []
+  if args.quick:
+    rows += [{"impl": "jax", "method": m, "shapes": "thumos14",
+              "status": "skipped in --quick (run without --quick)"} for m in TRAIN_METHODS]
   default_threads = tr.torch.get_num_threads() if tr else None
-  for shape_name, warmup, steps, with_vlpo, torch_threads in plan:
+  for shape_name, warmup, steps, others, torch_threads in plan:
     shapes = SHAPES[shape_name]
     log(f"train: base, jax and torch (threads {torch_threads}) interleaved, at {shape_name} "
         "shapes")
@@ -341,21 +392,23 @@ def run_train(args, result):
     else:
       tr.torch.set_num_threads(default_threads)
     del steppers, jax_step, torch_parts
-    if with_vlpo:
-      log(f"train: vlpo (jax) at {shape_name} shapes")
-      info, step, loss = jax_train_stepper("vlpo", shapes)
-      times = time_interleaved([("vlpo", step)], warmup=warmup, steps=steps)
-      rows.append(_train_row("jax", "vlpo", shapes, info, times["vlpo"], loss()))
+    for method_name in TRAIN_METHODS[1:]:
+      if method_name not in others:
+        rows.append({"impl": "jax", "method": method_name, "shapes": shape_name,
+                     "status": "skipped in --quick (run without --quick)"})
+        continue
+      m_shapes = method_shapes(method_name, shape_name)
+      log(f"train: {method_name} (jax) at {shape_name} shapes (T={m_shapes.num_t}, batch "
+          f"{m_shapes.batch})")
+      info, step, loss = jax_train_stepper(method_name, m_shapes)
+      times = time_interleaved([(method_name, step)], warmup=warmup, steps=steps)
+      rows.append(_train_row("jax", method_name, m_shapes, info, times[method_name], loss()))
       del step
-    else:
-      rows.append({"impl": "jax", "method": "vlpo", "shapes": shape_name,
-                   "status": "skipped in --quick (run without --quick)"})
-    rows.append({"impl": "jax", "method": "pvlr", "shapes": shape_name,
-                 "status": "not implemented (no PVLR method in wstal_jax yet)"})
   result["train"] = rows
   if not args.tiny:
     log("train: reference matmul FLOP/s")
-    result["gemm_flop_per_s"] = gemm_flop_per_s(4000 if args.quick else 12000)
+    result["gemm_rows"] = 4000 if args.quick else 12000
+    result["gemm_flop_per_s"] = gemm_flop_per_s(result["gemm_rows"])
 
   def get(method, impl, shapes, field):
     found = [r for r in rows if (r["method"], r["impl"], r["shapes"]) == (method, impl, shapes)
@@ -375,25 +428,36 @@ def run_train(args, result):
   result["train_steps_per_s_torch"] = get("base", "torch", big, "steps_per_s")
   result["train_videos_per_s_torch"] = get("base", "torch", big, "videos_per_s")
   result["train_torch_threads"] = get("base", "torch", big, "threads")
-  result["train_steps_per_s_vlpo"] = get("vlpo", "jax", big, "steps_per_s")
-  result["train_compile_s_vlpo"] = get("vlpo", "jax", big, "compile_s")
-  result["train_flops_per_step_vlpo"] = get("vlpo", "jax", big, "flops_per_step")
-  result["train_flop_per_s_vlpo"] = get("vlpo", "jax", big, "flop_per_s")
-  result["train_steps_per_s_pvlr"] = None
+  for method_name in TRAIN_METHODS[1:]:
+    result[f"train_steps_per_s_{method_name}"] = get(method_name, "jax", big, "steps_per_s")
+    result[f"train_videos_per_s_{method_name}"] = get(method_name, "jax", big, "videos_per_s")
+    result[f"train_compile_s_{method_name}"] = get(method_name, "jax", big, "compile_s")
+    result[f"train_flops_per_step_{method_name}"] = get(method_name, "jax", big,
+                                                        "flops_per_step")
+    result[f"train_flop_per_s_{method_name}"] = get(method_name, "jax", big, "flop_per_s")
   if result["train_steps_per_s_torch"]:
     result["train_speedup_vs_torch"] = (result["train_steps_per_s_jax"]
                                         / result["train_steps_per_s_torch"])
   if not args.tiny:
     result["train_steps_per_s_jax_small"] = get("base", "jax", "small", "steps_per_s")
     result["train_steps_per_s_torch_small"] = get("base", "torch", "small", "steps_per_s")
-    result["train_steps_per_s_vlpo_small"] = get("vlpo", "jax", "small", "steps_per_s")
+    for method_name in TRAIN_METHODS[1:]:
+      result[f"train_steps_per_s_{method_name}_small"] = get(method_name, "jax", "small",
+                                                             "steps_per_s")
+      result[f"train_videos_per_s_{method_name}_small"] = get(method_name, "jax", "small",
+                                                              "videos_per_s")
+      result[f"train_compile_s_{method_name}_small"] = get(method_name, "jax", "small",
+                                                           "compile_s")
     if result["train_steps_per_s_torch_small"]:
       result["train_speedup_vs_torch_small"] = (result["train_steps_per_s_jax_small"]
                                                 / result["train_steps_per_s_torch_small"])
   if tr is None:
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
-  result["notes"].append("train_*_vlpo: THUMOS14 shapes; PVLR: not implemented in wstal_jax")
+  result["notes"].append(
+      "train_*_{vlpo,co2net,pvlr}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + 768-d; "
+      "co2net / pvlr T=320, batch 10, 2048-d + 1024-d CLIP); *_small: built-in small shapes "
+      "(vlpo T=128, batch 16; co2net / pvlr T=128, batch 10; 128-d + 64-d)")
 
 
 # --------------------------------------------------------------------------------------- eval
@@ -524,7 +588,8 @@ def our_postprocess(videos, scores, preset):
 
 
 def our_postprocess_per_video(videos, scores, preset):
-  """postprocess.video_proposals per video (as the Evaluator calls it) -> {name: Proposals}."""
+  """postprocess.video_proposals per video (as the Evaluator called it before it batched the
+  post-processing) -> {name: Proposals}."""
   config = postprocess.get_preset(preset)
   return {v.name: postprocess.video_proposals(
       *scores[v.name], seconds_per_snippet=SPS, duration=v.duration, config=config,
@@ -575,8 +640,9 @@ def eval_forward(method_name, shapes: Shapes, lengths, batch_size, *, max_batche
                  order="manifest"):
   """The Evaluator's device loop: put batch, jitted predict, fetch -> timing dict.
 
-  Batches follow input_pipeline.eval_plan (length buckets; `order` 'manifest' is what
-  eval_batches yields, 'length' sorts each process's videos longest first). Features are
+  Batches follow input_pipeline.eval_plan (length buckets; `order` 'length', what
+  eval_batches yields and the Evaluator uses, sorts each process's videos longest first;
+  'manifest' keeps them by index, the Evaluator's batching before). Features are
   random. With `max_batches`, only up to that many batches of the most common bucket length
   are timed (one compilation) and the total is extrapolated by padded snippets.
   """
@@ -730,8 +796,8 @@ def run_eval(args, result):
   result["eval_map_s"] = map_s
   result["eval_postprocess_map_s"] = pp_s + map_s
   result["eval_postprocess_per_video_s"] = pp_one_s
-  # As the Evaluator runs today (manifest-order batches, video_proposals per video), and with
-  # the two faster paths (length-sorted batches, proposals_for_videos).
+  # As the Evaluator ran before (manifest-order batches, video_proposals per video), and as it
+  # runs now (length-sorted batches, proposals_for_videos once).
   result["eval_end_to_end_s"] = result["eval_forward_s"] + pp_one_s + map_s
   result["eval_end_to_end_fast_s"] = result["eval_forward_sorted_s"] + pp_s + map_s
   result["eval_postprocess_vlpo_s"] = pp_vlpo_s
@@ -879,7 +945,8 @@ def markdown(result):
     for row in r["train"]:
       impl = row["impl"] + (f", {row['threads']} thread{'s' * (row['threads'] > 1)}"
                             if "threads" in row else "")
-      what = f"train {row['method']} ({impl}, {row['shapes']} shapes)"
+      what = f"train {row['method']} ({impl}, {row['shapes']} shapes"
+      what += f": T={row['num_t']}, batch {row['batch']})" if "num_t" in row else ")"
       if "status" in row:
         rows.append((what, row["status"]))
         continue
@@ -889,7 +956,7 @@ def markdown(result):
       rows.append((what, f"{row['steps_per_s']:.3g} steps/s = {row['videos_per_s']:.3g} "
                          f"videos/s (median of {len(row['step_s'])}){comp}{flop}"))
     if r.get("gemm_flop_per_s"):
-      rows.append(("f32 matmul [12000 x 6144] @ [6144 x 512] (jit), for scale",
+      rows.append((f"f32 matmul [{r['gemm_rows']} x 6144] @ [6144 x 512] (jit), for scale",
                    f"{r['gemm_flop_per_s'] / 1e9:.1f} GFLOP/s"))
     rows.append((f"train speedup jax / torch (baseline, {r['train_shapes']} shapes)",
                  _fmt(r["train_speedup_vs_torch"], "x")))
@@ -901,32 +968,36 @@ def markdown(result):
     rows += [
         ("eval test set", f"{e['num_videos']} videos, {e['num_snippets']} snippets, "
                           f"{e['num_instances']} instances ({e['test_set']})"),
-        ("eval forward, vlpo predict (jit)",
+        ("eval forward, vlpo predict (jit), manifest-order batches (the Evaluator before)",
          f"{_fmt(r['eval_forward_s'], ' s')} (+ {_fmt(r['eval_forward_compile_s'], ' s')} "
          f"compile + first run of {len(e['forward_vlpo']['buckets_timed'])} bucket shapes; "
          f"{e['forward_vlpo']['padded_snippets']} padded snippets)"
          + (" [extrapolated]" if e["forward_vlpo"]["extrapolated"] else "")),
-        ("eval forward, vlpo predict, length-sorted batches (eval_plan order='length')",
+        ("eval forward, vlpo predict, length-sorted batches (order='length': the Evaluator "
+         "now)",
          f"{_fmt(r['eval_forward_sorted_s'], ' s')} (+ "
          f"{_fmt(r['eval_forward_sorted_compile_s'], ' s')} compile + first run of "
          f"{len(e['forward_vlpo_sorted']['buckets_timed'])} bucket shapes; "
          f"{e['forward_vlpo_sorted']['padded_snippets']} padded snippets)"
          + (" [extrapolated]" if e["forward_vlpo_sorted"]["extrapolated"] else "")),
-        ("eval forward, base predict (jit)", _fmt(r["eval_forward_base_s"], " s")),
+        ("eval forward, base predict (jit), manifest-order batches",
+         _fmt(r["eval_forward_base_s"], " s")),
         ("eval forward, base predict, length-sorted batches",
          _fmt(r["eval_forward_base_sorted_s"], " s")),
         ("eval forward, torch baseline (per video)", _fmt(r["eval_forward_torch_s"], " s")),
-        ("post-processing, co2net preset (proposals_for_videos, all videos at once)",
+        ("post-processing, co2net preset (proposals_for_videos, all videos at once: the "
+         "Evaluator now)",
          _fmt(r["eval_postprocess_s"], " s")),
-        ("post-processing, co2net preset (video_proposals per video, as the Evaluator)",
+        ("post-processing, co2net preset (video_proposals per video: the Evaluator before)",
          _fmt(r["eval_postprocess_per_video_s"], " s")),
         ("detection mAP (7 tIoU)", _fmt(r["eval_map_s"], " s")),
         ("post-processing + mAP", _fmt(r["eval_postprocess_map_s"], " s")),
         ("post-processing + mAP, vlpo preset",
          f"{_fmt(r['eval_postprocess_vlpo_s'], ' s')} + {_fmt(r['eval_map_vlpo_s'], ' s')}"),
-        ("eval end to end, as the Evaluator runs today (manifest-order forward + per-video "
+        ("eval end to end, as the Evaluator ran before (manifest-order forward + per-video "
          "post-processing + mAP)", _fmt(r["eval_end_to_end_s"], " s")),
-        ("eval end to end, sorted forward + proposals_for_videos + mAP",
+        ("eval end to end, as the Evaluator runs now (sorted forward + proposals_for_videos "
+         "+ mAP)",
          _fmt(r["eval_end_to_end_fast_s"], " s")),
         ("CO2-Net loop: post-processing + mAP",
          f"{_fmt(r['eval_reference_postprocess_s'], ' s')} + "

@@ -50,8 +50,11 @@ def family_protocol(config, dataset):
     config.train.eval_every = 1000
     config.optim.lr = 3e-5
   elif dataset == "builtin":
-    # The builtin preset (T=128, 1000 steps, lr 1e-3) with the family's batch of 10.
+    # The builtin preset (T=128, lr 1e-3) with the family's batch of 10 and 1500 steps:
+    # CO2-Net, regularised by dropout everywhere, is still improving at 1000 (seed 0: 24.4
+    # avg mAP at 1000 steps, 37.6 at 1500 with dropout 0.5).
     config.train.batch_size = 10
+    config.train.num_steps = 1500
 
 
 def co2net_block(dataset):
@@ -61,8 +64,10 @@ def co2net_block(dataset):
     block.topk_divisor = 5
   if dataset == "builtin":
     # CO2-Net's widths (attention head 512) are for 2 x 1024-d I3D; the small built-in
-    # benchmark has 2 x 64-d features.
+    # benchmark has 2 x 64-d features. Dropout 0.5 instead of CO2-Net's 0.7, chosen on
+    # CO2-Net alone (seed 0, 1500 steps: 37.6 vs 29.0 best avg mAP) and used for PVLR too.
     block.attn_hidden = 64
+    block.dropout = 0.5
   return block
 
 

@@ -147,6 +147,43 @@ def test_jax_train_step_runs_at_tiny_shapes():
   assert info["flops_per_step"] and info["flops_per_step"] > 0
 
 
+def test_train_shapes_follow_the_configs():
+  """Each method's benchmark shapes are its config preset's (T, batch) and CO2-Net's split of
+  the I3D width works."""
+  for name in ("thumos14", "small"):
+    for method in bench.TRAIN_METHODS:
+      shapes = bench.method_shapes(method, name)
+      config = bench._load_config(method, shapes.config_arg)  # pylint: disable=protected-access
+      assert (config.data.num_snippets, config.train.batch_size) == (
+          shapes.num_t, shapes.batch), (method, name)
+      assert shapes.feat_dim % 2 == 0
+  assert bench.method_shapes("pvlr", "thumos14").vlm_dim == 1024   # CLIP RN50
+  assert bench.method_shapes("vlpo", "thumos14").vlm_dim == 768
+
+
+@pytest.mark.parametrize("method", ["co2net", "pvlr"])
+def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
+  """The benchmark's set-up (dims, constants, batch keys) fits the method: the trainer's step
+  traces (jax.eval_shape: no compilation, which costs 15-40 s for these two)."""
+  import jax
+  import jax.numpy as jnp
+  from wstal_jax import train
+
+  shapes = bench.method_shapes(method, "tiny")
+  config, run = bench._setup(method, shapes)  # pylint: disable=protected-access
+  batch = bench.make_train_batch(shapes, with_vlm=method != "co2net")
+  assert ("vlm_BxTxE" in batch) == (method == "pvlr")
+  init = run._init_params  # pylint: disable=protected-access
+  params = jax.eval_shape(init, jax.random.key(0), batch, run.consts)
+  tx = train.make_optimizer(config, run.method.param_labels(params, 0))
+  state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+           "opt_state": jax.eval_shape(tx.init, params)}
+  new_state, terms = jax.eval_shape(train.make_train_step(run, tx), state, batch, run.consts,
+                                    jax.random.key(1))
+  assert terms["loss"].shape == () and len(terms) > 1
+  assert jax.tree.structure(new_state["params"]) == jax.tree.structure(params)
+
+
 def test_torch_baseline_matches_flax_baseline():
   torch = pytest.importorskip("torch")
   torch_reference = _load("torch_reference")

@@ -210,8 +210,13 @@ def test_eval_batches_buckets_and_equal_counts(data_dir, lengths):
   assert sorted(real) == list(range(NUM_TEST))
   for b0, b1 in zip(*per_proc):  # same shapes on every process, step by step
     assert {k: v.shape for k, v in b0.items()} == {k: v.shape for k, v in b1.items()}
-  # Process order is manifest order.
-  assert [i for b in per_proc[0] for i in b["index_B"] if i >= 0] == [0, 2, 4, 6, 8, 10]
+  # Default: each process's videos longest first (ties by index); order='manifest': by index.
+  got = [i for b in per_proc[0] for i in b["index_B"] if i >= 0]
+  assert sorted(got) == [0, 2, 4, 6, 8, 10]
+  assert got == sorted(got, key=lambda i: (-t_n[i], i))
+  by_index = _eval_all(data_dir, 2, batch_size=2, order="manifest")
+  assert [i for b in by_index[0] for i in b["index_B"] if i >= 0] == [0, 2, 4, 6, 8, 10]
+  assert [i for b in by_index[1] for i in b["index_B"] if i >= 0] == [1, 3, 5, 7, 9]
 
 
 def test_eval_more_processes_than_shards_and_subsets(data_dir, lengths):
@@ -219,7 +224,8 @@ def test_eval_more_processes_than_shards_and_subsets(data_dir, lengths):
   assert len({len(b) for b in per_proc}) == 1
   assert all(b["valid_B"].sum() == 0 for batches in per_proc[4:] for b in batches)
   sub = _eval_all(data_dir, 1, batch_size=4, video_indices=[3, 7, 1])[0]
-  assert [b["index_B"].tolist() for b in sub] == [[1, 3, 7, -1]]
+  longest_first = sorted([1, 3, 7], key=lambda i: (-lengths["test"][i], i))
+  assert [b["index_B"].tolist() for b in sub] == [longest_first + [-1]]
   assert sub[0]["feat_BxTxD"].shape[1] >= lengths["test"][[1, 3, 7]].max()
   fixed = _eval_all(data_dir, 1, batch_size=4, buckets=[256])[0]
   assert {b["feat_BxTxD"].shape[1] for b in fixed} == {256}
@@ -232,8 +238,8 @@ def test_eval_plan_length_order(data_dir, lengths):
   manifest = fmt.read_manifest(data_dir)
   for procs, batch, subset in ((1, 2, None), (2, 2, None), (3, 4, [0, 2, 3, 5, 7, 8, 10])):
     kw = dict(batch_size=batch, process_count=procs, video_indices=subset)
-    base_P, base_J = ip.eval_plan(manifest, data_dir, "test", **kw)
-    by_len_P, by_len_J = ip.eval_plan(manifest, data_dir, "test", order="length", **kw)
+    base_P, base_J = ip.eval_plan(manifest, data_dir, "test", order="manifest", **kw)
+    by_len_P, by_len_J = ip.eval_plan(manifest, data_dir, "test", **kw)   # default: length
     # Same videos on every process (each gets its own shards' videos), same batch count.
     assert len(by_len_J) == len(base_J)
     for base, by_len in zip(base_P, by_len_P):
@@ -249,6 +255,53 @@ def test_eval_plan_length_order(data_dir, lengths):
   assert fixed == [16] * 3
   with pytest.raises(WstalError, match="order"):
     ip.eval_plan(manifest, data_dir, "test", batch_size=4, order="random")
+
+
+def test_eval_reorder_buffer(data_dir, lengths, monkeypatch):
+  """Plan order through a bounded reorder buffer: any buffer size (one pass over the shards per
+  window) gives the same batches, and each video's row does not depend on the order."""
+  # Records arrive by index; a video is held until every earlier plan position has arrived.
+  assert ip._peak_held_bytes(np.array([1, 2, 3]), np.ones(3)) == 1
+  assert ip._peak_held_bytes(np.array([3, 1, 2]), np.ones(3)) == 3
+  assert ip._peak_held_bytes(np.array([2, 1, 3]), np.array([5.0, 1.0, 7.0])) == 7
+  videos, sizes = np.array([9, 4, 7, 1, 8, 0]), np.full(6, 10.0)
+  windows = ip._read_windows(videos, sizes, 25)
+  assert windows[0][0] == 0 and windows[-1][1] == 6
+  assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+  assert all(ip._peak_held_bytes(videos[lo:hi], sizes[lo:hi]) <= 25 or hi - lo == 1
+             for lo, hi in windows)
+  assert ip._read_windows(np.sort(videos), sizes, 10) == [(0, 6)]   # by index: one pass
+  assert ip._read_windows(videos, sizes, 1) == [(k, k + 1) for k in range(6)]
+
+  seen = []
+  read_windows = ip._read_windows
+  monkeypatch.setattr(ip, "_read_windows", lambda *a: seen.append(read_windows(*a)) or seen[-1])
+  kw = dict(batch_size=2, vlm_feature="clip")
+  big = _eval_all(data_dir, 2, **kw)
+  assert [len(w) for w in seen] == [1, 1]
+  small = _eval_all(data_dir, 2, buffer_bytes=1, **kw)
+  assert [len(w) for w in seen[2:]] == [6, 5]                      # one pass per video
+  for a, b in zip(big, small):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+      assert x.keys() == y.keys()
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+  # Rows per video: the same values in 'manifest' order (only the padding differs).
+  rows = {}
+  for order in ("length", "manifest"):
+    for batches in _eval_all(data_dir, 2, order=order, **kw):
+      for b in batches:
+        for r, i in enumerate(b["index_B"].tolist()):
+          if i >= 0:
+            t = int(lengths["test"][i])
+            rows.setdefault(i, []).append(
+                (b["feat_BxTxD"][r, :t], b["vlm_BxTxE"][r, :t], b["mask_BxT"][r, :t],
+                 b["label_BxC"][r], b["scale_B"][r], b["valid_B"][r]))
+  assert sorted(rows) == list(range(NUM_TEST))
+  for by_len, by_index in rows.values():
+    for x, y in zip(by_len, by_index):
+      np.testing.assert_array_equal(x, y)
 
 
 def test_eval_resampled(data_dir, lengths):
@@ -274,6 +327,16 @@ def test_eval_detects_manifest_mismatch(data_dir, tmp_path):
   del m["splits"]["test"]["video_num_snippets"]
   (bad / "manifest.json").write_text(json.dumps(m))
   assert len(_eval_all(str(bad), 1, batch_size=2)[0]) == 6
+  # A shard holding another shard's videos.
+  other = tmp_path / "other"
+  shutil.copytree(data_dir, other)
+  shutil.copy(other / "test-00000-of-00004.tfrecord", other / "test-00002-of-00004.tfrecord")
+  m = json.loads((other / "manifest.json").read_text())
+  m["splits"]["test"]["shards"][2]["num_bytes"] = m["splits"]["test"]["shards"][0]["num_bytes"]
+  (other / "manifest.json").write_text(json.dumps(m))
+  for order in ("length", "manifest"):
+    with pytest.raises(WstalError, match="shards hold other videos than the manifest lists"):
+      _eval_all(str(other), 1, batch_size=2, order=order)
   # Corrupt bytes (same size) surface as WstalError, not a TF traceback.
   shard = bad / "test-00001-of-00004.tfrecord"
   data = bytearray(shard.read_bytes())

@@ -362,3 +362,58 @@ def test_clip_text_mode_from_a_converted_checkpoint(tmp_path):
   config.pvlr.clip_checkpoint = str(tmp_path / "missing.npz")
   with pytest.raises(WstalError, match="missing.npz"):
     methods.get_method(config, 3, {"feat": 8, "vlm": 6, "text": None}, class_names=names)
+
+
+def _write_pvlr_dataset(out_dir):
+  from wstal_jax.data import format as data_format
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(3, 6)).astype(np.float32)
+  splits = {}
+  for split, n in (("train", 6), ("test", 3)):
+    videos = []
+    for i in range(n):
+      num_t, cls = int(rng.integers(10, 24)), i % 3
+      i3d = rng.uniform(0, 1, size=(num_t, 8)).astype(np.float32)
+      i3d[2:8, cls] += 2.0
+      clip = rng.normal(size=(num_t, 6)).astype(np.float32)
+      clip[2:8] += text[cls]
+      videos.append(data_format.VideoRecord(
+          name=f"{split}_{i}", duration=num_t * 0.64, features={"i3d": i3d, "clip": clip},
+          label=np.eye(3, dtype=np.float32)[cls],
+          segments=np.array([[2 * 0.64, 8 * 0.64]], np.float32),
+          segment_labels=np.array([cls], np.int32)))
+    splits[split] = videos
+  data_format.write_dataset(str(out_dir), dataset="tiny", classes=["a", "b", "c"],
+                            feature_dims={"i3d": 8, "clip": 6}, splits=splits, num_shards=1,
+                            feature_text_embeddings={"clip": text})
+  return str(out_dir)
+
+
+def test_cli_two_steps_train_then_eval(tmp_path):
+  import json
+  import subprocess
+  import sys
+  data = _write_pvlr_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_backend_optimization_level=0",
+             WSTAL_DATA_CACHE=str(tmp_path))
+
+  def main(*args):
+    return subprocess.run([sys.executable, "-m", "wstal_jax.main", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=600)
+  proc = main(f"--config={ROOT}/configs/pvlr.py", f"--config.data.dir={data}",
+              f"--workdir={workdir}", "--config.train.num_steps=2", "--config.train.eval_every=2",
+              "--config.data.num_snippets=16", "--config.train.batch_size=4",
+              "--config.eval.batch_size=4", "--config.co2net.attn_hidden=8",
+              "--config.pvlr.k_easy=4", "--config.eval.num_plots=0")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "learnable offset per class" in proc.stderr   # the text-side choice is logged
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["step"] == 2 and np.isfinite(metrics["average_mAP"])
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["method"] == "pvlr" and config["data"]["vlm_feature"] == "clip"
+  proc = main("--mode=eval", f"--workdir={workdir}", "--checkpoint=latest",
+              f"--eval_dir={tmp_path / 'eval'}")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+  assert again["average_mAP"] == metrics["average_mAP"] and again["acc"] == metrics["acc"]

@@ -352,6 +352,53 @@ def test_bad_config_values(tiny_data, tmp_path):
                                str(tmp_path / key), method=TinyMethod())
 
 
+class MaskedTinyMethod(TinyMethod):
+  """TinyMethod with k from the valid snippets, as the real methods: outputs do not depend on
+  the padding or on the other videos of a batch."""
+
+  def _video_logits(self, params, batch):
+    from wstal_jax.methods import vlpo
+    logits_BxTxC = self.model.apply({"params": params}, batch["feat_BxTxD"])["logits_BxTxC"]
+    k_B = vlpo.topk_count(batch["mask_BxT"], 4)
+    return logits_BxTxC, vlpo.masked_topk_mean(logits_BxTxC, batch["mask_BxT"], k_B)
+
+
+def test_eval_order_does_not_change_results(tmp_path):
+  """Length-sorted eval batches (the default) and manifest order: the same per-video outputs,
+  proposals and metrics, with far fewer padded snippets."""
+  from wstal_jax import evaluate
+  from wstal_jax import input_pipeline
+  rng = np.random.default_rng(3)
+  splits = {split: [_video(rng, f"{split}_{i:03d}", int(rng.integers(10, 300)),
+                           i % NUM_CLASSES, split) for i in range(n)]
+            for split, n in (("train", 4), ("test", 14))}
+  data_dir = str(tmp_path / "data")
+  data_format.write_dataset(data_dir, dataset="tiny",
+                            classes=[f"class{c}" for c in range(NUM_CLASSES)],
+                            feature_dims={"i3d": DIM}, splits=splits, num_shards=3)
+  config = tiny_config(data_dir, **{"eval.batch_size": 4})
+  run = evaluate.setup(config, method=MaskedTinyMethod())
+  evaluators = {o: evaluate.Evaluator(run, split="test", order=o) for o in ("length", "manifest")}
+  padded = {o: sum(input_pipeline.eval_plan(run.manifest, data_dir, "test", batch_size=4,
+                                            order=o)[1]) for o in evaluators}
+  assert padded["length"] < padded["manifest"]
+  params = run.init_params(jax.random.key(1),
+                           run.put_batch(next(iter(evaluators["manifest"].batches()))))
+  got = {o: ev(params, keep_scores=14) for o, ev in evaluators.items()}
+  by_len, by_index = got["length"], got["manifest"]
+  assert by_len.metrics == by_index.metrics
+  assert list(by_len.proposals) == list(by_index.proposals) and len(by_len.proposals) == 14
+  assert sum(len(p.label) for p in by_len.proposals.values()) > 0
+  for name, p in by_len.proposals.items():
+    q = by_index.proposals[name]
+    for field in ("label", "score", "start", "end"):
+      np.testing.assert_array_equal(getattr(p, field), getattr(q, field))
+  assert list(by_len.scores) == list(by_index.scores)
+  for name, sc in by_len.scores.items():
+    for key, value in sc.items():
+      np.testing.assert_array_equal(value, by_index.scores[name][key])
+
+
 def test_weight_decay_styles_differ():
   """'l2' adds wd * w to the gradient before Adam (torch Adam); 'decoupled' is AdamW."""
   config = load_common().base_config(name="x", method="x")

@@ -18,11 +18,13 @@ parses another's rows): the price of results that do not depend on the layout. s
 starts at epoch (s G) // N and skips the remaining (s G) % N serialized records before any
 parsing.
 
-Evaluation (`eval_batches`) yields whole videos in manifest order (per process: the videos of
-its shards). Batch j of every process is padded to the same length bucket, chosen from the
-lengths of all processes' j-th batches (the manifest lists every video's T), and short
+Evaluation (`eval_batches`) yields whole videos, per process the videos of its shards, longest
+first by default (`eval_plan`; order='manifest' gives increasing index), so a batch holds
+videos of similar length. Batch j of every process is padded to the same length bucket, chosen
+from the lengths of all processes' j-th batches (the manifest lists every video's T), and short
 processes are topped up with dummy videos (index -1, valid 0, zero mask), so every process
-yields the same number of identically shaped batches.
+yields the same number of identically shaped batches. The shards are read by increasing index
+and reordered through a bounded buffer (one pass per window of the plan that fits it).
 """
 import functools
 import math
@@ -43,6 +45,7 @@ except RuntimeError:
 SAMPLINGS = ("random_perturb", "uniform", "pad")
 _AUTOTUNE = tf.data.AUTOTUNE
 _MAX_CYCLE = 16
+EVAL_BUFFER_BYTES = 512 << 20   # eval_batches: bound on the reorder buffer of one process
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -312,18 +315,26 @@ def _video_lengths(manifest, data_dir, split):
 
 
 def eval_plan(manifest, data_dir, split, *, batch_size, buckets=None, num_snippets=None,
-              video_indices=None, process_count=1, order="manifest"):
+              video_indices=None, process_count=1, order="length"):
   """The eval batches every process will yield, computed from the manifest alone.
 
-  Returns (videos_P, length_J): videos_P[p] int64 [N_p] video indices of process p in order;
-  length_J int [J] the padded T of batch j (the same on every process). J = max_p ceil(N_p/B).
+  Args:
+    manifest, data_dir, split: the dataset (lengths come from the manifest's
+      video_num_snippets, or from the shards when it has none).
+    batch_size: per-process batch size B.
+    buckets, num_snippets, video_indices: as in `eval_batches`.
+    process_count: number of processes; process p evaluates the videos of its shards.
+    order: 'length' (the default, what `eval_batches` and the Evaluator use): each process's
+      videos longest first, ties by index, so a batch holds videos of similar length (1.6x
+      the real snippets padded instead of 4.1x on the THUMOS14 test set). 'manifest': each
+      process's videos by increasing index. The batch count and each process's videos are the
+      same in both. With `num_snippets` every video has the same T and the order is always
+      'manifest'.
 
-  order: 'manifest' (what `eval_batches` reads: each process's videos in manifest order) or
-  'length' (each process's videos longest first, ties by index; the batch count and the
-  per-video results are the same, but a batch holds videos of similar length, so far less
-  padding: 1.6x the real snippets instead of 4.1x on the THUMOS14 test set). `eval_batches`
-  reads the shards sequentially in manifest order, so it can only use 'manifest' until it
-  reads records in plan order.
+  Returns:
+    (videos_P, length_J): videos_P[p] int64 [N_p] video indices of process p in order;
+    length_J int [J] the padded T of batch j (the same on every process);
+    J = max_p ceil(N_p / B).
   """
   if order not in ("manifest", "length"):
     raise WstalError(f"eval_plan: order must be 'manifest' or 'length', got {order!r}")
@@ -354,12 +365,56 @@ def eval_plan(manifest, data_dir, split, *, batch_size, buckets=None, num_snippe
   return videos_P, length_J
 
 
+def _peak_held_bytes(videos_W, bytes_W) -> float:
+  """Most bytes held at once when the records of videos_W arrive by increasing index and are
+  released in list order (a video is held from its arrival until it and every video before
+  it in the list have arrived)."""
+  num = len(videos_W)
+  arrive_W = np.empty(num, np.int64)
+  arrive_W[np.argsort(videos_W, kind="stable")] = np.arange(num)
+  leave_W = np.maximum.accumulate(arrive_W)
+  delta = np.zeros(num + 1)
+  np.add.at(delta, arrive_W, bytes_W)
+  np.add.at(delta, leave_W + 1, -np.asarray(bytes_W, np.float64))
+  return float(np.cumsum(delta).max(initial=0.0))
+
+
+def _read_windows(videos_K, bytes_K, buffer_bytes) -> list[tuple[int, int]]:
+  """Splits the plan positions [0, K) into windows [lo, hi), each read in one pass over the
+  shards, whose reorder buffer holds at most `buffer_bytes` (a window has >= 1 video).
+
+  Greedy: each window is the longest that fits (the peak grows with the window)."""
+  windows, lo, num = [], 0, len(videos_K)
+  while lo < num:
+    good, bad = lo + 1, num + 1   # good fits (one video always does); bad: first known not to
+    while bad - good > 1:
+      mid = (good + bad) // 2
+      if _peak_held_bytes(videos_K[lo:mid], bytes_K[lo:mid]) <= buffer_bytes:
+        good = mid
+      else:
+        bad = mid
+    windows.append((lo, good))
+    lo = good
+  return windows
+
+
 def eval_batches(data_dir: str, *, split: str, batch_size: int,
                  vlm_feature: str | None = None, buckets: Sequence[int] | None = None,
                  num_snippets: int | None = None, video_indices: Sequence[int] | None = None,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Iterator[dict]:
+                 process_index: int | None = None, process_count: int | None = None,
+                 order: str = "length",
+                 buffer_bytes: int = EVAL_BUFFER_BYTES) -> Iterator[dict]:
   """Whole-video per-process eval batches; every process yields the same number and shapes.
+
+  The batches follow `eval_plan(order=order)`. A process reads only its own shards, whose
+  records come by increasing video index; to yield them in plan order (longest first by
+  default) it holds parsed videos that arrived before their turn in a reorder buffer of at
+  most `buffer_bytes` (padded features of the requested streams). When the whole plan does
+  not fit, the plan is cut into windows that each fit (`_read_windows`) and the shards are
+  read once per window, parsing only that window's videos (the others are skipped after
+  reading their index). THUMOS14 test at full dims (I3D 2048-d, padded to the length
+  buckets: ~0.9 GB) takes 2-3 passes with the default 512 MiB; in manifest order nothing
+  waits and one pass always suffices.
 
   Args:
     data_dir, split: the dataset and split to evaluate.
@@ -372,6 +427,9 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
     video_indices: evaluate only these videos of the split.
     process_index, process_count: default jax.process_index() / jax.process_count(). A process
       without shards yields only dummy batches.
+    order: 'length' (longest first) or 'manifest' (by index); see `eval_plan`. Each video's
+      batch row holds the same values in both; only the batching (and padding) differs.
+    buffer_bytes: bound on the reorder buffer (see above).
 
   Yields:
     dicts of numpy arrays as in train_batches, with T varying by batch; dummy entries have
@@ -384,88 +442,112 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
   p, num_procs = _layout(process_index, process_count)
   videos_P, length_J = eval_plan(manifest, data_dir, split, batch_size=batch_size,
                                  buckets=buckets, num_snippets=num_snippets,
-                                 video_indices=video_indices, process_count=num_procs)
+                                 video_indices=video_indices, process_count=num_procs,
+                                 order=order)
   primary, names = _feature_names(manifest, vlm_feature, data_dir)
   mine = videos_P[p]
   num_batches = len(length_J)
+  num_videos = manifest["splits"][split]["num_videos"]
   pad_T = np.repeat(np.asarray(length_J, np.int64), batch_size)  # T of every slot
   lengths_N = None if num_snippets is not None else _video_lengths(manifest, data_dir, split)
   dims = {n: manifest["features"][n]["dim"] for n in names}
   num_c = len(manifest["classes"])
   parse = fmt.tf_parse_fn(manifest, names)
+  # Padded T of each of this process's videos; records of other videos are never parsed.
+  slot_N = np.ones(num_videos, np.int32)
+  slot_N[mine] = pad_T[:len(mine)]
+  slot_tf = tf.constant(slot_N)
+  # Video i is in shard i % num_shards; process p reads shards p, p + P, ...
+  mine_N = (np.arange(num_videos) % len(paths)) % num_procs == p
+  bytes_K = pad_T[:len(mine)] * 4 * sum(dims.values())
+  windows = _read_windows(mine, bytes_K, buffer_bytes)
+  my_paths = paths[p::num_procs]
+  index_spec = {"index": tf.io.FixedLenFeature([], tf.int64)}
 
-  def real(expected_index, slot_t, serialized):
+  def element(index, serialized):
     ex = parse(serialized)
-    checks = [tf.debugging.assert_equal(
-        ex["index"], tf.cast(expected_index, tf.int32),
-        message="video index differs from the manifest order")]
-    with tf.control_dependencies(checks):
-      num_t = tf.identity(ex["num_snippets"])
+    num_t = ex["num_snippets"]
     if num_snippets is not None:
       idx_T, mask_T, scale = sample_indices(num_t, num_snippets, "uniform")
     else:
+      slot_t = tf.gather(slot_tf, tf.clip_by_value(index, 0, num_videos - 1))
       pos_T = tf.range(slot_t, dtype=tf.int32)
       mask_T = tf.cast(pos_T < num_t, tf.float32)
       idx_T, scale = tf.minimum(pos_T, num_t - 1), tf.constant(1.0, tf.float32)
     feats = {n: ex[f"feature/{n}"] for n in names}
     return _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
 
+  def read_pass(take_N):
+    """This process's records of the videos in take_N, parsed, by increasing index. Records
+    that belong to no video of this process's shards are kept too (to be reported)."""
+    keep = tf.constant(take_N | ~mine_N)
+
+    def with_index(serialized):
+      return tf.io.parse_single_example(serialized, index_spec)["index"], serialized
+
+    def wanted(index, serialized):
+      del serialized
+      in_range = tf.logical_and(index >= 0, index < num_videos)
+      return tf.logical_or(tf.logical_not(in_range),
+                           tf.gather(keep, tf.clip_by_value(index, 0, num_videos - 1)))
+
+    ds = tf.data.Dataset.from_tensor_slices(my_paths).interleave(
+        tf.data.TFRecordDataset, cycle_length=len(my_paths), block_length=1)
+    ds = ds.map(with_index).filter(wanted)
+    return ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True).prefetch(_AUTOTUNE)
+
+  def mismatch(what):
+    return WstalError(f"{data_dir}: split {split!r}: shards hold other videos than the manifest "
+                      f"lists ({what}); the manifest does not match its shards")
+
+  def videos_in_plan_order():
+    for lo, hi in windows:
+      take_N = np.zeros(num_videos, bool)
+      take_N[mine[lo:hi]] = True
+      held, pos = {}, lo
+      for ex in _numpy_batches(read_pass(take_N), data_dir, split):
+        index = int(ex["index_B"])
+        if not (0 <= index < num_videos and take_N[index]):
+          raise mismatch(f"process {p} read video index {index}"
+                         + (" twice" if 0 <= index < num_videos and mine_N[index] else ""))
+        take_N[index] = False
+        held[index] = ex
+        while pos < hi and int(mine[pos]) in held:
+          yield held.pop(int(mine[pos]))
+          pos += 1
+      if pos < hi:
+        raise mismatch(f"no record of video index {int(mine[pos])}")
+
   def dummy(slot_t):
     out = {
-        "feat_BxTxD": tf.zeros([slot_t, dims[primary]], tf.float32),
-        "mask_BxT": tf.zeros([slot_t], tf.float32),
-        "label_BxC": tf.zeros([num_c], tf.float32),
-        "index_B": tf.constant(-1, tf.int32),
-        "valid_B": tf.constant(0.0, tf.float32),
-        "scale_B": tf.constant(1.0, tf.float32),
+        "feat_BxTxD": np.zeros([slot_t, dims[primary]], np.float32),
+        "mask_BxT": np.zeros([slot_t], np.float32),
+        "label_BxC": np.zeros([num_c], np.float32),
+        "index_B": np.int32(-1),
+        "valid_B": np.float32(0.0),
+        "scale_B": np.float32(1.0),
     }
     if vlm_feature is not None:
-      out["vlm_BxTxE"] = tf.zeros([slot_t, dims[vlm_feature]], tf.float32)
+      out["vlm_BxTxE"] = np.zeros([slot_t, dims[vlm_feature]], np.float32)
     return out
 
-  parts = []
-  if len(mine):
-    my_paths = paths[p::num_procs]
-    recs = tf.data.Dataset.from_tensor_slices(my_paths).interleave(
-        tf.data.TFRecordDataset, cycle_length=len(my_paths), block_length=1)
-    if video_indices is not None:
-      keep_N = np.zeros(manifest["splits"][split]["num_videos"], bool)
-      keep_N[mine] = True
-      recs = recs.filter(_index_filter(keep_N))
-    plan = tf.data.Dataset.from_tensor_slices((mine, pad_T[:len(mine)]))
-    parts.append(tf.data.Dataset.zip(plan, recs).map(
-        lambda pl, rec: real(pl[0], pl[1], rec), num_parallel_calls=_AUTOTUNE,
-        deterministic=True))
-  num_dummies = num_batches * batch_size - len(mine)
-  if num_dummies:
-    parts.append(tf.data.Dataset.from_tensor_slices(pad_T[len(mine):]).map(dummy))
-  ds = parts[0]
-  for part in parts[1:]:
-    ds = ds.concatenate(part)
-  ds = ds.batch(batch_size).prefetch(_AUTOTUNE)
-
-  def check(j, batch):
-    want = np.full(batch_size, -1, np.int64)
-    got_mine = mine[j * batch_size:(j + 1) * batch_size]
-    want[:len(got_mine)] = got_mine
-    if j >= num_batches or not np.array_equal(batch["index_B"], want):
-      raise WstalError(f"{data_dir}: split {split!r}: shards hold other videos than the "
-                       f"manifest lists (batch {j}: got {batch['index_B'].tolist()}, expected "
-                       f"{want.tolist()}); the manifest does not match its shards")
+  def check(batch, want):
     if lengths_N is not None:
       real_t = np.where(want >= 0, lengths_N[np.maximum(want, 0)], 0)
       if not np.array_equal(batch["mask_BxT"].sum(1).astype(np.int64), real_t):
         raise WstalError(f"{data_dir}: split {split!r}: video lengths in the shards differ "
                          "from video_num_snippets in the manifest")
 
-  def checked():
-    count = 0
-    for batch in _numpy_batches(ds, data_dir, split, check):
-      count += 1
+  def batches():
+    videos = videos_in_plan_order()
+    for j in range(num_batches):
+      want = np.full(batch_size, -1, np.int64)
+      rows = mine[j * batch_size:(j + 1) * batch_size]
+      want[:len(rows)] = rows
+      exs = [next(videos) for _ in rows]
+      exs += [dummy(int(length_J[j]))] * (batch_size - len(rows))
+      batch = {k: np.stack([ex[k] for ex in exs]) for k in exs[0]}
+      check(batch, want)
       yield batch
-    if count != num_batches:
-      raise WstalError(f"{data_dir}: split {split!r}: process {p} read {count} eval batches, "
-                       f"the manifest implies {num_batches}; the manifest does not match its "
-                       "shards")
 
-  return checked()
+  return batches()
