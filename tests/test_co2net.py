@@ -470,9 +470,13 @@ def test_config_file_and_errors():
   cfg = load_config()
   assert cfg.method == "co2net"
   b = cfg.co2net
-  assert (b.topk_divisor, b.eval_topk_divisor, b.dropout) == (7, 20, 0.7)
+  # Built-in: dropout 0.5 (chosen on CO2-Net, configs/co2net.py); THUMOS14: CO2-Net's 0.7.
+  assert (b.topk_divisor, b.eval_topk_divisor, b.dropout) == (7, 20, 0.5)
   assert (b.w_cls, b.w_oppo, b.w_norm, b.w_guide, b.w_mutual) == (1.0, 1.0, 0.8, 0.8, 1.0)
-  assert load_config("dataset=thumos14").co2net.attn_hidden == 512
+  thumos = load_config("dataset=thumos14")
+  assert (thumos.co2net.attn_hidden, thumos.co2net.dropout) == (512, 0.7)
+  assert (thumos.data.num_snippets, thumos.train.batch_size, thumos.optim.lr,
+          thumos.optim.weight_decay) == (320, 10, 5e-5, 1e-3)
   assert load_config("dataset=activitynet").co2net.topk_divisor == 5
   with pytest.raises(WstalError, match="odd width 7"):
     methods.get_method(cfg, C, {"feat": 7})
