@@ -39,7 +39,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_train as T
 from wstal_jax import main, methods
-methods.get_method = lambda config, num_classes, dims: T.TinyMethod(num_classes)
+methods.get_method = lambda config, num_classes, dims, **kw: T.TinyMethod(num_classes)
 sys.argv = ["wstal_jax.main", *{argv!r}]
 main.run()
 """
