@@ -4,7 +4,7 @@ Built-in benchmark:
 
   python -m wstal_jax.main --config=configs/co2net.py
 
-  Expected: see README "Results on the built-in benchmark" (CO2-Net / PVLR table).
+  Expected (small, seeds 0-2): average mAP@0.1:0.7 38.3 ± 2.3, ACC 81.0 (README).
 
 THUMOS14 (I3D shards from `python -m wstal_jax.data.convert`):
 
