@@ -241,7 +241,7 @@ def test_pcas_eval_uses_the_mean_and_training_samples_k_times():
   tk0 = _model(num_samples=0).apply(variables, batch, consts, train=True, rngs=rngs(1))
   np.testing.assert_allclose(np.asarray(tk0["pcas_BxTxC1"]), np.asarray(out["pcas_BxTxC1"]),
                              rtol=1e-4, atol=1e-4)
-  # Training with K samples is the mean of K single-sample P-CAS: check the MC average.
+  # A mean of K cosines / tau stays within [-1/tau, 1/tau].
   assert np.all(np.abs(np.asarray(t1)) <= 1 / 0.03 + 1e-3)
 
 

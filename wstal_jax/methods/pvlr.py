@@ -61,9 +61,9 @@ from wstal_jax.errors import WstalError
 from wstal_jax.methods import co2net
 from wstal_jax.methods.vlpo import video_mean
 from wstal_jax.models import pvlr as pvlr_model
+from wstal_jax.models.vlpo import l2_normalize
 
 METRICS = ("kl", "bhattacharyya", "mahalanobis")
-SWITCHES = ("use_kd", "use_intra", "use_inter", "use_ortho")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -287,20 +287,16 @@ def inter_loss(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B, metr
 def distill_loss(mu_BxTxE, clip_BxTxE, mask_BxT):
   """L_kd per video (Eq. 12): mean over valid snippets of -log((cos(g_mu, x^i) + 1) / 2)."""
   m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
-  cos = jnp.sum(_unit(mu_BxTxE) * _unit(clip_BxTxE), axis=-1)
+  cos = jnp.sum(l2_normalize(mu_BxTxE) * l2_normalize(clip_BxTxE), axis=-1)
   l = -jnp.log(jnp.maximum((cos + 1.0) / 2.0, 1e-6))
   return jnp.sum(l * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
 def ortho_loss(text_CxE):
   """L_ortho (Eq. 11) on the L2-normalised class embeddings: ||X X^T - I||_F^2."""
-  x = _unit(text_CxE)
+  x = l2_normalize(text_CxE)
   g = x @ x.T - jnp.eye(x.shape[0], dtype=x.dtype)
   return jnp.sum(g * g)
-
-
-def _unit(x, eps=1e-12):
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
 def pvlr_loss(out, batch, rng, video_settings, cfg):
