@@ -20,25 +20,15 @@ THUMOS14:
 Same protocol and model sizes as configs/vlpo.py (it shares `config.vlpo` for the widths, q
 and k; the method 'base' switches every VLPO component off).
 """
-import importlib.util
-import os
-
-
-def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"wstal_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from wstal_jax import config_common as common
 
 
 def get_config(arg=None):
-  common = _load("common")
   arg = common.parse_arg(arg, dataset="builtin")
   config = common.base_config(name="base", method="base", dataset=arg.dataset)
-  vlpo_config = _load("vlpo")
-  config.vlpo = vlpo_config.vlpo_block(common, arg.dataset)
-  config.eval.postprocess = vlpo_config.postprocess_block()
+  config.vlpo = common.vlpo_block(arg.dataset)
+  config.eval.postprocess = common.postprocess_block("vlpo")
+  # The baseline: every VLPO component off (Table 3 row 1).
   for switch in ("use_vl", "use_kl", "use_snip", "use_dsp", "use_apr"):
     config.vlpo[switch] = False
   return config

@@ -31,46 +31,36 @@ Table 3 rows, one argument each (`--config=configs/pvlr.py:exp=N`):
 Table 4: `--config.pvlr.num_samples=0` (deterministic CAS), `--config.pvlr.metric=
 mahalanobis|bhattacharyya|kl`. Table 5: `--config.pvlr.num_samples=K`.
 """
-import importlib.util
-import os
-
-
-def _load(name):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"wstal_configs_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+from wstal_jax import config_common as common
+from wstal_jax.methods import pvlr as pvlr_method
 
 # Table 3: which of (P-CAS + L_kd, L_intra, L_inter, L_ortho) each row uses; row 1 is CO2-Net.
 TABLE3 = {2: (1, 0, 0, 0), 3: (1, 1, 0, 0), 4: (1, 1, 1, 0), 5: (1, 1, 1, 1)}
 
 
 def get_config(arg=None):
-  common = _load("common")
-  co2net = _load("co2net")
   arg = common.parse_arg(arg, dataset="builtin", exp=5)
-  if arg.exp == 1:
-    config = co2net.get_config(f"dataset={arg.dataset}")
-    config.name = "pvlr-exp1"
-    return config
-  if arg.exp not in TABLE3:
+  if arg.exp != 1 and arg.exp not in TABLE3:
     raise ValueError(f"exp={arg.exp}: PVLR Table 3 has rows 1..5")
   name = "pvlr" if arg.exp == 5 else f"pvlr-exp{arg.exp}"
-  config = common.base_config(name=name, method="pvlr", dataset=arg.dataset)
-  co2net.family_protocol(config, arg.dataset)
+  # Row 1 is the baseline, CO2-Net itself: configs/co2net.py's recipe under this row's name.
+  method = "co2net" if arg.exp == 1 else "pvlr"
+  config = common.base_config(name=name, method=method, dataset=arg.dataset)
+  common.co2net_protocol(config, arg.dataset)
+  config.co2net = common.co2net_block(arg.dataset)
+  config.eval.postprocess = common.postprocess_block("co2net")
+  if arg.exp == 1:
+    return config
+
   config.data.vlm_feature = "clip"
-  config.co2net = co2net.co2net_block(arg.dataset)
   config.co2net.w_mutual = 0.0   # PVLR's L_vid (Eq. 6) has no mutual-learning term
   config.co2net.w_cls = 0.8      # authors' code: alpha0 = 0.8 on L_cls
-  from wstal_jax.methods import pvlr  # the package: run from the repo root or installed
-  config.pvlr = pvlr.default_config()
+
+  config.pvlr = pvlr_method.default_config()
   if arg.dataset == "builtin":
     config.pvlr.k_easy = 10      # T = 128 sampled snippets instead of 320
   _, intra, inter, ortho = TABLE3[arg.exp]
   config.pvlr.use_intra = bool(intra)
   config.pvlr.use_inter = bool(inter)
   config.pvlr.use_ortho = bool(ortho)
-  config.eval.postprocess = co2net.postprocess_block()
   return config

@@ -47,18 +47,7 @@ test split: `--config.eval.select_on=heldout`. Overrides that change the run get
 default workdir (workdirs/<name>-<dataset>-seed<seed>-<overrides>); re-running a command
 resumes its run.
 """
-import importlib.util
-import os
-
-
-def _load_common():
-  """configs/common.py, imported by path: config files are loaded by path, not as a package."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "common.py")
-  spec = importlib.util.spec_from_file_location("wstal_configs_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
+from wstal_jax import config_common as common
 
 # Table 3: which of L_vl, L_kl, L_snip, DSP, APR each experiment uses.
 TABLE3 = {
@@ -69,35 +58,14 @@ TABLE3 = {
 
 
 def get_config(arg=None):
-  common = _load_common()
   arg = common.parse_arg(arg, dataset="builtin", exp=9)
   if arg.exp not in TABLE3:
     raise ValueError(f"exp={arg.exp}: VLPO Table 3 has experiments 1..9")
   name = "vlpo" if arg.exp == 9 else f"vlpo-exp{arg.exp}"
   config = common.base_config(name=name, method="vlpo", dataset=arg.dataset)
+  config.vlpo = common.vlpo_block(arg.dataset)
+  config.eval.postprocess = common.postprocess_block("vlpo")
   config.data.vlm_feature = "videoclip"
-  config.vlpo = vlpo_block(common, arg.dataset)
-  config.eval.postprocess = postprocess_block()
   for switch, on in zip(("use_vl", "use_kl", "use_snip", "use_dsp", "use_apr"), TABLE3[arg.exp]):
     config.vlpo[switch] = bool(on)
   return config
-
-
-def postprocess_block():
-  """The method's post-processing preset, spelled out so every field is overridable
-  (`--config.eval.postprocess.nms.sigma=0.3`)."""
-  from wstal_jax import postprocess
-  return postprocess.get_preset("vlpo")
-
-
-def vlpo_block(common, dataset):
-  """config.vlpo: the method's defaults (the paper's settings) with the dataset's top-k."""
-  from wstal_jax.methods import vlpo  # the package: run from the repo root or installed
-  block = vlpo.default_config()
-  block.topk_divisor = common.TOPK_DIVISOR[dataset]
-  if dataset == "builtin":
-    # Sized for the 10-minute CPU budget of the built-in run; the paper's widths (512) are
-    # for 2048-d I3D features, the small built-in benchmark has 128-d ones.
-    block.embed_dim = 128
-    block.act_hidden_dim = 128
-  return block

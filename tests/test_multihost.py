@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import test_train as T
-from wstal_jax import main as wmain
+from wstal_jax import distributed
 from wstal_jax import train
 from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
@@ -183,14 +183,14 @@ def test_a_killed_process_makes_the_other_fail_fast(data_3_shards, tmp_path, vic
 
 
 def test_batch_size_must_split_over_processes_and_devices(monkeypatch):
-  from wstal_jax import evaluate
+  from wstal_jax import run_setup
   mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  assert evaluate.per_process_batch_size(8, mesh, "config.train.batch_size") == 4
+  assert run_setup.per_process_batch_size(8, mesh, "config.train.batch_size") == 4
   for bad in (6, 2, 0):
     with pytest.raises(WstalError, match=rf"config.eval.batch_size={bad} must be a positive "
                        r"multiple of the number of devices \(4 = 2 processes x 2 devices\)"):
-      evaluate.check_batch_size(bad, mesh, "config.eval.batch_size")
+      run_setup.check_batch_size(bad, mesh, "config.eval.batch_size")
 
 
 # ----------------------------------------------------------------------------- launch decision
@@ -198,7 +198,7 @@ def test_batch_size_must_split_over_processes_and_devices(monkeypatch):
 
 def test_when_to_initialize_jax_distributed():
   no_tpu = lambda: 0
-  reason = lambda mode="auto", env=None, tpu=no_tpu, **kw: wmain.distributed_reason(
+  reason = lambda mode="auto", env=None, tpu=no_tpu, **kw: distributed.distributed_reason(
       mode, env=env or {}, tpu_workers=tpu, **kw)
   assert reason() is None
   assert reason(env={"SLURM_NTASKS": "1"}) is None
@@ -244,13 +244,13 @@ def test_cloud_tpu_vm_worker_count_from_metadata(monkeypatch):
   try:
     monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_port}")
     monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
-    assert wmain.cloud_tpu_vm_workers() == 0   # no libtpu: not a TPU VM, nothing asked
+    assert distributed.cloud_tpu_vm_workers() == 0   # no libtpu: not a TPU VM, nothing asked
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
         object() if name == "libtpu" else real_find_spec(name, *a)))
-    assert wmain.cloud_tpu_vm_workers() == 4
-    assert wmain.distributed_reason("auto", env={}) == "Cloud TPU VM slice of 4 workers"
+    assert distributed.cloud_tpu_vm_workers() == 4
+    assert distributed.distributed_reason("auto", env={}) == "Cloud TPU VM slice of 4 workers"
   finally:
     server.shutdown()
   monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:1")   # nothing listens: not a TPU VM
-  assert wmain.cloud_tpu_vm_workers(timeout_s=2) == 0
+  assert distributed.cloud_tpu_vm_workers(timeout_s=2) == 0

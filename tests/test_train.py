@@ -5,7 +5,6 @@ classifier with a top-k MIL loss) on a tiny dataset written here with format.wri
 they take seconds. tests/test_train_cli.py runs the real command line with VLPO.
 """
 import glob
-import importlib.util
 import json
 import os
 import pathlib
@@ -21,19 +20,14 @@ import numpy as np
 import pytest
 
 from wstal_jax import checkpointing
+from wstal_jax import config_common
+from wstal_jax import layers
 from wstal_jax import train
 from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NUM_CLASSES, DIM = 3, 8
-
-
-def load_common():
-  spec = importlib.util.spec_from_file_location("configs_common", ROOT / "configs" / "common.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ----------------------------------------------------------------------------- tiny method
@@ -94,6 +88,9 @@ class TinyMethod:
     return {"video_scores_BxC": jax.nn.softmax(video_BxC), "cas_BxTxC": jax.nn.sigmoid(
         logits_BxTxC), "actionness_BxT": jax.nn.sigmoid(logits_BxTxC).max(-1)}
 
+  def extra_consts(self):
+    return {}
+
   def param_labels(self, params, step):
     if len(self.phase_starts) == 1:
       return jax.tree.map(lambda _: "train", params)
@@ -138,7 +135,7 @@ def tiny_data(tmp_path_factory):
 
 
 def tiny_config(data_dir, *, num_steps=8, num_devices=1, **overrides):
-  config = load_common().base_config(name="tiny", method="tiny", dataset="builtin")
+  config = config_common.base_config(name="tiny", method="tiny", dataset="builtin")
   config.data.dir = data_dir
   config.data.num_snippets = 16
   config.train.batch_size = 8
@@ -357,10 +354,9 @@ class MaskedTinyMethod(TinyMethod):
   the padding or on the other videos of a batch."""
 
   def _video_logits(self, params, batch):
-    from wstal_jax.methods import vlpo
     logits_BxTxC = self.model.apply({"params": params}, batch["feat_BxTxD"])["logits_BxTxC"]
-    k_B = vlpo.topk_count(batch["mask_BxT"], 4)
-    return logits_BxTxC, vlpo.masked_topk_mean(logits_BxTxC, batch["mask_BxT"], k_B)
+    k_B = layers.topk_count(batch["mask_BxT"], 4)
+    return logits_BxTxC, layers.masked_topk_mean(logits_BxTxC, batch["mask_BxT"], k_B)
 
 
 def test_eval_order_does_not_change_results(tmp_path):
@@ -368,6 +364,7 @@ def test_eval_order_does_not_change_results(tmp_path):
   proposals and metrics, with far fewer padded snippets."""
   from wstal_jax import evaluate
   from wstal_jax import input_pipeline
+  from wstal_jax import run_setup
   rng = np.random.default_rng(3)
   splits = {split: [_video(rng, f"{split}_{i:03d}", int(rng.integers(10, 300)),
                            i % NUM_CLASSES, split) for i in range(n)]
@@ -377,7 +374,7 @@ def test_eval_order_does_not_change_results(tmp_path):
                             classes=[f"class{c}" for c in range(NUM_CLASSES)],
                             feature_dims={"i3d": DIM}, splits=splits, num_shards=3)
   config = tiny_config(data_dir, **{"eval.batch_size": 4})
-  run = evaluate.setup(config, method=MaskedTinyMethod())
+  run = run_setup.setup(config, method=MaskedTinyMethod())
   evaluators = {o: evaluate.Evaluator(run, split="test", order=o) for o in ("length", "manifest")}
   padded = {o: sum(input_pipeline.eval_plan(run.manifest, data_dir, "test", batch_size=4,
                                             order=o)[1]) for o in evaluators}
@@ -401,7 +398,7 @@ def test_eval_order_does_not_change_results(tmp_path):
 
 def test_weight_decay_styles_differ():
   """'l2' adds wd * w to the gradient before Adam (torch Adam); 'decoupled' is AdamW."""
-  config = load_common().base_config(name="x", method="x")
+  config = config_common.base_config(name="x", method="x")
   config.optim.lr, config.optim.weight_decay = 0.1, 0.5
   params = {"w": jnp.array([4.0])}
   grads = {"w": jnp.array([0.0])}

@@ -1,0 +1,113 @@
+"""A run's folder: its default name, its saved config, and the checks that keep runs apart.
+
+  WORKDIR/config.json        the run's config (written by process 0 at the start of training)
+  WORKDIR/checkpoints/       orbax (checkpointing.py)
+  WORKDIR/tensorboard/       event files
+  WORKDIR/metrics.json, results.json, plots/   the final evaluation
+
+Re-running a command resumes its run: the config must be the one saved in the folder, except
+for the fields in `RESUME_SAFE`. The default folder of a command is derived from its config
+and its `--config.x=y` overrides (`default_workdir`), so an ablation never lands in another
+run's folder. `--mode=eval` reads the saved config back (`saved_config`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import ml_collections
+import tensorflow as tf
+
+from wstal_jax import results_io
+from wstal_jax.errors import WstalError
+
+# Config fields that may differ when a run is resumed: they change neither the batches, the
+# updates nor which checkpoint is selected (mesh.num_devices: only up to float tolerance).
+RESUME_SAFE = ("train.num_steps", "train.log_every", "train.sync_every",
+               "train.checkpoint_every", "eval.num_plots",
+               "eval.batch_size", "data.dir", "data.cache_dir", "checkpoint.async_save",
+               "checkpoint.keep_latest", "mesh.num_devices")
+
+CONFIG_FILE = "config.json"
+
+
+def absolute(path: str) -> str:
+  """Local paths made absolute (orbax needs it); gs://... left alone."""
+  return path if "://" in str(path) else os.path.abspath(path)
+
+
+def config_to_json(config) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def config_differences(old: dict, new: dict, ignore=()) -> list[str]:
+  """Flattened `field: old -> new` lines, except fields under the prefixes in `ignore`."""
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      if isinstance(v, dict) and v:
+        out.update(flat(v, f"{prefix}{k}."))
+      else:
+        out[f"{prefix}{k}"] = v
+    return out
+  a, b = flat(old), flat(new)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if any(key == p or key.startswith(p.rstrip(".") + ".") for p in ignore):
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return diffs
+
+
+def check_config(workdir: str, config):
+  """WstalError if `workdir` holds a run whose config differs outside RESUME_SAFE."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not tf.io.gfile.exists(path):
+    return
+  old = results_io.load_json(path)
+  diffs = config_differences(old, config_to_json(config), ignore=RESUME_SAFE)
+  if diffs:
+    raise WstalError(f"{workdir} holds a run with a different config ({'; '.join(diffs[:6])}"
+                     f"{'; ...' if len(diffs) > 6 else ''}); pass a new --workdir for this one "
+                     "(or delete the old run)")
+
+
+def save_config(workdir: str, config):
+  results_io.write_json_atomic(os.path.join(workdir, CONFIG_FILE), config_to_json(config),
+                               indent=2)
+
+
+def default_workdir(config, overrides: dict) -> str:
+  """workdirs/<name>-<dataset>-seed<seed>[-<overrides>]: a command's own folder, so that
+  re-running it resumes it and an ablation override never lands in another run's folder.
+
+  overrides: the command line's `--config.x=y` values ({'x': y}); the seed and the
+  RESUME_SAFE fields do not name a folder."""
+  name = f"{config.name}-{config.data.dataset}-seed{config.seed}"
+  kept = {k: v for k, v in overrides.items() if k != "seed" and k not in RESUME_SAFE}
+  if kept:
+    text = ",".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(kept.items()))
+    if len(text) > 60 or not all(c.isalnum() or c in "_=,.-" for c in text):
+      text = hashlib.sha1(repr(sorted(kept.items())).encode()).hexdigest()[:10]
+    name += "-" + text
+  return os.path.join("workdirs", name)
+
+
+def saved_config(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
+  """The run's saved WORKDIR/config.json with `overrides` ({'a.b': value}) applied on top."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    saved = results_io.load_json(path)
+  except WstalError as e:
+    raise WstalError(f"{e}: is {workdir} a training run? (or pass --config)") from None
+  config = ml_collections.ConfigDict(saved)
+  config.eval.tiou = tuple(config.eval.tiou)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
