@@ -1,6 +1,9 @@
-"""Test setup: 8 fake CPU devices and a fast-failing collective timeout.
+"""Test setup: 8 fake CPU devices, a fast-failing collective timeout, and no implicit rank
+promotion anywhere in the suite (jax_numpy_rank_promotion='raise': a broadcast between arrays
+of different ranks must be written out, so a shape slip fails instead of broadcasting).
 
-Both flags must be set before jax is imported anywhere, which is why they live here.
+These must be set before jax is imported anywhere (and reach the CLI subprocesses through the
+environment), which is why they live here.
 Tests that need a single device restrict the mesh explicitly (config.mesh.num_devices=1).
 """
 import os
@@ -13,6 +16,7 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
   _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=60"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import pathlib
 
@@ -38,3 +42,4 @@ def shared_data():
   if not SHARED_DATA.is_dir():
     pytest.skip(f"real annotation files not found at {SHARED_DATA}")
   return SHARED_DATA
+

@@ -30,12 +30,6 @@ D = 8                      # [RGB; flow] = 4 + 4
 DIMS = {"feat": D}
 
 
-@pytest.fixture(autouse=True)
-def _strict_ranks():
-  with jax.numpy_rank_promotion("raise"):
-    yield
-
-
 def load_config(arg=None):
   """configs/co2net.py's get_config, loaded as main.py's config flag would."""
   spec = importlib.util.spec_from_file_location("co2net_config_for_test",

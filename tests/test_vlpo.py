@@ -14,18 +14,14 @@ import numpy as np
 import optax
 import pytest
 
+from wstal_jax import layers
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
 from wstal_jax.methods import vlpo
 
 B, T, D, E, C = 2, 24, 8, 6, 4
 DIMS = {"feat": D, "vlm": E, "text": E}
-
-
-@pytest.fixture(autouse=True)
-def _strict_ranks():
-  with jax.numpy_rank_promotion("raise"):
-    yield
+OFF = {k: False for k in vlpo.SWITCHES}   # every VLPO switch off: the baseline's loss
 
 
 def make_config(method="vlpo", **overrides):
@@ -171,7 +167,7 @@ def test_baseline_l_act_uses_topk_of_valid_sa():
   outputs = {"cas_BxTxC": jnp.zeros((1, 5, 2)), "s_a_BxT": jnp.asarray(s_a)}
   batch = {"mask_BxT": mask, "label_BxC": np.array([[1, 0]], np.float32),
            "valid_B": np.ones(1, np.float32)}
-  st = vlpo.LossSettings(topk_divisor=2, q=0.6)
+  st = vlpo.LossSettings.from_config(vlpo.default_config(), topk_divisor=2, q=0.6, **OFF)
   _, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(outputs, batch)
   want = gce_np([0.9, 0.2, 0.6, 0.1], [1, 0, 1, 0], [0, 1, 0, 1], 0.6)
   np.testing.assert_allclose(aux["l_act"], want, rtol=1e-5)
@@ -183,9 +179,9 @@ def test_l_mil_hand():
   cas[:, :, 0] = [1, 3, 2, 0, 9]      # snippet 4 is padding: its 9 must not be pooled
   cas[:, :, 1] = [0, 1, -1, 2, 9]
   mask = np.array([[1, 1, 1, 1, 0]] * 2, np.float32)
-  k = vlpo.topk_count(jnp.asarray(mask), 2)
+  k = layers.topk_count(jnp.asarray(mask), 2)
   np.testing.assert_array_equal(k, [2, 2])
-  pooled = vlpo.masked_topk_mean(jnp.asarray(cas), jnp.asarray(mask), k)
+  pooled = layers.masked_topk_mean(jnp.asarray(cas), jnp.asarray(mask), k)
   np.testing.assert_allclose(pooled, [[2.5, 1.5]] * 2)
   label = np.array([[1, 0], [1, 1]], np.float32)
   got = vlpo.video_ce(pooled, jnp.asarray(label))
@@ -200,10 +196,10 @@ def test_topk_select_ties_and_empty():
                 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)[:, :, None]
   mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], np.float32)
   k = jnp.asarray([2, 4, 1], jnp.int32)
-  sel = np.asarray(vlpo.topk_select(x, mask, k))[:, :, 0]
+  sel = np.asarray(layers.topk_select(x, mask, k))[:, :, 0]
   np.testing.assert_array_equal(sel, [[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6])
-  np.testing.assert_array_equal(vlpo.topk_count(mask, 2), [2, 3, 1])
-  np.testing.assert_allclose(vlpo.masked_topk_mean(x, mask, k)[:, 0], [2.0, 3.0, 0.0])
+  np.testing.assert_array_equal(layers.topk_count(mask, 2), [2, 3, 1])
+  np.testing.assert_allclose(layers.masked_topk_mean(x, mask, k)[:, 0], [2.0, 3.0, 0.0])
 
 
 def test_sym_kl_hand():
@@ -230,7 +226,7 @@ def test_dsp_and_l_vl_hand():
   np.testing.assert_allclose(hyb[0, :, 1], np.array([0.6, 1.4, 0.3, 1.3]) / 2, rtol=1e-6)
   z = np.array([[[0.0, 5.0], [0.0, 1.0], [3.0, 0.0], [0.0, 0.0]]], np.float32)
   mask = np.ones((1, 4), np.float32)
-  k = vlpo.topk_count(mask, 4)                     # k = 1
+  k = layers.topk_count(mask, 4)                     # k = 1
   logits = vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb)
   np.testing.assert_allclose(logits, [[3.0, 1.0]])  # class 0 at t=2, class 1 at t=1
   np.testing.assert_allclose(vlpo.video_ce(logits, y), [math.log(1 + math.exp(-2.0))],
@@ -242,7 +238,9 @@ def test_dsp_and_l_vl_hand():
   outputs = {"cas_BxTxC": jnp.log(cas_prob), "s_a_BxT": jnp.asarray(s),
              "sim_t_BxTxC": jnp.asarray(z), "sim_v_BxTxC": jnp.asarray(z)}
   batch = {"mask_BxT": mask, "label_BxC": y, "valid_B": np.ones(1, np.float32)}
-  st = vlpo.LossSettings(topk_divisor=4, use_vl=True, use_dsp=True, vl_logit_scale=1.0)
+  st = vlpo.LossSettings.from_config(vlpo.default_config(), topk_divisor=4,
+                                     **{**OFF, "use_vl": True, "use_dsp": True},
+                                     vl_logit_scale=1.0)
   loss, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(outputs, batch)
   np.testing.assert_allclose(aux["l_vl"], math.log(1 + math.exp(-2.0)), rtol=1e-5)
   np.testing.assert_allclose(loss, aux["l_base"] + 0.1 * aux["l_vl"], rtol=1e-6)
@@ -251,7 +249,7 @@ def test_dsp_and_l_vl_hand():
 def test_temporal_minmax_hand():
   x = np.array([[[1.0, 2.0], [3.0, 2.0], [2.0, 2.0], [100.0, -5.0]]], np.float32)
   mask = np.array([[1, 1, 1, 0]], np.float32)
-  got = vlpo.temporal_minmax(x, mask)
+  got = layers.temporal_minmax(x, mask)
   np.testing.assert_allclose(got[0, :, 0], [0.0, 1.0, 0.5, 0.0])
   np.testing.assert_allclose(got[0, :, 1], [0.0, 0.0, 0.0, 0.0])   # constant column
 
@@ -287,7 +285,7 @@ def test_apr_sets_hand():
                      [0.60, 0.91, 0.00],   # 4: B_p
                      [0.30, 0.30, 0.99],   # 5: neither (unlabelled class ignored)
                      [1.00, 1.00, 1.00]]], np.float32)   # padding: never in any set
-  k = vlpo.topk_count(mask, 3)
+  k = layers.topk_count(mask, 3)
   sets = vlpo.apr_sets(s, m_hat, label, mask, k, 0.9, 0.25)
   as_list = lambda key: list(np.flatnonzero(np.asarray(sets[key][0])))
   assert as_list("a_p_BxT") == [0, 1]
@@ -316,7 +314,7 @@ def test_loss_wiring_full():
 
   @fast_jit
   def expected(out, mask, label):
-    k = vlpo.topk_count(mask, st.topk_divisor)
+    k = layers.topk_count(mask, st.topk_divisor)
     lt, lv, _, m_hat = vlpo.preference_matrices(out, mask, st.m_temperature)
     sets = vlpo.apr_sets((out["s_a_BxT"] + out["s_v_BxT"]) / 2, m_hat, label, mask, k,
                          st.alpha_h, st.alpha_l)
@@ -436,7 +434,7 @@ def test_predict_applies_eq5_with_predicted_labels():
 
   @fast_jit
   def expected(out, mask):
-    k = vlpo.topk_count(mask, 8)
+    k = layers.topk_count(mask, 8)
     prob = jax.nn.softmax(out["cas_BxTxC"], -1)
     s = (out["s_a_BxT"] + out["s_v_BxT"]) / 2
     z = 100.0 * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
@@ -445,7 +443,7 @@ def test_predict_applies_eq5_with_predicted_labels():
     y = vlpo.predicted_labels(p0, 0.2)
     hyb = vlpo.dsp_hybrid_cas(prob, s, y)
     video = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb), -1)
-    mil = jax.nn.softmax(vlpo.masked_topk_mean(out["cas_BxTxC"], mask, k), -1)
+    mil = jax.nn.softmax(layers.masked_topk_mean(out["cas_BxTxC"], mask, k), -1)
     valid = mask > 0
     return {"video_scores_BxC": video, "mil_BxC": mil, "y_BxC": y,
             "cas_BxTxC": jnp.where(valid[:, :, None], (prob + s[:, :, None]) / 2, 0.0),

@@ -1,7 +1,7 @@
 """Evaluation: the Evaluator (used by training and by `--mode=eval`) and eval from a checkpoint.
 
-Also home of the run set-up both modes share (data directory, method, constants, mesh, batch
-placement), because training depends on evaluation and not the other way round.
+The run set-up both modes share (data directory, method, constants, mesh, batch placement) is
+`run_setup.py`; the Evaluator receives a `run_setup.Setup` and only evaluates.
 
 Evaluator: `method.predict` jitted over `input_pipeline.eval_batches` (whole videos, longest
 first, padded to length buckets with masked dummy videos so every process runs the same
@@ -13,180 +13,25 @@ are percentages.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import math
 import os
-from typing import Any
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from wstal_jax import checkpointing
 from wstal_jax import input_pipeline
 from wstal_jax import metrics as metrics_lib
-from wstal_jax import methods
 from wstal_jax import plots
 from wstal_jax import postprocess
 from wstal_jax import results_io
+from wstal_jax import run_setup
+from wstal_jax import workdir as workdir_lib
 from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
-
-DATA_AXIS = "data"
-
-
-# ----------------------------------------------------------------------------- run set-up
-
-
-@dataclasses.dataclass
-class Setup:
-  """What both training and evaluation build from a config."""
-  config: ml_collections.ConfigDict
-  data_dir: str
-  manifest: dict
-  method: Any
-  consts: dict          # replicated jax arrays (text_CxE, ...)
-  mesh: jax.sharding.Mesh
-
-  @property
-  def classes(self) -> list[str]:
-    return list(self.manifest["classes"])
-
-  @property
-  def sps(self) -> float:
-    """Seconds per (original) snippet."""
-    return data_format.seconds_per_snippet(self.manifest)
-
-  @property
-  def replicated(self):
-    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-
-  @property
-  def data_sharding(self):
-    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(DATA_AXIS))
-
-  def put_batch(self, batch: dict) -> dict:
-    """Per-process numpy batch -> global jax arrays sharded over the batch axis."""
-    sharding = self.data_sharding
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-            for k, v in batch.items()}
-
-  def abstract_params(self, example_batch: dict):
-    """ShapeDtypeStructs (replicated) of the parameters, without running init."""
-    shapes = jax.eval_shape(self._init_params, jax.random.key(0), example_batch, self.consts)
-    return checkpointing.abstract_like(shapes, self.replicated)
-
-  def init_params(self, rng, example_batch: dict):
-    init = jax.jit(self._init_params, out_shardings=self.replicated)
-    return init(rng, example_batch, self.consts)
-
-  def _init_params(self, rng, batch, consts):
-    variables = self.method.init(rng, batch, consts)
-    return variables["params"]
-
-
-def absolute(path: str) -> str:
-  """Local paths made absolute (orbax needs it); gs://... left alone."""
-  return path if "://" in str(path) else os.path.abspath(path)
-
-
-def resolve_data_dir(config) -> str:
-  """config.data.dir, or (built-in preset without a dir) the cached built-in benchmark."""
-  if config.data.dir:
-    return str(config.data.dir)
-  if config.data.dataset != "builtin":
-    raise WstalError(f"dataset {config.data.dataset!r} needs --config.data.dir=DIR (shards "
-                     "written by python -m wstal_jax.data.convert)")
-  from wstal_jax.data import synthetic  # only the built-in preset needs the generator
-  logging.info("no --config.data.dir: using the built-in %r benchmark (seed %d)",
-               config.data.builtin_size, config.data.builtin_seed)
-  return synthetic.ensure_builtin(config.data.builtin_size, seed=config.data.builtin_seed,
-                                  cache_dir=config.data.cache_dir)
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """1-D data-parallel mesh over all devices, or the first config.mesh.num_devices.
-
-  Devices are ordered by process, so process p's devices hold rows [p B, (p + 1) B) of every
-  global batch: the rows input_pipeline gives process p."""
-  total = jax.device_count()
-  n = int(config.mesh.num_devices) or total
-  if n < 0 or n > total:
-    raise WstalError(f"config.mesh.num_devices={n}: this job has {total} device(s)")
-  if jax.process_count() > 1:
-    if n != total:
-      raise WstalError("config.mesh.num_devices must be 0 (all devices) in a multi-process job")
-    per_process = dict(collections.Counter(d.process_index for d in jax.devices()))
-    if len(set(per_process.values())) != 1:
-      raise WstalError(f"every process needs the same number of devices, got {per_process} "
-                       "(process: devices); check CUDA_VISIBLE_DEVICES / JAX_LOCAL_DEVICE_IDS")
-  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))[:n]
-  # Auto axes: the methods are written as single-device code and XLA partitions them (data
-  # parallel: only the batch axis is sharded), so they need no sharding annotations. The mesh
-  # is built directly: jax.make_mesh may reorder devices by physical topology, which would
-  # interleave processes along the batch axis.
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def check_batch_size(global_batch: int, mesh, what: str):
-  """WstalError unless `global_batch` splits evenly over the processes and the devices."""
-  n_dev, n_proc = mesh.devices.size, jax.process_count()
-  if global_batch <= 0 or global_batch % n_dev or global_batch % n_proc:
-    layout = f" = {n_proc} processes x {n_dev // n_proc} devices" if n_proc > 1 else ""
-    raise WstalError(f"{what}={global_batch} must be a positive multiple of the number of "
-                     f"devices ({n_dev}{layout}): the global batch is split evenly over the "
-                     "processes and their devices")
-
-
-def per_process_batch_size(global_batch: int, mesh, what: str) -> int:
-  check_batch_size(global_batch, mesh, what)
-  return global_batch // jax.process_count()
-
-
-def setup(config, *, method=None) -> Setup:
-  """Data directory, manifest, method, constants and mesh for `config`.
-
-  `method` replaces `methods.get_method(...)` (tests use small stand-in methods)."""
-  data_dir = resolve_data_dir(config)
-  manifest = data_format.read_manifest(data_dir)
-  mesh = make_mesh(config)
-  features = manifest["features"]
-  vlm = config.data.vlm_feature
-  if vlm and vlm not in features:
-    raise WstalError(f"config.data.vlm_feature={vlm!r}: the dataset at {data_dir} has "
-                     f"features {sorted(features)}")
-  text = data_format.load_text_embeddings(data_dir, manifest, feature=vlm)
-  dims = {"feat": features[manifest["primary_feature"]]["dim"],
-          "vlm": features[vlm]["dim"] if vlm else None,
-          "text": None if text is None else int(text.shape[1])}
-  if method is None:
-    method = methods.get_method(config, len(manifest["classes"]), dims,
-                                class_names=list(manifest["classes"]))
-  consts = {} if text is None else {"text_CxE": text}
-  extra = getattr(method, "extra_consts", None)
-  if extra is not None:
-    consts.update(extra())
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  consts = jax.device_put(consts, replicated)
-  return Setup(config=config, data_dir=data_dir, manifest=manifest, method=method,
-               consts=consts, mesh=mesh)
-
-
-def heldout_split(num_videos: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Deterministic split of the TRAIN videos: (train indices, held-out indices), sorted."""
-  if not 0.0 < fraction < 1.0:
-    raise WstalError(f"config.eval.heldout_fraction must be in (0, 1), got {fraction}")
-  num_held = int(round(fraction * num_videos))
-  if num_held < 1 or num_held >= num_videos:
-    raise WstalError(f"config.eval.heldout_fraction={fraction} of {num_videos} training videos "
-                     "leaves no held-out or no training video")
-  perm = np.random.default_rng([seed, 0x4E1D]).permutation(num_videos)
-  return np.sort(perm[num_held:]), np.sort(perm[:num_held])
-
 
 # ----------------------------------------------------------------------------- evaluator
 
@@ -214,7 +59,7 @@ class Evaluator:
   or 'manifest'. Predictions are per video (masked), so both give the same results.
   """
 
-  def __init__(self, run: Setup, *, split: str, video_indices=None, order: str = "length"):
+  def __init__(self, run: run_setup.Setup, *, split: str, video_indices=None, order: str = "length"):
     config = run.config
     self.order = order
     self.run = run
@@ -228,7 +73,7 @@ class Evaluator:
     self.video_indices = np.asarray(video_indices, np.int64)
     self.infos = infos
     self.sps = data_format.seconds_per_snippet(run.manifest)
-    self.batch_size = per_process_batch_size(config.eval.batch_size, run.mesh,
+    self.batch_size = run_setup.per_process_batch_size(config.eval.batch_size, run.mesh,
                                              "config.eval.batch_size")
     preset = run.method.postprocess_preset
     self.pp_config = postprocess.get_preset(preset)
@@ -359,11 +204,7 @@ def format_table(metrics: dict, tiou) -> str:
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_json_atomic(path: str, obj):
-  results_io.write_json_atomic(path, obj, indent=2)
-
-
-def write_outputs(out_dir: str, result: EvalResult, run: Setup, *, extra: dict) -> dict:
+def write_outputs(out_dir: str, result: EvalResult, run: run_setup.Setup, *, extra: dict) -> dict:
   """Writes OUT/metrics.json (metrics + `extra`), OUT/results.json (ActivityNet format),
   OUT/plots/<video>.png and OUT/plots/scores.npz for the videos in result.scores.
   Only process 0 writes. Returns the metrics.json content."""
@@ -372,7 +213,7 @@ def write_outputs(out_dir: str, result: EvalResult, run: Setup, *, extra: dict) 
   if jax.process_index() != 0:
     return content
   tf.io.gfile.makedirs(out_dir)
-  write_json_atomic(os.path.join(out_dir, "metrics.json"), content)
+  results_io.write_json_atomic(os.path.join(out_dir, "metrics.json"), content, indent=2)
   results_io.write_results(os.path.join(out_dir, "results.json"), result.proposals,
                            run.classes)
   if result.scores:
@@ -400,8 +241,9 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint: str = "best",
   """Restores `checkpoint` ('best' | 'latest' | step) from WORKDIR/checkpoints read-only,
   evaluates it on config.eval.split and writes metrics.json, results.json and plots to
   `eval_dir` (default: the workdir). Returns the metrics.json content."""
-  workdir = absolute(workdir)
-  run = setup(config, method=method)
+  run_setup.validate_config(config)
+  workdir = workdir_lib.absolute(workdir)
+  run = run_setup.setup(config, method=method)
   ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpts.resolve(checkpoint)
   evaluator = Evaluator(run, split=config.eval.split)

@@ -174,20 +174,9 @@ def _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, valid):
 
 def _numpy_batches(ds, data_dir, split, check=None) -> Iterator[dict]:
   """Iterates a tf.data dataset as numpy, turning TF read errors into WstalError."""
-  it = ds.as_numpy_iterator()
-  step = 0
-  while True:
-    try:
-      batch = next(it)
-    except StopIteration:
-      return
-    except tf.errors.OpError as e:
-      raise WstalError(f"{data_dir}: split {split!r}: cannot read a record ({e.message.strip()})"
-                       "; a shard is truncated or corrupt, or the manifest does not match its "
-                       "shards (run wstal_jax.data.format.verify_shards)") from None
+  for step, batch in enumerate(fmt.iterate(ds.as_numpy_iterator(), data_dir, split)):
     if check is not None:
       check(step, batch)
-    step += 1
     yield batch
 
 

@@ -21,7 +21,7 @@ s, so a run restarted from its latest checkpoint ends with exactly the numbers o
 uninterrupted run. Re-running the same command resumes; a finished run only re-does the final
 evaluation.
 
-Phases. A method may declare `phase_starts = (0, s1, s2, ...)`: at each start step the trainer
+Phases. Every method declares `phase_starts = (0, s1, s2, ...)` (methods.Method): at each start step the trainer
 asks `method.param_labels(params, start)` for a pytree of 'train' / 'freeze' labels, builds
 `optax.multi_transform({'train': <Adam...>, 'freeze': set_to_zero}, labels)`, recompiles the
 step, and starts the new phase's optimizer state from `tx.init(params)` (a fresh optimizer per
@@ -31,12 +31,14 @@ that ends the previous phase, so the checkpoint of step s always holds phase(s)'
 Health. Loss terms (the total `loss` and every aux term) are fetched to the host every
 `train.sync_every` steps (this also bounds how far the host runs ahead of the devices); the
 first non-finite one stops the run with a WstalError naming the step and the term.
+Progress (steps/s over the log window, ETA, the share of time spent in evaluation) is clu's
+`periodic_actions.ReportProgress`, logged every `train.log_every` steps and written to
+TensorBoard as `steps_per_sec`.
 SIGTERM (and a first Ctrl-C) sets a flag; at the next sync point the loop saves a checkpoint
 and returns None.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -44,6 +46,7 @@ import time
 
 from absl import logging
 from clu import metric_writers
+from clu import periodic_actions
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -54,80 +57,9 @@ import tensorflow as tf
 from wstal_jax import checkpointing
 from wstal_jax import evaluate
 from wstal_jax import input_pipeline
-from wstal_jax import results_io
+from wstal_jax import run_setup
+from wstal_jax import workdir as workdir_lib
 from wstal_jax.errors import WstalError
-
-# Config fields that may differ when a run is resumed: they change neither the batches, the
-# updates nor which checkpoint is selected (mesh.num_devices: only up to float tolerance).
-RESUME_SAFE = ("train.num_steps", "train.log_every", "train.sync_every",
-               "train.checkpoint_every", "eval.num_plots",
-               "eval.batch_size", "data.dir", "data.cache_dir", "checkpoint.async_save",
-               "checkpoint.keep_latest", "mesh.num_devices")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def validate_config(config):
-  """Checks choices and ranges; raises WstalError naming the field."""
-  def need(ok, field, msg):
-    if not ok:
-      raise WstalError(f"config.{field}: {msg}")
-  need(config.optim.weight_decay_style in ("l2", "decoupled"), "optim.weight_decay_style",
-       f"must be 'l2' or 'decoupled', got {config.optim.weight_decay_style!r}")
-  need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
-  need(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-  need(config.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")
-  need(config.eval.select_on in ("test", "heldout"), "eval.select_on",
-       f"must be 'test' or 'heldout', got {config.eval.select_on!r}")
-  if config.eval.select_on == "heldout":
-    need(0 < config.eval.heldout_fraction < 1, "eval.heldout_fraction", "must be in (0, 1)")
-  need(config.eval.split in ("train", "test"), "eval.split",
-       f"must be 'train' or 'test', got {config.eval.split!r}")
-  need(len(config.eval.tiou) > 0 and all(0 < t <= 1 for t in config.eval.tiou), "eval.tiou",
-       f"needs thresholds in (0, 1], got {tuple(config.eval.tiou)}")
-  for field in ("num_steps", "log_every", "eval_every", "sync_every", "batch_size"):
-    need(config.train[field] > 0, f"train.{field}", f"must be > 0, got {config.train[field]}")
-  need(config.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: off)")
-  need(config.data.num_snippets > 0, "data.num_snippets", "must be > 0")
-  need(config.checkpoint.keep_latest >= 1, "checkpoint.keep_latest", "must be >= 1")
-  need(config.checkpoint.keep_best >= 1, "checkpoint.keep_best", "must be >= 1")
-
-
-def config_to_json(config) -> dict:
-  return json.loads(config.to_json_best_effort())
-
-
-def config_differences(old: dict, new: dict, ignore=()) -> list[str]:
-  """Flattened `field: old -> new` lines, except fields under the prefixes in `ignore`."""
-  def flat(d, prefix=""):
-    out = {}
-    for k, v in d.items():
-      if isinstance(v, dict) and v:
-        out.update(flat(v, f"{prefix}{k}."))
-      else:
-        out[f"{prefix}{k}"] = v
-    return out
-  a, b = flat(old), flat(new)
-  diffs = []
-  for key in sorted(set(a) | set(b)):
-    if any(key == p or key.startswith(p.rstrip(".") + ".") for p in ignore):
-      continue
-    if a.get(key, "<absent>") != b.get(key, "<absent>"):
-      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
-  return diffs
-
-
-def _check_workdir_config(workdir: str, config):
-  path = os.path.join(workdir, "config.json")
-  if not tf.io.gfile.exists(path):
-    return
-  old = results_io.load_json(path)
-  diffs = config_differences(old, config_to_json(config), ignore=RESUME_SAFE)
-  if diffs:
-    raise WstalError(f"{workdir} holds a run with a different config ({'; '.join(diffs[:6])}"
-                     f"{'; ...' if len(diffs) > 6 else ''}); pass a new --workdir for this one "
-                     "(or delete the old run)")
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -154,7 +86,7 @@ def make_optimizer(config, labels) -> optax.GradientTransformation:
 
 
 def phase_starts(method) -> tuple[int, ...]:
-  starts = tuple(int(s) for s in getattr(method, "phase_starts", (0,)))
+  starts = tuple(int(s) for s in method.phase_starts)
   if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
     raise WstalError(f"method {type(method).__name__}: phase_starts must be increasing and "
                      f"start at 0, got {starts}")
@@ -177,7 +109,7 @@ def _labels(method, params, start):
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(run: evaluate.Setup, tx):
+def make_train_step(run: run_setup.Setup, tx):
   """The trainer's jitted training step for `run`'s method and the optax transform `tx`.
 
   Returns step(state, batch, consts, key) -> (new_state, terms): state is {'step',
@@ -252,13 +184,6 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- loop
 
 
-def _fmt_time(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def _check_finite(host_terms):
   """host_terms: [(step, {name: float})]; raises at the first non-finite value."""
   for step, terms in host_terms:
@@ -282,37 +207,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   signal (a checkpoint was saved; run again to resume). `method` replaces
   methods.get_method(...) (tests).
   """
-  validate_config(config)
-  workdir = evaluate.absolute(workdir)
+  run_setup.validate_config(config)
+  workdir = workdir_lib.absolute(workdir)
   is_chief = jax.process_index() == 0
   tf.io.gfile.makedirs(workdir)   # gfile: gs:// workdirs work too
-  _check_workdir_config(workdir, config)
-  run = evaluate.setup(config, method=method)
+  workdir_lib.check_config(workdir, config)
+  run = run_setup.setup(config, method=method)
   # Both batch sizes are global: checked against the process and device layout before any
   # data is read.
-  evaluate.check_batch_size(config.train.batch_size, run.mesh, "config.train.batch_size")
-  evaluate.check_batch_size(config.eval.batch_size, run.mesh, "config.eval.batch_size")
+  run_setup.check_batch_size(config.train.batch_size, run.mesh, "config.train.batch_size")
+  run_setup.check_batch_size(config.eval.batch_size, run.mesh, "config.eval.batch_size")
   if is_chief:
-    evaluate.write_json_atomic(os.path.join(workdir, "config.json"), config_to_json(config))
-  mesh = run.mesh
+    workdir_lib.save_config(workdir, config)
   logging.info("process %d/%d, %d local / %d global devices, mesh %s", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count(),
-               dict(mesh.shape))
-
-  # Which training videos train and which (select_on='heldout') select the checkpoint.
-  num_train = run.manifest["splits"]["train"]["num_videos"]
-  train_idx = heldout_idx = None
-  if config.eval.select_on == "heldout":
-    train_idx, heldout_idx = evaluate.heldout_split(num_train, config.eval.heldout_fraction,
-                                                    config.seed)
-    logging.info("model selection on %d held-out TRAIN videos (excluded from training); the "
-                 "selected checkpoint is evaluated on %r at the end", len(heldout_idx),
-                 config.eval.split)
-  else:
-    logging.info("model selection on the %r split (the field's practice)", config.eval.split)
-  select_split = "train" if heldout_idx is not None else config.eval.split
-  select_eval = evaluate.Evaluator(run, split=select_split, video_indices=heldout_idx)
-  select_prefix = "heldout" if heldout_idx is not None else config.eval.split
+               dict(run.mesh.shape))
+  train_idx, selection = run_setup.selection(config, run)
 
   ckpts = checkpointing.Checkpoints(
       os.path.join(workdir, "checkpoints"), keep_latest=config.checkpoint.keep_latest,
@@ -323,8 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             else metric_writers.MultiWriter([]))
   peer_lost = False
   try:
-    metrics = _train_loop(config, workdir, run, ckpts, writer, select_eval, select_prefix,
-                          train_idx)
+    loop = _Loop(config, workdir, run, ckpts, writer, selection, train_idx)
+    metrics = loop.run()
   except jax.errors.JaxRuntimeError:
     # In a multi-process job this is mostly a collective whose peer died; finishing the saves
     # would wait at orbax's cross-process barriers for that peer.
@@ -338,159 +248,206 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return metrics
 
 
-def _train_loop(config, workdir, run, ckpts, writer, select_eval, select_prefix, train_idx):
-  num_steps = config.train.num_steps
-  per_process_batch = evaluate.per_process_batch_size(config.train.batch_size, run.mesh,
-                                                      "config.train.batch_size")
-  starts = phase_starts(run.method)
-  start_step = ckpts.latest_step() or 0
-  if start_step > num_steps:
-    raise WstalError(f"{workdir}: the latest checkpoint is at step {start_step}, past "
-                     f"config.train.num_steps={num_steps}")
-  batches = input_pipeline.train_batches(
-      run.data_dir, split="train", batch_size=per_process_batch,
-      num_snippets=config.data.num_snippets, seed=config.seed, start_step=start_step,
-      sampling=config.data.sampling, vlm_feature=config.data.vlm_feature,
-      video_indices=train_idx, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  first_batch = run.put_batch(next(batches))
+class _Loop:
+  """The training loop of one run, in named pieces:
 
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  phase_idx = phase_of(starts, start_step)
-  if start_step:
-    abstract_params = run.abstract_params(first_batch)
-    phase = _Phase(run, config, starts, phase_idx, abstract_params)
-    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-                "opt_state": jax.eval_shape(phase.tx.init, abstract_params)}
-    state, meta = ckpts.restore(start_step, checkpointing.abstract_like(abstract,
-                                                                        run.replicated))
-    if meta.get("phase", phase_idx) != phase_idx:
-      raise WstalError(f"{workdir}: checkpoint {start_step} is from phase {meta.get('phase')}, "
-                       f"the method puts step {start_step} in phase {phase_idx}")
-    logging.info("resumed from %s at step %d", ckpts.directory, start_step)
-  else:
+    restore_or_init   the state at the start step (latest checkpoint, or fresh parameters)
+    run               step, switch phase, and at sync points `sync`; then `final_evaluation`
+    sync              fetch the pending loss terms, check them, log, evaluate / save, stop
+    eval_and_rank     evaluate on the selection videos and save a checkpoint ranked by it
+    final_evaluation  evaluate the selected checkpoint on config.eval.split, write outputs
+
+  Progress (steps/s, ETA, the share of time spent evaluating) is clu's ReportProgress.
+  """
+
+  def __init__(self, config, workdir, run, ckpts, writer, selection, train_idx):
+    self.config = config
+    self.workdir = workdir
+    self.run_ = run
+    self.ckpts = ckpts
+    self.writer = writer
+    self.selection = selection
+    self.train_idx = train_idx
+    self.select_eval = evaluate.Evaluator(run, split=selection.split,
+                                          video_indices=selection.video_indices)
+    self.starts = phase_starts(run.method)
+    self.num_steps = config.train.num_steps
+    self.state = None
+    self.phase = None
+    self.last_eval = None    # (step, EvalResult) of the most recent selection evaluation
+    self.window = {}         # loss term name -> floats since the last log line
+    self.first_tick = None   # start time of the first step of this process, until synced
+    self.report = periodic_actions.ReportProgress(
+        num_train_steps=self.num_steps, writer=writer, every_steps=config.train.log_every,
+        every_secs=None)
+
+  # -------------------------------------------------------------------------- pieces
+
+  def restore_or_init(self, first_batch, start_step: int):
+    """Sets self.state and self.phase for `start_step` (0: fresh parameters)."""
+    run, config = self.run_, self.config
+    init_key = jax.random.split(jax.random.key(config.seed))[0]
+    phase_idx = phase_of(self.starts, start_step)
+    if start_step:
+      abstract_params = run.abstract_params(first_batch)
+      self.phase = _Phase(run, config, self.starts, phase_idx, abstract_params)
+      abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                  "opt_state": jax.eval_shape(self.phase.tx.init, abstract_params)}
+      self.state, meta = self.ckpts.restore(
+          start_step, checkpointing.abstract_like(abstract, run.replicated))
+      if meta.get("phase", phase_idx) != phase_idx:
+        raise WstalError(f"{self.workdir}: checkpoint {start_step} is from phase "
+                         f"{meta.get('phase')}, the method puts step {start_step} in phase "
+                         f"{phase_idx}")
+      logging.info("resumed from %s at step %d", self.ckpts.directory, start_step)
+      return
     params = run.init_params(init_key, first_batch)
-    phase = _Phase(run, config, starts, phase_idx, params)
-    opt_init = jax.jit(phase.tx.init, out_shardings=run.replicated)
-    state = {"step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
-             "params": params, "opt_state": opt_init(params)}
+    self.phase = _Phase(run, config, self.starts, phase_idx, params)
+    opt_init = jax.jit(self.phase.tx.init, out_shardings=run.replicated)
+    self.state = {"step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
+                  "params": params, "opt_state": opt_init(params)}
     num_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("initialised %s: %d parameters", type(run.method).__name__, num_params)
 
-  def save(step, metrics=None):
-    meta = {"phase": phase.index, "name": config.name, "method": config.method}
-    if ckpts.save(step, state, meta=meta, metrics=metrics):
+  def switch_phase(self, step: int):
+    """After the update that ends a phase: the next phase's optimizer, from tx.init."""
+    run = self.run_
+    self.phase = _Phase(run, self.config, self.starts, phase_of(self.starts, step),
+                        self.state["params"])
+    self.state["opt_state"] = jax.jit(self.phase.tx.init, out_shardings=run.replicated)(
+        self.state["params"])
+    logging.info("step %d: phase %d starts (optimizer re-initialised)", step, self.phase.index)
+
+  def save(self, step: int, metrics=None):
+    meta = {"phase": self.phase.index, "name": self.config.name,
+            "method": self.config.method}
+    if self.ckpts.save(step, self.state, meta=meta, metrics=metrics):
       logging.info("checkpoint saved at step %d%s", step,
-                   f" ({select_prefix} average mAP {metrics['average_mAP']})" if metrics
-                   else "")
+                   f" ({self.selection.name} average mAP {metrics['average_mAP']})"
+                   if metrics else "")
 
-  last_eval = None   # (step, EvalResult) of the most recent evaluation on the select split
-  pending = []       # (step, device terms) not yet fetched
-  window = {}        # name -> list of floats since the last log line
-  window_steps, window_time, eval_seconds = 0, 0.0, 0.0
-  tick = time.time()
-  stopped = False
+  def log(self, step: int):
+    """The mean of every loss term since the last log line: log line + TensorBoard."""
+    means = {k: float(np.mean(v)) for k, v in self.window.items()}
+    logging.info("step %d/%d  %s", step, self.num_steps,
+                 "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    self.window = {}
 
-  with _StopFlag() as stop:
+  def eval_and_rank(self, step: int):
+    """Evaluates on the selection videos and saves a checkpoint ranked by average mAP."""
+    config, name = self.config, self.selection.name
+    t0 = time.time()
+    with self.report.timed("eval", wait_jax_async_dispatch=False):
+      result = self.select_eval(self.state["params"], keep_scores=(
+          config.eval.num_plots if name == "test" else 0))
+    self.last_eval = (step, result)
+    logging.info("step %d: %s evaluation (%d videos, %.1fs)\n%s", step, name,
+                 result.num_videos, time.time() - t0,
+                 evaluate.format_table(result.metrics, self.select_eval.tiou))
+    self.writer.write_scalars(step, {f"{name}/{k}": v
+                                     for k, v in result.metrics.items() if v is not None})
+    ranked = dict(result.metrics)
+    if ranked["average_mAP"] is None:
+      ranked["average_mAP"] = -1.0   # no ground truth: rank it last, keep the run going
+    ranked["selected_on"] = name
+    self.save(step, ranked)
+
+  def sync(self, step: int, pending, stop) -> bool:
+    """A sync point: fetch and check the pending terms, log, evaluate or save; True when a
+    signal asks the run to stop (a checkpoint of `step` was saved)."""
+    config = self.config
+    host_terms = jax.device_get(pending)
+    if self.first_tick is not None:   # the first step includes compilation
+      logging.info("step %d done (%.1fs, including compilation)", step,
+                   time.time() - self.first_tick)
+      self.first_tick = None
+    _check_finite(host_terms)
+    for _, t in host_terms:
+      for k, v in t.items():
+        self.window.setdefault(k, []).append(float(v))
+    if step % config.train.log_every == 0 or step == self.num_steps:
+      self.log(step)
+    if step % config.train.eval_every == 0 or step == self.num_steps:
+      self.eval_and_rank(step)
+    elif config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
+      self.save(step)
+    if step < self.num_steps and stop.requested():
+      self.save(step)
+      logging.warning("stopped by signal %s at step %d; checkpoint saved. Run the same "
+                      "command again to resume.", stop.signum, step)
+      return True
+    return False
+
+  def is_sync_point(self, step: int, start_step: int) -> bool:
+    t = self.config.train
+    return (step == start_step + 1 or step == self.num_steps or step % t.sync_every == 0
+            or step % t.log_every == 0 or step % t.eval_every == 0
+            or bool(t.checkpoint_every) and step % t.checkpoint_every == 0)
+
+  # -------------------------------------------------------------------------- run
+
+  def run(self) -> dict | None:
+    config, run = self.config, self.run_
+    per_process_batch = run_setup.per_process_batch_size(config.train.batch_size, run.mesh,
+                                                         "config.train.batch_size")
+    start_step = self.ckpts.latest_step() or 0
+    if start_step > self.num_steps:
+      raise WstalError(f"{self.workdir}: the latest checkpoint is at step {start_step}, past "
+                       f"config.train.num_steps={self.num_steps}")
+    batches = input_pipeline.train_batches(
+        run.data_dir, split="train", batch_size=per_process_batch,
+        num_snippets=config.data.num_snippets, seed=config.seed, start_step=start_step,
+        sampling=config.data.sampling, vlm_feature=config.data.vlm_feature,
+        video_indices=self.train_idx, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    batch = run.put_batch(next(batches))
+    self.restore_or_init(batch, start_step)
+    train_key = jax.random.split(jax.random.key(config.seed))[1]
+
+    pending = []   # (step, device terms) not yet fetched
     step = start_step
-    batch = first_batch
-    while step < num_steps:
-      state, terms = phase.step_fn(state, batch, run.consts, train_key)
-      step += 1
-      pending.append((step, terms))
-      if step in starts:   # the update that ends a phase: switch to the next one now
-        phase = _Phase(run, config, starts, phase_of(starts, step), state["params"])
-        state["opt_state"] = jax.jit(phase.tx.init, out_shardings=run.replicated)(
-            state["params"])
-        logging.info("step %d: phase %d starts (optimizer re-initialised)", step, phase.index)
-      is_eval = step % config.train.eval_every == 0 or step == num_steps
-      is_log = step % config.train.log_every == 0 or step == num_steps
-      is_ckpt = bool(config.train.checkpoint_every) and step % config.train.checkpoint_every == 0
-      first = step == start_step + 1   # includes compilation: timed apart from the rest
-      if first or is_eval or is_log or is_ckpt or step % config.train.sync_every == 0:
-        host_terms = jax.device_get(pending)
-        pending = []
-        _check_finite(host_terms)
-        for _, t in host_terms:
-          for k, v in t.items():
-            window.setdefault(k, []).append(float(v))
-        now = time.time()
-        if first:
-          logging.info("step %d done (%.1fs, including compilation)", step, now - tick)
-        else:
-          window_time += now - tick
-          window_steps += len(host_terms)
-        tick = now
-        if is_log:
-          rate = window_steps / max(window_time, 1e-9) if window_steps else float("nan")
-          remaining = num_steps - step
-          evals_left = remaining // config.train.eval_every
-          eta = (remaining / rate if window_steps else 0.0) + evals_left * eval_seconds
-          means = {k: float(np.mean(v)) for k, v in window.items()}
-          speed = f"{rate:.2f} steps/s  ETA {_fmt_time(eta)}" if window_steps else ""
-          logging.info("step %d/%d  %s  %s", step, num_steps,
-                       "  ".join(f"{k} {v:.4f}" for k, v in means.items()), speed)
-          scalars = {f"train/{k}": v for k, v in means.items()}
-          if window_steps:
-            scalars["train/steps_per_sec"] = rate
-          writer.write_scalars(step, scalars)
-          window, window_steps, window_time = {}, 0, 0.0
-        if is_eval:
-          t0 = time.time()
-          result = select_eval(state["params"], keep_scores=(
-              config.eval.num_plots if select_prefix == "test" else 0))
-          eval_seconds = time.time() - t0
-          last_eval = (step, result)
-          logging.info("step %d: %s evaluation (%d videos, %.1fs)\n%s", step, select_prefix,
-                       result.num_videos, eval_seconds,
-                       evaluate.format_table(result.metrics, select_eval.tiou))
-          writer.write_scalars(step, {f"{select_prefix}/{k}": v
-                                      for k, v in result.metrics.items() if v is not None})
-          ranked = dict(result.metrics)
-          if ranked["average_mAP"] is None:
-            ranked["average_mAP"] = -1.0   # no ground truth: rank it last, keep the run going
-          ranked["selected_on"] = select_prefix
-          save(step, ranked)
-          tick = time.time()   # evaluation time is not training time
-        elif is_ckpt:
-          save(step)
-        if step < num_steps and stop.requested():
-          save(step)
-          logging.warning("stopped by signal %s at step %d; checkpoint saved. Run the same "
-                          "command again to resume.", stop.signum, step)
-          stopped = True
-          break
-      if step < num_steps:
-        batch = run.put_batch(next(batches))
+    self.first_tick = time.time()
+    with _StopFlag() as stop:
+      while step < self.num_steps:
+        self.state, terms = self.phase.step_fn(self.state, batch, run.consts, train_key)
+        step += 1
+        pending.append((step, terms))
+        if step in self.starts:   # the update that ends a phase: switch to the next one now
+          self.switch_phase(step)
+        if self.is_sync_point(step, start_step):
+          stopped = self.sync(step, pending, stop)
+          pending = []
+          if stopped:
+            return None
+        self.report(step)
+        if step < self.num_steps:
+          batch = run.put_batch(next(batches))
+    return self.final_evaluation(step)
 
-  if stopped:
-    return None
-  return _final_evaluation(config, workdir, run, ckpts, writer, state, last_eval,
-                           select_prefix, step)
-
-
-def _final_evaluation(config, workdir, run, ckpts, writer, state, last_eval, select_prefix,
-                      step):
-  """Evaluates the selected (best) checkpoint on config.eval.split; writes the outputs."""
-  ckpts.wait()
-  best = ckpts.best_step()
-  if best is None:
-    raise WstalError(f"{workdir}: no evaluated checkpoint to select from")
-  selection = ckpts.metrics(best) or {}
-  if select_prefix != "heldout" and last_eval is not None and last_eval[0] == best:
-    result = last_eval[1]
-  else:
-    params = state["params"] if best == step else ckpts.restore_params(
-        best, checkpointing.abstract_like(state["params"], run.replicated))
-    test_eval = evaluate.Evaluator(run, split=config.eval.split)
-    result = test_eval(params, keep_scores=config.eval.num_plots)
-  extra = {"step": int(best), "selected_on": select_prefix, "split": result.split,
-           "num_steps": int(config.train.num_steps)}
-  if select_prefix == "heldout":
-    extra["heldout_average_mAP"] = selection.get("average_mAP")
-  content = evaluate.write_outputs(workdir, result, run, extra=extra)
-  writer.write_scalars(int(best), {f"final/{k}": v for k, v in result.metrics.items()
-                                   if v is not None})
-  logging.info("selected step %d (on %s); %s evaluation:\n%s", best, select_prefix,
-               result.split, evaluate.format_table(result.metrics, config.eval.tiou))
-  return content
+  def final_evaluation(self, step: int) -> dict:
+    """Evaluates the selected (best) checkpoint on config.eval.split; writes the outputs."""
+    config, run, ckpts = self.config, self.run_, self.ckpts
+    ckpts.wait()
+    best = ckpts.best_step()
+    if best is None:
+      raise WstalError(f"{self.workdir}: no evaluated checkpoint to select from")
+    selection = ckpts.metrics(best) or {}
+    if (not self.selection.is_heldout and self.last_eval is not None
+        and self.last_eval[0] == best):
+      result = self.last_eval[1]
+    else:
+      params = self.state["params"] if best == step else ckpts.restore_params(
+          best, checkpointing.abstract_like(self.state["params"], run.replicated))
+      test_eval = evaluate.Evaluator(run, split=config.eval.split)
+      result = test_eval(params, keep_scores=config.eval.num_plots)
+    extra = {"step": int(best), "selected_on": self.selection.name, "split": result.split,
+             "num_steps": int(config.train.num_steps)}
+    if self.selection.is_heldout:
+      extra["heldout_average_mAP"] = selection.get("average_mAP")
+    content = evaluate.write_outputs(self.workdir, result, run, extra=extra)
+    self.writer.write_scalars(int(best), {f"final/{k}": v for k, v in result.metrics.items()
+                                          if v is not None})
+    logging.info("selected step %d (on %s); %s evaluation:\n%s", best, self.selection.name,
+                 result.split, evaluate.format_table(result.metrics, config.eval.tiou))
+    return content

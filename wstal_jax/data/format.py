@@ -656,9 +656,24 @@ def _ordered_records(paths):
   return files.interleave(tf.data.TFRecordDataset, cycle_length=len(paths), block_length=1)
 
 
-def _read_error(data_dir, split, e):
-  return WstalError(f"{data_dir}: split {split!r}: a shard is truncated or corrupt ({e}); "
-                    "run verify_shards to find which")
+def read_error(data_dir, split, e: tf.errors.OpError) -> WstalError:
+  """The one message for a record that tf.data cannot read."""
+  message = getattr(e, "message", str(e)).strip()
+  return WstalError(f"{data_dir}: split {split!r}: cannot read a record ({message}); a shard is "
+                    "truncated or corrupt, or the manifest does not match its shards (run "
+                    "wstal_jax.data.format.verify_shards to find which)")
+
+
+def iterate(iterator, data_dir, split):
+  """Yields from a tf.data iterator, turning TF read errors into one WstalError (read_error)."""
+  while True:
+    try:
+      item = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      raise read_error(data_dir, split, e) from None
+    yield item
 
 
 def _iter_parsed(data_dir, split, feature_names, manifest, batch=64):
@@ -668,15 +683,8 @@ def _iter_parsed(data_dir, split, feature_names, manifest, batch=64):
   spec = _parse_spec(manifest, feature_names, annotations=True)
   ds = _ordered_records(paths).batch(batch)
   ds = ds.map(lambda s: tf.io.parse_example(s, spec))
-  it = iter(ds)
   count = 0
-  while True:
-    try:
-      ex = next(it)
-    except StopIteration:
-      break
-    except tf.errors.OpError as e:
-      raise _read_error(data_dir, split, e) from None
+  for ex in iterate(iter(ds), data_dir, split):
     segs = tf.sparse.to_dense(ex["segments"]).numpy()
     seg_n = tf.sparse.to_dense(ex["segment_labels"], default_value=-1).numpy()
     amb = tf.sparse.to_dense(ex["ambiguous"]).numpy()

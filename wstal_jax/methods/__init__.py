@@ -1,37 +1,87 @@
-"""Methods: one file per method (model wiring, losses, scores for evaluation).
+"""Methods: the contract every method implements, and the table of methods.
 
-`get_method(config, num_classes, dims)` builds the method object named by `config.method`;
-its API is fixed in docs/ARCHITECTURE.md ("Methods").
+A method is one file `wstal_jax/methods/<name>.py` with a class implementing `Method`, plus
+one row in `REGISTRY` and its recipe `configs/<name>.py`. The trainer, the evaluator and the
+benchmarks only talk to a method through `Method`; `get_method(config, ...)` builds the one
+`config.method` names.
+
+Shared masked ops (top-k, temporal means and softmaxes, L2 normalisation, the masked temporal
+conv) live in `wstal_jax/layers.py`; a method imports another method's file only when it
+builds on it (PVLR on CO2-Net).
 """
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+import ml_collections
+
 from wstal_jax.errors import WstalError
 
-METHODS = ("base", "vlpo", "co2net", "pvlr")
+# config.method -> "module:Class" under wstal_jax.methods (imported on first use).
+REGISTRY = {
+    "base": "vlpo:Baseline",      # VLPO's MIL + actionness baseline (vlpo.txt Eq. 2)
+    "vlpo": "vlpo:VLPO",          # VLPO (vlpo.txt), the main method
+    "co2net": "co2net:CO2Net",    # CO2-Net (Hong et al. 2021), PVLR's base
+    "pvlr": "pvlr:PVLR",          # PVLR (pvlr.txt) on CO2-Net
+}
+METHODS = tuple(REGISTRY)
 
 
-def get_method(config, num_classes: int, dims: dict[str, int], class_names=None):
-  """The method object for `config.method`.
+@runtime_checkable
+class Method(Protocol):
+  """What the trainer and the evaluator call. Every function is pure and jittable except
+  `__init__` and `extra_consts`; `batch` is a dict of the input pipeline's arrays
+  (docs/ARCHITECTURE.md "Batches"), `consts` the replicated constants (`text_CxE` when the
+  dataset has class text embeddings, plus `extra_consts()`).
 
-  Args:
-    config: the full experiment config; methods read their own block (`config.vlpo`).
-    num_classes: C.
-    dims: feature widths {'feat': D, 'vlm': E, 'text': E} ('vlm' / 'text' absent or None
-      when the dataset / config provides no VLM features / text embeddings).
-    class_names: the dataset's C class names (PVLR's CLIP text encoder reads them).
-
-  'base' is the paper's baseline (vlpo.txt Eq. 2: L_mil + L_act on I3D features): it uses
-  config.vlpo's model sizes, q and top-k divisor, treats the five use_* switches and
-  `finetune` as off, and never reads VLM features or text embeddings. 'vlpo' is VLPO as
-  configured by config.vlpo. 'co2net' is CO2-Net (config.co2net), PVLR's base; 'pvlr' is
-  PVLR (config.co2net for the base, config.pvlr for the rest).
+  postprocess_preset: the `postprocess.get_preset` name turning `predict`'s scores into
+    proposals ('vlpo' or 'co2net').
+  phase_starts: (0, s1, ...): the steps at which a training phase starts; at each the
+    trainer asks `param_labels(params, start)` and builds a fresh optimizer. (0,) = one phase.
   """
+  postprocess_preset: str
+  phase_starts: tuple[int, ...]
+
+  def __init__(self, config: ml_collections.ConfigDict, num_classes: int,
+               dims: dict[str, int | None], class_names: list[str] | None = None):
+    """config: the whole experiment config (the method reads its own block, config.<name>);
+    dims: {'feat': D, 'vlm': E or None, 'text': E or None}. Bad settings: WstalError."""
+
+  def init(self, rng, batch: dict, consts: dict) -> dict:
+    """-> flax variables {'params': ...}; shapes from `batch`."""
+
+  def loss(self, params, batch: dict, consts: dict, rng, step) -> tuple[Any, dict]:
+    """-> (total loss, aux): aux holds every weighted term the total sums (l_mil, ...), so
+    the trainer logs each term's share of the total."""
+
+  def predict(self, params, batch: dict, consts: dict) -> dict:
+    """-> video_scores_BxC (video-level class probabilities), cas_BxTxC (per-class sequence
+    the post-processing thresholds and scores), optionally actionness_BxT; 0 on padding."""
+
+  def param_labels(self, params, step: int):
+    """-> pytree like params of 'train' / 'freeze' for the phase starting at `step`."""
+
+  def extra_consts(self) -> dict:
+    """Constants the method brings (frozen weights, token ids); {} for most methods."""
+
+
+def method_class(name: str) -> type:
+  """The class registered as `name` (WstalError for an unknown name)."""
+  if name not in REGISTRY:
+    raise WstalError(f"config.method={name!r}: unknown method; choose one of {METHODS}")
+  module_name, class_name = REGISTRY[name].split(":")
+  module = importlib.import_module(f"wstal_jax.methods.{module_name}")
+  return getattr(module, class_name)
+
+
+def get_method(config, num_classes: int, dims: dict[str, int], class_names=None) -> Method:
+  """The method object for `config.method` (see `Method.__init__` for the arguments)."""
   name = config.get("method") if hasattr(config, "get") else getattr(config, "method", None)
-  if name in ("base", "vlpo"):
-    from wstal_jax.methods import vlpo  # pylint: disable=import-outside-toplevel
-    return vlpo.VLPO(config, num_classes, dims, baseline=name == "base")
-  if name == "co2net":
-    from wstal_jax.methods import co2net  # pylint: disable=import-outside-toplevel
-    return co2net.CO2Net(config, num_classes, dims)
-  if name == "pvlr":
-    from wstal_jax.methods import pvlr  # pylint: disable=import-outside-toplevel
-    return pvlr.PVLR(config, num_classes, dims, class_names=class_names)
-  raise WstalError(f"config.method={name!r}: unknown method; choose one of {METHODS}")
+  return method_class(name)(config, num_classes, dims, class_names=class_names)
+
+
+def config_block(config, name: str, default_config) -> ml_collections.ConfigDict:
+  """A copy of config.<name>, or `default_config()` when the config has no such block."""
+  block = config.get(name) if name in config else None
+  return ml_collections.ConfigDict(block if block is not None else default_config())

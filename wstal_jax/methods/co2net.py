@@ -40,8 +40,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from wstal_jax import methods
 from wstal_jax.errors import WstalError
-from wstal_jax.methods.vlpo import masked_topk_mean, topk_count, video_mean
+from wstal_jax.layers import masked_softmax_time, masked_topk_mean, topk_count, video_mean
 from wstal_jax.models import co2net as co2net_model
 
 
@@ -112,15 +113,6 @@ def suppress(cas_BxTxC1, attn_BxT, mask_BxT):
   return jnp.where(mask_BxT[:, :, None] > 0, out, 0.0)
 
 
-def masked_softmax_time(x_BxTxC, mask_BxT):
-  """Softmax over the valid snippets of each (video, class) column."""
-  valid_BxTx1 = mask_BxT[:, :, None] > 0
-  x = jnp.where(valid_BxTx1, x_BxTxC, -jnp.inf)
-  x = x - jax.lax.stop_gradient(jnp.max(x, axis=1, keepdims=True))
-  e = jnp.where(valid_BxTx1, jnp.exp(x), 0.0)
-  return e / jnp.maximum(jnp.sum(e, axis=1, keepdims=True), 1e-30)
-
-
 def _cos_dist(a_BxDxC, b_BxDxC, eps=1e-8):
   """1 - cos over D for every pair (i, j) and class: -> [B, B, C]."""
   dot = jnp.einsum("idc,jdc->ijc", a_BxDxC, b_BxDxC)
@@ -174,13 +166,15 @@ def mutual_loss(out, mask_BxT):
 
 @dataclasses.dataclass(frozen=True)
 class VideoLossSettings:
+  """The config.co2net fields `video_loss` reads, as plain values (defaults and meaning:
+  `default_config`)."""
   topk_divisor: int
   w_cls: float
   w_oppo: float
   w_norm: float
   w_guide: float
   w_mutual: float
-  oppo_margin: float = 0.5
+  oppo_margin: float
 
   @classmethod
   def from_config(cls, cfg):
@@ -227,14 +221,13 @@ def co2net_scores(cas_BxTxC1, attn_BxT, mask_BxT, eval_topk_divisor: int):
 
 
 class CO2Net:
-  """CO2-Net (method 'co2net'). API (docs/ARCHITECTURE.md): init, loss, predict,
-  param_labels, postprocess_preset."""
+  """CO2-Net (method 'co2net', configured by config.co2net), a `methods.Method`."""
   postprocess_preset = "co2net"
+  phase_starts = (0,)
 
-  def __init__(self, config, num_classes: int, dims: dict, **unused):
-    del unused
-    cfg = ml_collections.ConfigDict(config.get("co2net") if "co2net" in config
-                                    else default_config())
+  def __init__(self, config, num_classes: int, dims: dict, class_names=None):
+    del class_names
+    cfg = methods.config_block(config, "co2net", default_config)
     validate_config(cfg)
     self.cfg = cfg
     self.num_classes = int(num_classes)
@@ -242,6 +235,9 @@ class CO2Net:
     self.model = co2net_model.CO2NetModel(
         num_classes=self.num_classes, rgb_dim=rgb_dim_of(dims),
         attn_hidden=int(cfg.attn_hidden), dropout=float(cfg.dropout))
+
+  def extra_consts(self):
+    return {}
 
   def init(self, rng, batch, consts):
     params_rng, dropout_rng = jax.random.split(rng)

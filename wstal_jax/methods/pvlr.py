@@ -57,11 +57,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from wstal_jax import methods
 from wstal_jax.errors import WstalError
+from wstal_jax.layers import l2_normalize, video_mean
 from wstal_jax.methods import co2net
-from wstal_jax.methods.vlpo import video_mean
 from wstal_jax.models import pvlr as pvlr_model
-from wstal_jax.models.vlpo import l2_normalize
 
 METRICS = ("kl", "bhattacharyya", "mahalanobis")
 
@@ -327,15 +327,14 @@ def pvlr_loss(out, batch, rng, video_settings, cfg):
 
 
 class PVLR:
-  """PVLR (method 'pvlr'). API (docs/ARCHITECTURE.md): init, loss, predict, param_labels,
-  postprocess_preset, extra_consts."""
+  """PVLR (method 'pvlr'; config.co2net for the base, config.pvlr for the rest), a
+  `methods.Method`."""
   postprocess_preset = "co2net"
+  phase_starts = (0,)
 
   def __init__(self, config, num_classes: int, dims: dict, class_names=None):
-    base = ml_collections.ConfigDict(config.get("co2net") if "co2net" in config
-                                     else co2net.default_config())
-    cfg = ml_collections.ConfigDict(config.get("pvlr") if "pvlr" in config
-                                    else default_config())
+    base = methods.config_block(config, "co2net", co2net.default_config)
+    cfg = methods.config_block(config, "pvlr", default_config)
     co2net.validate_config(base)
     validate_config(cfg)
     self.base_cfg, self.cfg = base, cfg

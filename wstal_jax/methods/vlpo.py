@@ -66,7 +66,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from wstal_jax import methods
 from wstal_jax.errors import WstalError
+from wstal_jax.layers import (masked_topk_mean, pool_selected, snippet_mean,
+                              temporal_minmax, topk_count, topk_select, video_mean)
 from wstal_jax.models import vlpo as vlpo_model
 
 FINETUNE_MODES = ("cm_afa", "zero_shot", "training_free", "clip_adapter")
@@ -137,74 +140,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field in ("embed_dim", "act_hidden_dim", "conv_kernel", "adapter_reduction"):
     if int(cfg[field]) < 1:
       bad(field, "must be >= 1")
-
-
-# ------------------------------------------------------------------------------------------
-# Masked top-k and temporal normalisation.
-
-
-def topk_count(mask_BxT, divisor: int):
-  """k_B = max(1, n_valid // divisor) (the paper's k = T / divisor on valid snippets)."""
-  n_B = jnp.sum(mask_BxT > 0, axis=1).astype(jnp.int32)
-  return jnp.maximum(n_B // divisor, 1)
-
-
-def topk_select(x_BxTxC, mask_BxT, k_B):
-  """Boolean [B, T, C]: the k_B[b] largest valid entries of each (video, class) column.
-
-  Padded snippets are never selected; if a video has fewer than k valid snippets all of them
-  are. Ties at the k-th value go to the earlier snippets, so exactly min(k, n_valid) entries
-  are selected (one value sort + a cumsum; half the cost of a double argsort). Indices carry
-  no gradient.
-  """
-  valid_BxTx1 = mask_BxT[:, :, None] > 0
-  x_BxTxC = jnp.where(valid_BxTx1, jax.lax.stop_gradient(x_BxTxC), -jnp.inf)
-  sorted_BxTxC = -jnp.sort(-x_BxTxC, axis=1)
-  kth_index_Bx1xC = jnp.broadcast_to((k_B - 1)[:, None, None], x_BxTxC.shape[:1] + (1,)
-                                     + x_BxTxC.shape[2:])
-  kth_Bx1xC = jnp.take_along_axis(sorted_BxTxC, kth_index_Bx1xC, axis=1)
-  above_BxTxC = x_BxTxC > kth_Bx1xC
-  tie_BxTxC = (x_BxTxC == kth_Bx1xC) & valid_BxTx1
-  room_Bx1xC = k_B[:, None, None] - jnp.sum(above_BxTxC, axis=1, keepdims=True)
-  return above_BxTxC | (tie_BxTxC & (jnp.cumsum(tie_BxTxC, axis=1) <= room_Bx1xC))
-
-
-def pool_selected(x_BxTxC, sel_BxTxC):
-  """Mean of x over the selected snippets of each column (0 if none): -> BxC."""
-  n_BxC = jnp.sum(sel_BxTxC, axis=1)
-  total_BxC = jnp.sum(jnp.where(sel_BxTxC, x_BxTxC, 0.0), axis=1)
-  return total_BxC / jnp.maximum(n_BxC, 1).astype(x_BxTxC.dtype)
-
-
-def masked_topk_mean(x_BxTxC, mask_BxT, k_B):
-  """(1/k) sum of the top-k valid entries per column (Sec. 3.1 pooling): -> BxC."""
-  return pool_selected(x_BxTxC, topk_select(x_BxTxC, mask_BxT, k_B))
-
-
-def temporal_minmax(x_BxTxC, mask_BxT):
-  """Min-max normalisation over the valid snippets of each (video, class): -> BxTxC in [0, 1].
-
-  Padded snippets and constant columns give 0.
-  """
-  valid_BxTx1 = mask_BxT[:, :, None] > 0
-  lo_Bx1xC = jnp.min(jnp.where(valid_BxTx1, x_BxTxC, jnp.inf), axis=1, keepdims=True)
-  hi_Bx1xC = jnp.max(jnp.where(valid_BxTx1, x_BxTxC, -jnp.inf), axis=1, keepdims=True)
-  span_Bx1xC = hi_Bx1xC - lo_Bx1xC
-  ok_Bx1xC = span_Bx1xC > 0
-  safe_lo_Bx1xC = jnp.where(ok_Bx1xC, lo_Bx1xC, 0.0)
-  safe_span_Bx1xC = jnp.where(ok_Bx1xC, span_Bx1xC, 1.0)
-  return jnp.where(valid_BxTx1 & ok_Bx1xC, (x_BxTxC - safe_lo_Bx1xC) / safe_span_Bx1xC, 0.0)
-
-
-def video_mean(l_B, valid_B):
-  """Mean of per-video losses over the valid (real) videos."""
-  return jnp.sum(l_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
-
-
-def snippet_mean(l_BxT, mask_BxT):
-  """Per-video mean over valid snippets: -> l_B (0 for a video without valid snippets)."""
-  m_BxT = (mask_BxT > 0).astype(l_BxT.dtype)
-  return jnp.sum(l_BxT * m_BxT, axis=1) / jnp.maximum(jnp.sum(m_BxT, axis=1), 1.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,21 +280,32 @@ def apr_sets(s_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_B, alpha_h: float, alpha
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-  """The resolved settings `vlpo_loss` reads (config.vlpo after the method's overrides)."""
-  topk_divisor: int = 8
-  q: float = 0.6
-  lambda1: float = 300.0
-  lambda2: float = 0.1
-  lambda3: float = 0.5
-  alpha_h: float = 0.9
-  alpha_l: float = 0.25
-  use_kl: bool = False
-  use_vl: bool = False
-  use_snip: bool = False
-  use_dsp: bool = False
-  use_apr: bool = False
-  m_temperature: float = 1.0
-  vl_logit_scale: float = 100.0
+  """The resolved settings `vlpo_loss` reads: config.vlpo's fields (`default_config` holds
+  their defaults and meaning) after the method's overrides, as plain values."""
+  topk_divisor: int
+  q: float
+  lambda1: float
+  lambda2: float
+  lambda3: float
+  alpha_h: float
+  alpha_l: float
+  use_kl: bool
+  use_vl: bool
+  use_snip: bool
+  use_dsp: bool
+  use_apr: bool
+  m_temperature: float
+  vl_logit_scale: float
+
+  @classmethod
+  def from_config(cls, cfg, **overrides):
+    """From a config.vlpo block; `overrides` replace fields (e.g. the switches)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+      cast = bool if f.name in SWITCHES else int if f.name == "topk_divisor" else float
+      values[f.name] = cast(cfg[f.name])
+    values.update(overrides)
+    return cls(**values)
 
   @property
   def uses_preference(self) -> bool:
@@ -435,26 +381,20 @@ def predicted_labels(p_BxC, threshold: float):
 
 
 class VLPO:
-  """VLPO (method 'vlpo') or its baseline (method 'base', Eq. 2: all switches off).
-
-  API (docs/ARCHITECTURE.md): init, loss, predict, param_labels, postprocess_preset.
-  """
+  """VLPO (method 'vlpo', configured by config.vlpo), a `methods.Method`."""
   postprocess_preset = "vlpo"
+  phase_starts = (0,)
 
-  def __init__(self, config, num_classes: int, dims: dict[str, int], *,
+  def __init__(self, config, num_classes: int, dims: dict[str, int], class_names=None, *,
                baseline: bool = False):
-    cfg = config.get("vlpo") if "vlpo" in config else None
-    cfg = ml_collections.ConfigDict(cfg if cfg is not None else default_config())
+    del class_names   # the text side is the dataset's class text embeddings
+    cfg = methods.config_block(config, "vlpo", default_config)
     validate_config(cfg)
     self.num_classes = int(num_classes)
     self.finetune = "cm_afa" if baseline else cfg.finetune
     self.zero_shot = self.finetune == "zero_shot"
     on = {k: bool(cfg[k]) and not (baseline or self.zero_shot) for k in SWITCHES}
-    self.settings = LossSettings(
-        topk_divisor=int(cfg.topk_divisor), q=float(cfg.q), lambda1=float(cfg.lambda1),
-        lambda2=float(cfg.lambda2), lambda3=float(cfg.lambda3), alpha_h=float(cfg.alpha_h),
-        alpha_l=float(cfg.alpha_l), m_temperature=float(cfg.m_temperature),
-        vl_logit_scale=float(cfg.vl_logit_scale), **on)
+    self.settings = LossSettings.from_config(cfg, **on)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
     # The VLM branch exists only when something reads it: the baseline never touches
     # vlm_BxTxE / text_CxE.
@@ -486,6 +426,9 @@ class VLPO:
       raise WstalError("vlpo: the batch has no 'vlm_BxTxE' (set config.data.vlm_feature)")
     if self.model.vl_mode != "none" and (consts is None or "text_CxE" not in consts):
       raise WstalError("vlpo: consts has no 'text_CxE' (the dataset needs text_embeddings)")
+
+  def extra_consts(self):
+    return {}
 
   def init(self, rng, batch, consts):
     """-> flax variables {'params': ...} (shapes from `batch`)."""
@@ -563,3 +506,14 @@ class VLPO:
       keys = {getattr(p, "key", None) for p in path}
       return "freeze" if keys & frozen_scopes else "train"
     return jax.tree_util.tree_map_with_path(label, params)
+
+
+class Baseline(VLPO):
+  """VLPO's baseline (method 'base'; vlpo.txt Eq. 2: L_mil + L_act on I3D features).
+
+  It uses config.vlpo's model sizes, q and top-k divisor, treats the five use_* switches and
+  `finetune` as off, and never reads VLM features or text embeddings.
+  """
+
+  def __init__(self, config, num_classes: int, dims: dict[str, int], class_names=None):
+    super().__init__(config, num_classes, dims, class_names, baseline=True)

@@ -27,17 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wstal_jax.models.vlpo import MaskedTemporalConv, zero_padding
+from wstal_jax.layers import MaskedTemporalConv, masked_time_mean, zero_padding
 
 
 def leaky_relu(x):
   return nn.leaky_relu(x, negative_slope=0.2)
-
-
-def masked_time_mean(x_BxTxD, mask_BxT):
-  """Mean over the valid snippets of each video: [B, D]."""
-  m_BxTx1 = mask_BxT[:, :, None].astype(x_BxTxD.dtype)
-  return jnp.sum(x_BxTxD * m_BxTx1, axis=1) / jnp.maximum(jnp.sum(m_BxTx1, axis=1), 1.0)
 
 
 class ConsensusAttention(nn.Module):

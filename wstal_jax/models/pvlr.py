@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from wstal_jax.models import co2net
-from wstal_jax.models.vlpo import l2_normalize
+from wstal_jax.layers import l2_normalize
 
 TEXT_MODES = ("precomputed", "clip")
 

@@ -14,44 +14,18 @@ first temporal convolution (so the 'SAME' convolution sees exactly the zeros it 
 the end of an unpadded video), and every per-snippet output is zeroed on padded snippets.
 """
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from wstal_jax.layers import MaskedTemporalConv, l2_normalize, zero_padding
 
 # How the vision-language similarity is formed (see `VLPOModel.vl_mode`).
 VL_MODES = ("none", "cm_afa", "frozen", "clip_adapter")
-
-
-def l2_normalize(x_NxE, eps: float = 1e-12):
-  """x / ||x|| along the last axis; an all-zero row (a zeroed padded snippet) stays zero."""
-  sq_Nx1 = jnp.sum(x_NxE * x_NxE, axis=-1, keepdims=True)
-  return x_NxE * jax.lax.rsqrt(jnp.maximum(sq_Nx1, eps))
 
 
 def identity_init(key, shape, dtype=jnp.float32):
   """Dense kernel initialiser: the identity [E, E] (the projection starts as a no-op)."""
   del key
   return jnp.eye(shape[0], shape[1], dtype=dtype)
-
-
-def zero_padding(x_BxTxD, mask_BxT):
-  """x with padded snippets set to exactly 0. `where`, not a product: NaN/inf padding is
-  removed too, so neither the forward pass nor any gradient can see it."""
-  return jnp.where(mask_BxT[:, :, None] > 0, x_BxTxD, jnp.zeros((), x_BxTxD.dtype))
-
-
-class MaskedTemporalConv(nn.Module):
-  """1-D temporal convolution ('SAME' zero padding) that never reads padded snippets.
-
-  x_BxTxD, mask_BxT -> y_BxTxF. Padded inputs are zeroed first, so the outputs on valid
-  snippets equal those of the same video without padding.
-  """
-  features: int
-  kernel_size: int
-
-  @nn.compact
-  def __call__(self, x_BxTxD, mask_BxT):
-    x_BxTxD = zero_padding(x_BxTxD, mask_BxT)
-    return nn.Conv(self.features, (self.kernel_size,), padding="SAME", name="conv")(x_BxTxD)
 
 
 class SnippetEmbedding(nn.Module):

@@ -1,0 +1,101 @@
+"""The method contract: every registered method satisfies `methods.Method` on a tiny batch.
+
+A new method is one file under wstal_jax/methods/, one row in `methods.REGISTRY` and its
+recipe configs/<name>.py; this test picks it up from the table.
+"""
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wstal_jax import methods
+from wstal_jax.errors import WstalError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+B, T, C = 2, 24, 3
+DIMS = {"feat": 16, "vlm": 8, "text": 8}
+
+
+def recipe(name):
+  """configs/<name>.py's get_config() (built-in preset), loaded by path as main.py does."""
+  path = ROOT / "configs" / f"{name}.py"
+  assert path.is_file(), f"method {name!r} is registered but has no recipe {path}"
+  spec = importlib.util.spec_from_file_location(f"recipe_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((B, T), np.float32)
+  mask[1, T // 2:] = 0.0   # the second video is padded
+  label = np.zeros((B, C), np.float32)
+  label[0, 0] = label[1, 1] = label[1, 2] = 1.0
+  return {"feat_BxTxD": rng.normal(size=(B, T, DIMS["feat"])).astype(np.float32),
+          "vlm_BxTxE": rng.normal(size=(B, T, DIMS["vlm"])).astype(np.float32),
+          "mask_BxT": mask, "label_BxC": label,
+          "index_B": np.arange(B, dtype=np.int32), "valid_B": np.ones(B, np.float32),
+          "scale_B": np.ones(B, np.float32)}
+
+
+def test_rank_promotion_raises_in_the_whole_suite():
+  """conftest.py sets jax_numpy_rank_promotion='raise' for every test file."""
+  assert jax.config.jax_numpy_rank_promotion == "raise"
+  with pytest.raises(ValueError, match="rank_promotion"):
+    jnp.ones((2, 3)) + jnp.ones((3,))
+
+
+def test_registry_names_classes_and_unknown_method_errors():
+  assert set(methods.METHODS) == set(methods.REGISTRY) >= {"base", "vlpo", "co2net", "pvlr"}
+  for name in methods.REGISTRY:
+    assert isinstance(methods.method_class(name), type)
+  with pytest.raises(WstalError, match="unknown method.*choose one of"):
+    methods.method_class("nope")
+
+
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_method_contract_on_a_tiny_batch(name):
+  config = recipe(name)
+  assert config.method == name
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(C, DIMS["text"])).astype(np.float32)
+  method = methods.get_method(config, C, DIMS, class_names=[f"Class{c}" for c in range(C)])
+  assert isinstance(method, methods.Method)
+  assert method.postprocess_preset in ("vlpo", "co2net")
+  starts = tuple(method.phase_starts)
+  assert starts[0] == 0 and all(b > a for a, b in zip(starts, starts[1:]))
+  extra = method.extra_consts()
+  assert isinstance(extra, dict)
+  consts = {"text_CxE": jnp.asarray(text), **extra}
+  batch = {k: jnp.asarray(v) for k, v in tiny_batch().items()}
+
+  params = method.init(jax.random.key(0), batch, consts)["params"]
+  for start in starts:
+    labels = method.param_labels(params, start)
+    assert jax.tree.structure(labels) == jax.tree.structure(params)
+    assert set(jax.tree.leaves(labels)) <= {"train", "freeze"}
+    assert "train" in jax.tree.leaves(labels)
+
+  def loss_fn(p):
+    return method.loss(p, batch, consts, jax.random.key(2), jnp.int32(0))
+
+  (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+  assert loss.shape == () and np.isfinite(float(loss))
+  assert aux and all(np.isfinite(float(v)) for v in aux.values()), aux
+  leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+  assert all(np.all(np.isfinite(g)) for g in leaves)
+  assert sum(float(np.abs(g).sum()) for g in leaves) > 0   # the loss trains something
+
+  out = jax.jit(method.predict)(params, batch, consts)
+  assert out["video_scores_BxC"].shape == (B, C)
+  assert out["cas_BxTxC"].shape == (B, T, C)
+  if "actionness_BxT" in out:
+    assert out["actionness_BxT"].shape == (B, T)
+  for key, value in out.items():
+    assert np.all(np.isfinite(np.asarray(value))), key
+  # Padded snippets score 0.
+  np.testing.assert_array_equal(np.asarray(out["cas_BxTxC"])[1, T // 2:], 0.0)
