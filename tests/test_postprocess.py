@@ -1,4 +1,7 @@
-"""Post-processing: threshold grouping, OIC, NMS variants, seconds conversion, presets."""
+"""Post-processing: threshold grouping, OIC, seconds conversion, presets, the whole pipeline.
+
+NMS itself (`wstal_jax.nms`) is tested in test_nms.py.
+"""
 import numpy as np
 import pytest
 
@@ -100,59 +103,7 @@ def test_select_classes_threshold_and_argmax_fallback():
   np.testing.assert_array_equal(pp.select_classes([0.1, 0.15, 0.05], 0.2), [1])
 
 
-# ------------------------------------------------------------------------------------ NMS
-
-
-def test_hard_nms():
-  start = np.array([0.0, 1.0, 10.0, 0.0])
-  end = np.array([10.0, 11.0, 20.0, 4.0])
-  score = np.array([0.9, 0.8, 0.7, 0.95])
-  idx, sc = pp.nms(start, end, score, method="hard", iou_threshold=0.5)
-  # by score: 3 kept; 0 kept (IoU .4 with 3); 1 dropped (IoU 9/11 with 0); 2 kept (IoU 0)
-  np.testing.assert_array_equal(idx, [3, 0, 2])
-  np.testing.assert_array_equal(sc, score[[3, 0, 2]])
-
-
-def test_append_decayed_nms():
-  start = np.array([0.0, 1.0, 10.0])
-  end = np.array([10.0, 11.0, 20.0])
-  score = np.array([0.9, 0.8, 0.7])
-  idx, sc = pp.nms(start, end, score, method="append_decayed", iou_threshold=0.5, sigma=0.35)
-  np.testing.assert_array_equal(idx, [0, 2, 1])
-  np.testing.assert_allclose(sc, [0.9, 0.7, 0.8 * np.exp(-(9 / 11) ** 2 / 0.35)])
-  # the reference "+1": lengths 11, inter 10 -> IoU 10/12
-  idx, sc = pp.nms(start, end, score, method="append_decayed", iou_threshold=0.5, sigma=0.35,
-                   length_offset=1.0)
-  np.testing.assert_allclose(sc[2], 0.8 * np.exp(-(10 / 12) ** 2 / 0.35))
-
-
-def test_gaussian_soft_nms_keeps_all_and_decays():
-  start = np.array([0.0, 1.0, 10.0])
-  end = np.array([10.0, 11.0, 20.0])
-  score = np.array([0.9, 0.8, 0.7])
-  idx, sc = pp.nms(start, end, score, method="soft", sigma=0.3)
-  # take 0; 1 decays by exp(-(9/11)^2/.3) = 0.1076 -> 0.0861; 2 untouched (IoU 0);
-  # take 2 (0.7); then 1, decayed again by IoU(2, 1) = 1/19
-  w01 = np.exp(-(9 / 11) ** 2 / 0.3)
-  w21 = np.exp(-(1 / 19) ** 2 / 0.3)
-  np.testing.assert_array_equal(idx, [0, 2, 1])
-  np.testing.assert_allclose(sc, [0.9, 0.7, 0.8 * w01 * w21])
-
-
-def test_soft_nms_ties_follow_reference_swap_order():
-  # Disjoint proposals (no decay). CO2-Net takes the first maximum of its current array,
-  # swaps it with the front row and drops the front; equal scores: 0, 1, 2, 3.
-  start = np.arange(4) * 10.0
-  idx, _ = pp.nms(start, start + 1, np.ones(4), method="soft", sigma=0.3)
-  np.testing.assert_array_equal(idx, [0, 1, 2, 3])
-  idx, _ = pp.nms(np.array([0.0, 10, 20, 30]), np.array([1.0, 11, 21, 31]),
-                  np.array([0.5, 0.9, 0.5, 0.5]), method="soft", sigma=0.3)
-  # take 1; slot of 1 gets element 0, front dropped: remaining order [0, 2, 3] -> 0, 2, 3
-  np.testing.assert_array_equal(idx, [1, 0, 2, 3])
-  idx, _ = pp.nms(np.array([0.0, 10, 20, 30]), np.array([1.0, 11, 21, 31]),
-                  np.array([0.5, 0.5, 0.9, 0.5]), method="soft", sigma=0.3)
-  # take 2; its slot gets element 0: remaining [1, 0, 3] -> ties go to 1 first
-  np.testing.assert_array_equal(idx, [2, 1, 0, 3])
+# ------------------------------------------------------------------------------ filtering
 
 
 def test_remove_ambiguous():
@@ -436,12 +387,14 @@ def _assert_same_rows(got, want_rows, what):
   np.testing.assert_allclose(got.score, want[:, 1], rtol=1e-12, atol=0, err_msg=what)
 
 
-@pytest.mark.parametrize("preset,quantize", [("co2net", False), ("co2net", True),
-                                             ("vlpo", False), ("vlpo", True)])
-def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, monkeypatch):
-  _fast_paths_only(monkeypatch)
+@pytest.mark.parametrize("preset,quantize,method", [
+    ("co2net", False, None), ("co2net", True, None), ("vlpo", False, None),
+    ("vlpo", True, None), ("co2net", True, "hard")])
+def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, method):
   rng = np.random.default_rng(7 + quantize)
   cfg = pp.get_preset(preset)
+  if method is not None:
+    cfg.nms.method = method
   max_t = 300 if preset == "co2net" else 60   # vlpo upsamples x24
   videos = [_random_video(rng, 5, max_t, quantize) for _ in range(40)]
   flat = np.full((30, 5), 0.05)
@@ -472,81 +425,6 @@ def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize,
     assert len(np.unique(scores)) < 0.8 * len(scores)
 
 
-def _fast_paths_only(monkeypatch):
-  """Makes the step-by-step fallbacks fail: ordinary inputs must take the fast paths."""
-  def fail(*args, **kwargs):
-    raise AssertionError("the step-by-step fallback ran on ordinary inputs")
-  monkeypatch.setattr(pp, "_soft_nms_loop", fail)
-  monkeypatch.setattr(pp, "_hard_nms_loop", fail)
-
-
-def _random_groups(rng, num_groups, quantize):
-  """Proposals of many groups: sizes 0, 1 and up to 150, duplicates, negative scores."""
-  sizes = rng.choice([0, 1, 2, 3, 8, 30, 150], num_groups)
-  parts = []
-  for n in sizes:
-    start = np.round(rng.uniform(0, 60, n), 1)
-    end = start + np.round(rng.uniform(0.1, 15, n), 1)
-    score = rng.normal(0.3, 0.4, n)
-    if quantize:
-      score = np.round(score * 4) / 4
-    dup = rng.random(n) < 0.2
-    if n > 1 and dup.any():   # exact copies of another proposal of the group
-      src = rng.integers(0, n, int(dup.sum()))
-      start[dup], end[dup], score[dup] = start[src], end[src], score[src]
-    parts.append((start, end, score))
-  bounds = np.r_[0, np.cumsum(sizes)]
-  return [np.concatenate([p[k] for p in parts]) for k in range(3)], bounds
-
-
-@pytest.mark.parametrize("quantize", [False, True])
-@pytest.mark.parametrize("method,offset", [("soft", 0.64), ("soft", 0.0),
-                                           ("append_decayed", 1.0), ("hard", 0.0)])
-def test_nms_groups_matches_loops(method, offset, quantize, monkeypatch):
-  _fast_paths_only(monkeypatch)
-  rng = np.random.default_rng(3)
-  (start, end, score), bounds = _random_groups(rng, 60, quantize)
-  kw = dict(method=method, iou_threshold=0.4, sigma=0.3, length_offset=offset)
-  index, new_score = pp.nms_groups(start, end, score, bounds, **kw)
-  cfg = config(nms_method=method, nms_iou_threshold=0.4, nms_sigma=0.3,
-               nms_length_offset_s=offset)
-  pos = 0
-  for g in range(len(bounds) - 1):
-    lo, hi = bounds[g], bounds[g + 1]
-    rows = [[k, score[k], start[k], end[k]] for k in range(lo, hi)]
-    want = _loop_nms(rows, cfg)
-    got_index = index[pos:pos + len(want)]
-    np.testing.assert_array_equal(got_index, [r[0] for r in want], err_msg=f"group {g}")
-    np.testing.assert_allclose(new_score[pos:pos + len(want)], [r[1] for r in want],
-                               rtol=1e-12, atol=0, err_msg=f"group {g}")
-    one_index, one_score = pp.nms(start[lo:hi], end[lo:hi], score[lo:hi], **kw)
-    np.testing.assert_array_equal(one_index + lo, got_index)
-    np.testing.assert_array_equal(one_score, new_score[pos:pos + len(want)])
-    pos += len(want)
-  assert pos == len(index)
-
-
-def test_nms_groups_odd_inputs_take_the_loop(monkeypatch):
-  # NaN / infinite scores, zero-length proposals without an offset (0/0 tIoU), a threshold
-  # of 0, too many overlapping pairs: the loops' results (whatever they are), not the fast
-  # path's assumptions.
-  monkeypatch.setattr(pp, "_MAX_PAIRS_PER_GROUP", 2)
-  start = np.array([0.0, 1.0, 1.0, 5.0, 0.0, 2.0, 2.0, 0.0, 1.0, 2.0, 0.0, 5.0])
-  end = np.array([2.0, 3.0, 1.0, 6.0, 2.0, 2.0, 4.0, 3.0, 4.0, 5.0, 1.0, 6.0])
-  score = np.array([0.5, np.nan, 0.7, 0.2, 0.5, 0.9, -np.inf, 0.3, 0.6, 0.4, 0.2, 0.8])
-  bounds = np.array([0, 4, 7, 10, 12])   # the last group alone is ordinary
-  cfg = config(nms_method="soft", nms_sigma=0.3, nms_length_offset_s=0.0)
-  for method, thr in (("soft", 0.5), ("append_decayed", 0.5), ("hard", 0.5), ("hard", 0.0)):
-    cfg.nms.method, cfg.nms.iou_threshold = method, thr
-    with np.errstate(invalid="ignore", divide="ignore"):
-      index, new_score = pp.nms_groups(start, end, score, bounds, method=method,
-                                       iou_threshold=thr, sigma=0.3, length_offset=0.0)
-      want = [r for g in range(len(bounds) - 1) for r in _loop_nms(
-          [[k, score[k], start[k], end[k]] for k in range(bounds[g], bounds[g + 1])], cfg)]
-    np.testing.assert_array_equal(index, [r[0] for r in want], err_msg=method)
-    np.testing.assert_allclose(new_score, [r[1] for r in want], rtol=1e-12, err_msg=method)
-
-
 def test_proposals_for_videos_arguments():
   cfg = pp.get_preset("co2net")
   assert pp.proposals_for_videos([], [], None, seconds_per_snippet=0.64, durations=None,
@@ -564,3 +442,34 @@ def test_proposals_for_videos_arguments():
   with pytest.raises(WstalError, match="actionness"):
     pp.proposals_for_videos([vs], [cas], None, seconds_per_snippet=sps, durations=dur,
                             config=cfg)
+
+
+def test_pipeline_nms_input_rules():
+  rng = np.random.default_rng(1)
+  vs, cas, act, sps, dur, _ = _random_video(rng, 4, 80, False)
+  cfg = pp.get_preset("co2net")
+  bad_cas = cas.copy()
+  bad_cas[3, :] = np.nan      # inside every OIC window that reaches snippet 3
+  args = (vs, cas, act)
+  with pytest.raises(WstalError, match=r"video 1 \(of 2\) has non-finite proposal scores"):
+    pp.proposals_for_videos([vs, vs], [cas, bad_cas], [act, act], seconds_per_snippet=sps,
+                            durations=dur, config=cfg)
+  for field, value in (("length_offset_s", -0.64), ("length_offset_s", np.nan)):
+    cfg = pp.get_preset("co2net")
+    cfg.nms[field] = value
+    with pytest.raises(WstalError, match="nms.length_offset_s"):
+      pp.video_proposals(*args, seconds_per_snippet=sps, duration=dur, config=cfg)
+  cfg = pp.get_preset("vlpo")
+  cfg.nms.iou_threshold = np.nan
+  with pytest.raises(WstalError, match="nms.iou_threshold"):
+    pp.video_proposals(*args, seconds_per_snippet=sps, duration=dur, config=cfg)
+  # iou_threshold <= 0 is allowed: each class's top proposal suppresses all the others.
+  cfg = pp.get_preset("co2net")
+  cfg.nms.method, cfg.nms.iou_threshold = "hard", 0.0
+  out = pp.video_proposals(*args, seconds_per_snippet=sps, duration=dur, config=cfg)
+  cfg.nms.method = "none"
+  every = pp.video_proposals(*args, seconds_per_snippet=sps, duration=dur, config=cfg)
+  assert len(every) > len(out) > 0
+  np.testing.assert_array_equal(out.label, np.unique(every.label))
+  for c in np.unique(every.label):
+    assert out.score[out.label == c][0] == every.score[every.label == c].max()

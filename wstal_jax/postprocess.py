@@ -23,9 +23,15 @@ The pipeline, every step a field of the config (see `get_preset`):
 
 `video_proposals` runs this for one video; `proposals_for_videos` for many videos at once,
 with the same output bit for bit and each step vectorised across videos (the sequential
-soft-NMS of all (video, class) groups advances in lockstep; the NMS section explains why the
-result is the step-by-step loop's, ties included). On the THUMOS14 test set with the 'co2net'
-preset that is ~10x faster than the former per-video loop; per-video calls are 2-3x faster.
+soft-NMS of all (video, class) groups advances in lockstep). On the THUMOS14 test set with the
+'co2net' preset that is ~10x faster than the former per-video loop; per-video calls are 2-3x
+faster.
+
+NMS (step 5) is `wstal_jax.nms.nms_groups`, run once on all (video, class) groups; that module
+documents the methods, why its vectorised result is the reference loops' (ties included), and
+its input rules. Non-finite proposals (from NaN / inf model outputs, seconds_per_snippet or
+durations) are a WstalError naming the video; 'hard' / 'append_decayed' with
+nms.iou_threshold <= 0 keep only each class's top proposal (every tIoU reaches the threshold).
 
 Snippet time: one snippet = 16 frames at 25 fps = 0.64 s; snippet i covers
 [i * sps, (i + 1) * sps). For a video uniformly resampled from N original snippets to T
@@ -64,12 +70,12 @@ import ml_collections
 import numpy as np
 
 from wstal_jax.errors import WstalError
+from wstal_jax.nms import NMS_METHODS, nms_groups
 
 SNIPPET_FRAMES = 16
 FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D features
 
-NMS_METHODS = ("none", "hard", "soft", "append_decayed")
 THRESHOLD_SEQUENCES = ("cas", "actionness")
 
 
@@ -174,6 +180,10 @@ def _check_config(config):
   need(config.oic_lambda >= 0, f"oic_lambda must be >= 0, got {config.oic_lambda}")
   if config.nms.method in ("soft", "append_decayed"):
     need(config.nms.sigma > 0, f"nms.sigma must be > 0, got {config.nms.sigma}")
+  if config.nms.method in ("hard", "append_decayed"):
+    need(not np.isnan(config.nms.iou_threshold), "nms.iou_threshold is NaN")
+  need(np.isfinite(config.nms.length_offset_s) and config.nms.length_offset_s >= 0,
+       f"nms.length_offset_s must be finite and >= 0, got {config.nms.length_offset_s}")
 
 
 # ------------------------------------------------------------------------------ time axis
@@ -288,376 +298,7 @@ def _oic_from_prefix_sums(csum, base_N, start_N, end_N, t_N, oic_lambda):
   return inner - outer
 
 
-# ----------------------------------------------------------------------------------- NMS
-#
-# `nms` defines the result: one class's proposals, one Python step per output proposal, as
-# the reference codes' loops (`_soft_nms_loop`, `_hard_nms_loop`). `nms_groups` gives exactly
-# the same (indices, order and scores bit for bit, ties included) for many (video, class)
-# groups at once; `nms`, video_proposals and proposals_for_videos all run it. Why it is the
-# same:
-#
-# * Every tIoU and decay is the reference's elementwise formula on the same float64 operands
-#   in the same order, and each score is multiplied by the same decays in the same order.
-# * Only pairs that can overlap are looked at (`_overlap_pairs`: sorted by start, a proposal
-#   and the later-starting ones that start before its end + length_offset, plus a margin far
-#   above rounding error); for every other pair the formula gives tIoU 0, which suppresses
-#   nothing when iou_threshold > 0 and decays by exp(-0) = 1, a no-op.
-# * Gaussian soft-NMS is sequential within a group, but groups are independent:
-#   `_soft_nms_lockstep` advances every group by one step per Python step, keeping the
-#   reference's row-swap bookkeeping (so ties go the same way), and decays only the pick's
-#   overlapping proposals (decay != 1). Python steps: the largest group's size, not the total.
-# * Hard NMS / append_decayed: in the loop's order (the same argsort call per group), a
-#   proposal is kept iff no kept proposal before it has tIoU >= iou_threshold with it. That
-#   fixed point is unique (each depends on earlier ones only) and Jacobi rounds reach it (after
-#   d rounds every proposal with a chain of at most d suppressors is final). A dropped proposal
-#   is appended by its first kept suppressor: the loop step that removes it.
-# * Groups with non-finite values, a length + offset <= 0, or too many overlapping pairs
-#   (memory), and iou_threshold <= 0, run the loops.
-
-_MAX_PAIRS_PER_GROUP = 2_000_000   # more overlapping pairs (memory): the group runs the loop
-_MAX_JACOBI_ROUNDS = 64            # hard NMS groups not settled by then run the loop
-_FEW_ROWS = 4                      # soft-NMS lockstep: this many groups left run one by one
-_MARGIN = 1e-9                     # relative to the largest |time|
-
-
-def _iou_one(i, rest, start, end, offset):
-  """tIoU of proposal i with proposals `rest`, lengths + offset (the reference "+1")."""
-  inter = np.maximum(0.0, np.minimum(end[i], end[rest]) - np.maximum(start[i], start[rest])
-                     + offset)
-  area_i = end[i] - start[i] + offset
-  area_r = end[rest] - start[rest] + offset
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return inter / (area_i + area_r - inter)
-
-
-def _pair_iou(start, end, a, b, offset):
-  """tIoU of proposals a[k] and b[k], computed as `_iou_one` computes it (symmetric)."""
-  inter = np.maximum(0.0, np.minimum(end[a], end[b]) - np.maximum(start[a], start[b]) + offset)
-  area_a = end[a] - start[a] + offset
-  area_b = end[b] - start[b] + offset
-  with np.errstate(divide="ignore", invalid="ignore"):
-    return inter / (area_a + area_b - inter)
-
-
-def _hard_nms_loop(start, end, score, *, append, iou_threshold, sigma, offset):
-  """'hard' / 'append_decayed' of one group, one step per kept proposal (the definition)."""
-  order = score.argsort()[::-1]
-  keep, dropped, dropped_score = [], [], []
-  while order.size:
-    i = order[0]
-    keep.append(i)
-    rest = order[1:]
-    iou = _iou_one(i, rest, start, end, offset)
-    gone = iou >= iou_threshold
-    if append and gone.any():
-      dropped.append(rest[gone])
-      dropped_score.append(score[rest[gone]] * np.exp(-np.square(iou[gone]) / sigma))
-    order = rest[~gone]
-  index = np.array(keep, np.int64)
-  new_score = score[index]
-  if dropped:
-    index = np.concatenate([index] + dropped)
-    new_score = np.concatenate([new_score] + dropped_score)
-  return index, new_score
-
-
-def _soft_nms_loop(start, end, score, *, sigma, offset):
-  """Gaussian soft-NMS of one group, one step per proposal (the definition, as CO2-Net)."""
-  n = len(score)
-  score = score.copy()
-  order = np.arange(n)
-  out = np.empty(n, np.int64)
-  out_score = np.empty(n)
-  for step in range(n):
-    m = int(np.argmax(score[order]))
-    i = order[m]
-    order[m] = order[0]  # CO2-Net swaps the maximum to the front, then drops the front
-    order = order[1:]
-    out[step] = i
-    out_score[step] = score[i]
-    if order.size:
-      iou = _iou_one(i, order, start, end, offset)
-      score[order] *= np.exp(-(iou * iou) / sigma)
-  return out, out_score
-
-
-def _new_run(ids):
-  """True where an array starts a new run of equal values."""
-  out = np.ones(len(ids), bool)
-  out[1:] = ids[1:] != ids[:-1]
-  return out
-
-
-def _runnable(start, end, score, bounds, offset):
-  """Per group: all values finite and every length + offset > 0 (else the loops run it)."""
-  ok = np.isfinite(score) & np.isfinite(start) & np.isfinite(end) & (end - start + offset > 0)
-  good = np.ones(len(bounds) - 1, bool)
-  good[np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))[~ok]] = False
-  return good
-
-
-def _overlap_pairs(start, end, bounds, groups, offset):
-  """Pairs (a_P, b_P) of proposals of one group among `groups` whose tIoU can be > 0, and a
-  boolean [len(groups)] marking groups left out for having more than _MAX_PAIRS_PER_GROUP.
-
-  Every pair with a positive intersection in the tIoU formula is listed once (a starts no
-  later than b). Sorted by (group, start), proposal a is paired with the later ones that start
-  at most end_a + offset + margin; the margin (1e-9 of the largest |time|) is far above the
-  formula's rounding error, so for a pair left out the formula's intersection is 0.
-  """
-  sizes = bounds[groups + 1] - bounds[groups]
-  elem = np.repeat(bounds[groups] - np.cumsum(np.r_[0, sizes[:-1]]), sizes) + np.arange(
-      int(sizes.sum()))
-  gid = np.repeat(np.arange(len(groups)), sizes)
-  order = np.lexsort((start[elem], gid))
-  elem, gid = elem[order], gid[order]
-  times = np.abs(np.concatenate([start[elem], end[elem]]))
-  margin = _MARGIN * max(float(times.max(initial=0.0)), abs(float(offset)), 1.0)
-  # Complex numbers sort by (real, imaginary): one search over all groups at once.
-  key = gid + 1j * start[elem]
-  reach = np.searchsorted(key, gid + 1j * (end[elem] + offset + margin), side="right")
-  num_after = np.maximum(reach - np.arange(len(elem)) - 1, 0)
-  too_many = np.bincount(gid, weights=num_after, minlength=len(groups)) > _MAX_PAIRS_PER_GROUP
-  num_after[too_many[gid]] = 0
-  a = np.repeat(np.arange(len(elem)), num_after)
-  b = a + 1 + np.arange(len(a)) - np.repeat(np.cumsum(num_after) - num_after, num_after)
-  return elem[a], elem[b], too_many
-
-
-def _soft_nms_lockstep(start, end, score, bounds, groups, *, sigma, offset, out_index,
-                       out_score):
-  """Gaussian soft-NMS of `groups` (sizes > 0), all advancing together one step at a time.
-
-  Group g is a row of slots holding the reference's array (slot s = row s of CO2-Net's
-  `dets`). A step takes the first maximum of slots [t, n_g) of every row still running, moves
-  the proposal in slot t into the picked slot (the reference's swap), drops slot t, and
-  multiplies the scores of the pick's overlapping proposals by their decays. Rows are
-  bucketed by size (power-of-two buckets, one argmax call each); the last few rows finish one
-  at a time on scalars (cheaper per step). Writes out_index / out_score[bounds[g] + t].
-  """
-  n_all = len(score)
-  # Picking i multiplies the scores of member[row_at[i]:row_at[i] + count[i]] by the
-  # decays in the same range of `decay` (pairs whose decay is exactly 1 left out).
-  a, b, too_many = _overlap_pairs(start, end, bounds, groups, offset)
-  left_out = groups[too_many]
-  groups = groups[~too_many]
-  if groups.size == 0:
-    return left_out
-  sizes = bounds[groups + 1] - bounds[groups]
-  by_size = np.argsort(-sizes, kind="stable")
-  groups, sizes = groups[by_size], sizes[by_size]
-  iou = _pair_iou(start, end, a, b, offset)
-  pair_decay = np.exp(-(iou * iou) / sigma)
-  moves = pair_decay != 1.0
-  source = np.concatenate([a[moves], b[moves]])
-  by_source = np.argsort(source, kind="stable")
-  member = np.concatenate([b[moves], a[moves]])[by_source]
-  decay = np.concatenate([pair_decay[moves], pair_decay[moves]])[by_source]
-  count = np.bincount(source, minlength=n_all + 1)
-  row_at = np.cumsum(count) - count
-
-  # Slots: bucket k holds rows heads[k]:tails[k], each widths[k] slots (its largest size).
-  level = np.ceil(np.log2(sizes)).astype(np.int64)
-  heads = np.r_[0, np.flatnonzero(np.diff(level)) + 1]
-  tails = np.append(heads[1:], len(groups))
-  widths = sizes[heads]
-  width_of_row = np.repeat(widths, tails - heads)
-  row0 = np.cumsum(width_of_row) - width_of_row      # first slot of each row
-  sink = int(width_of_row.sum())                     # slot of picked / absent proposals
-  pos = np.arange(sink) - np.repeat(row0, width_of_row)
-  row_of_slot = np.repeat(np.arange(len(groups)), width_of_row)
-  real = pos < sizes[row_of_slot]
-  at = np.append(np.where(real, bounds[groups][row_of_slot] + pos, n_all), n_all)
-  live = np.append(np.where(real, score[np.minimum(at[:sink], n_all - 1)], -np.inf), 0.0)
-  slot = np.full(n_all + 1, sink, np.int64)
-  slot[at[:sink][real]] = np.flatnonzero(real)
-  out0 = bounds[groups]
-  running = np.searchsorted(-sizes, -np.arange(int(sizes[0])), side="left")   # sizes > t
-  views = [(live[row0[h]:row0[h] + (e - h) * w].reshape(e - h, w), int(h), int(e))
-           for h, e, w in zip(heads, tails, widths)]
-  t = 0
-  while t < sizes[0] and running[t] > _FEW_ROWS:
-    na = int(running[t])
-    parts = [view[:min(na, hi) - lo, t:].argmax(axis=1) for view, lo, hi in views if na > lo]
-    front = row0[:na] + t
-    pick = front + (parts[0] if len(parts) == 1 else np.concatenate(parts))
-    p = at[pick]
-    f = at[front]
-    dest = out0[:na] + t
-    out_index[dest] = p
-    out_score[dest] = live[pick]
-    at[pick] = f
-    live[pick] = live[front]
-    slot[f] = pick
-    slot[p] = sink
-    c = count[p]
-    ends = np.cumsum(c)
-    total = int(ends[-1])
-    if total:
-      idx = np.repeat(row_at[p] - (ends - c), c) + np.arange(total)
-      live[slot[member[idx]]] *= decay[idx]
-    t += 1
-  # The last few rows one at a time: the same step on scalars.
-  for r in range(int(running[t]) if t < sizes[0] else 0):
-    r0, o0, n_r = int(row0[r]), int(out0[r]), int(sizes[r])
-    row = live[r0:r0 + n_r]
-    for u in range(t, n_r):
-      pick = r0 + u + int(row[u:].argmax())
-      p, f = at[pick], at[r0 + u]
-      out_index[o0 + u] = p
-      out_score[o0 + u] = live[pick]
-      at[pick] = f
-      live[pick] = live[r0 + u]
-      slot[f] = pick
-      slot[p] = sink
-      lo, c = row_at[p], count[p]
-      if c:
-        live[slot[member[lo:lo + c]]] *= decay[lo:lo + c]
-  return left_out
-
-
-def _soft_nms_groups(start, end, score, bounds, *, sigma, offset):
-  """Gaussian soft-NMS of every group -> (index_N, score_N) in group order."""
-  n = len(score)
-  sizes = np.diff(bounds)
-  fast = _runnable(start, end, score, bounds, offset) & (sizes > 0)
-  out_index = np.empty(n, np.int64)
-  out_score = np.empty(n)
-  if fast.any():
-    fast[_soft_nms_lockstep(start, end, score, bounds, np.flatnonzero(fast), sigma=sigma,
-                            offset=offset, out_index=out_index, out_score=out_score)] = False
-  for g in np.flatnonzero(~fast & (sizes > 0)):
-    lo, hi = bounds[g], bounds[g + 1]
-    idx, sc = _soft_nms_loop(start[lo:hi], end[lo:hi], score[lo:hi], sigma=sigma,
-                             offset=offset)
-    out_index[lo:hi] = lo + idx
-    out_score[lo:hi] = sc
-  return out_index, out_score
-
-
-def _hard_nms_groups(start, end, score, bounds, *, append, iou_threshold, sigma, offset):
-  """'hard' / 'append_decayed' of every group -> (index_M, score_M) in group order."""
-  n = len(score)
-  num_groups = len(bounds) - 1
-  sizes = np.diff(bounds)
-  gid = np.repeat(np.arange(num_groups), sizes)
-  fast = _runnable(start, end, score, bounds, offset) & (sizes > 0)
-  if not iou_threshold > 0:   # then tIoU 0 suppresses too: every pair interacts
-    fast[:] = False
-  candidates = np.flatnonzero(fast)
-  a, b, too_many = _overlap_pairs(start, end, bounds, candidates, offset)
-  fast[candidates[too_many]] = False
-  rank = np.zeros(n, np.int64)
-  for g in np.flatnonzero(fast):
-    lo, hi = bounds[g], bounds[g + 1]
-    rank[lo + score[lo:hi].argsort()[::-1]] = np.arange(hi - lo)   # the loop's order
-  iou = _pair_iou(start, end, a, b, offset)
-  hit = iou >= iou_threshold
-  a, b, iou = a[hit], b[hit], iou[hit]
-  a_first = rank[a] < rank[b]
-  sup = np.where(a_first, a, b)     # the earlier one in the loop's order suppresses
-  vic = np.where(a_first, b, a)
-
-  keep = fast[gid]
-  for _ in range(_MAX_JACOBI_ROUNDS):
-    suppressed = np.zeros(n, bool)
-    suppressed[vic[keep[sup]]] = True
-    new_keep = fast[gid] & ~suppressed
-    changed = new_keep != keep
-    keep = new_keep
-    if not changed.any():
-      break
-  else:
-    fast[gid[changed]] = False
-    keep &= fast[gid]
-
-  # Output order per group: kept by rank, then dropped by (suppressor's rank, rank).
-  major = rank.copy()
-  minor = np.zeros(n, np.int64)
-  dropped = fast[gid] & ~keep
-  new_score = score.copy()
-  if append:
-    live = keep[sup] & fast[gid[vic]]
-    s_sup, s_vic, s_iou = sup[live], vic[live], iou[live]
-    first = np.lexsort((rank[s_sup], s_vic))
-    head = first[_new_run(s_vic[first])]
-    s_sup, s_vic, s_iou = s_sup[head], s_vic[head], s_iou[head]
-    new_score[s_vic] = score[s_vic] * np.exp(-np.square(s_iou) / sigma)
-    major[s_vic] = rank[s_sup]
-    minor[s_vic] = rank[s_vic]
-    out = fast[gid]
-  else:
-    out = fast[gid] & keep
-  index = np.flatnonzero(out)
-  index = index[np.lexsort((minor[index], major[index], dropped[index], gid[index]))]
-  if fast.all():
-    return index, new_score[index]
-  parts_index, parts_score = [], []
-  cuts = np.searchsorted(gid[index], np.arange(num_groups + 1))
-  for g in range(num_groups):
-    if fast[g]:
-      part = index[cuts[g]:cuts[g + 1]]
-      parts_index.append(part)
-      parts_score.append(new_score[part])
-    elif sizes[g]:
-      lo, hi = bounds[g], bounds[g + 1]
-      idx, sc = _hard_nms_loop(start[lo:hi], end[lo:hi], score[lo:hi], append=append,
-                               iou_threshold=iou_threshold, sigma=sigma, offset=offset)
-      parts_index.append(lo + idx)
-      parts_score.append(sc)
-  if not parts_index:
-    return np.zeros(0, np.int64), np.zeros(0)
-  return np.concatenate(parts_index), np.concatenate(parts_score)
-
-
-def nms_groups(start_N, end_N, score_N, bounds_G1, *, method: str, iou_threshold: float = 0.5,
-               sigma: float = 0.3, length_offset: float = 0.0):
-  """`nms` of G groups at once (e.g. every (video, class) of a test set) -> (index_M, score_M).
-
-  Group g is proposals [bounds_G1[g], bounds_G1[g + 1]) of the inputs. The output lists the
-  groups in order, each exactly as `nms` gives it for that group alone (indices into the whole
-  inputs, the same scores bit for bit), in a fraction of the time when there are many groups.
-  """
-  start = np.asarray(start_N, np.float64).reshape(-1)
-  end = np.asarray(end_N, np.float64).reshape(-1)
-  score = np.array(score_N, np.float64).reshape(-1)
-  bounds = np.asarray(bounds_G1, np.int64).reshape(-1)
-  n = len(score)
-  if (len(start) != n or len(end) != n or len(bounds) < 1 or bounds[0] != 0
-      or bounds[-1] != n or np.any(np.diff(bounds) < 0)):
-    raise ValueError(f"nms_groups: start {start.shape}, end {end.shape}, score {score.shape} "
-                     f"and bounds {bounds.tolist()[:8]}... do not describe contiguous groups")
-  if method not in NMS_METHODS:
-    raise WstalError(f"post-processing config: nms.method {method!r} not in {NMS_METHODS}")
-  if method == "none" or n == 0:
-    return np.arange(n), score
-  if method == "soft":
-    return _soft_nms_groups(start, end, score, bounds, sigma=float(sigma),
-                            offset=float(length_offset))
-  return _hard_nms_groups(start, end, score, bounds, append=method == "append_decayed",
-                          iou_threshold=float(iou_threshold), sigma=float(sigma),
-                          offset=float(length_offset))
-
-
-def nms(start_N, end_N, score_N, *, method: str, iou_threshold: float = 0.5,
-        sigma: float = 0.3, length_offset: float = 0.0):
-  """Non-maximum suppression of one class's proposals -> (index_M, score_M).
-
-  `index_M` are positions into the inputs in output order; `score_M` the (possibly decayed)
-  scores. Methods:
-    'none': all, in input order, scores unchanged.
-    'hard': greedy by `score.argsort()[::-1]`; drops proposals with tIoU >= iou_threshold
-      with a kept one.
-    'append_decayed' (ASL): as 'hard', but each suppressed proposal is appended after the kept
-      ones (in suppression order) with score * exp(-iou^2 / sigma), iou with its suppressor.
-    'soft' (Gaussian soft-NMS, Bodla et al. 2017, as CO2-Net): repeatedly take the current
-      maximum (first on ties, with CO2-Net's swap-with-front bookkeeping) and multiply every
-      remaining score by exp(-iou^2 / sigma); every proposal is kept.
-  tIoU uses lengths end - start + length_offset. `nms_groups` does many classes at once.
-  """
-  n = len(np.asarray(score_N).reshape(-1))
-  return nms_groups(start_N, end_N, score_N, [0, n], method=method,
-                    iou_threshold=iou_threshold, sigma=sigma, length_offset=length_offset)
+# ------------------------------------------------------------------------------- filtering
 
 
 def remove_ambiguous(proposals: Proposals, ambiguous_Mx2) -> Proposals:
@@ -839,7 +480,7 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
 
   The same proposals bit for bit as calling `video_proposals` per video, but each step runs
   once for all videos (the soft-NMS of all (video, class) groups in lockstep, see
-  `nms_groups`), which is several times faster on a test set.
+  `wstal_jax.nms.nms_groups`), which is several times faster on a test set.
 
   Args:
     video_scores: per video, [C] video-level class probabilities.
@@ -861,9 +502,17 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
   if num_videos == 0:
     return []
   video, flat = _candidates(video_scores, cas, act, sps, dur, cfg)
-  # Groups: (video, class); candidates are sorted by video, then class.
-  bounds = np.append(np.flatnonzero(_new_run(video * (int(flat.label.max(initial=0)) + 1)
-                                             + flat.label)), len(flat))
+  for what in ("score", "start", "end"):
+    bad = np.flatnonzero(~np.isfinite(getattr(flat, what)))
+    if bad.size:
+      raise WstalError(f"post-processing: video {int(video[bad[0]])} (of {num_videos}) has "
+                       f"non-finite proposal {what}s ({getattr(flat, what)[bad[0]]}): NaN or "
+                       "inf in its video_scores / cas / actionness, seconds_per_snippet or "
+                       "duration")
+  # Groups: (video, class); candidates are sorted by video, then class (key >= 0, so the first
+  # candidate starts a group).
+  key = video * (int(flat.label.max(initial=0)) + 1) + flat.label
+  bounds = np.append(np.flatnonzero(np.diff(key, prepend=-1)), len(flat))
   index, score = nms_groups(flat.start, flat.end, flat.score, bounds, method=cfg.nms_method,
                             iou_threshold=cfg.iou_threshold, sigma=cfg.sigma,
                             length_offset=cfg.length_offset_s)
