@@ -449,7 +449,7 @@ def test_video_loss_is_the_weighted_sum_of_its_terms():
   assert want["l_oppo"] > 0 and want["l_mutual"] > 0
   # w_oppo = w_mutual = 0: the terms leave the dict and the total.
   s0 = co2net.VideoLossSettings(topk_divisor=2, w_cls=0.7, w_oppo=0.0, w_norm=0.4,
-                                w_guide=0.6, w_mutual=0.0)
+                                w_guide=0.6, w_mutual=0.0, oppo_margin=0.5)
   total0, terms0 = fast_jit(lambda o, c, b: co2net.video_loss(o, c, b, s0))(out, cas, batch)
   assert set(terms0) == {"l_base", "l_supp", "l_norm", "l_guide"}
   np.testing.assert_allclose(total0, total - 1.3 * terms["l_oppo"] - 2.0 * terms["l_mutual"],

@@ -244,7 +244,7 @@ class ClipTextEncoder(nn.Module):
     if l > self.config.context_length:
       raise WstalError(f"token sequences of length {l} exceed the CLIP context length "
                        f"{self.config.context_length}")
-    x_NxLxD = x_NxLxD + self.positional_embedding[:l]
+    x_NxLxD = x_NxLxD + self.positional_embedding[None, :l]
     for block in self.resblocks:
       x_NxLxD = block(x_NxLxD)
     hidden_NxLxD = self.ln_final(x_NxLxD)
