@@ -64,11 +64,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from wstal_jax import evaluate  # noqa: E402
 from wstal_jax import input_pipeline  # noqa: E402
 from wstal_jax import methods  # noqa: E402
 from wstal_jax import metrics  # noqa: E402
 from wstal_jax import postprocess  # noqa: E402
+from wstal_jax import run_setup  # noqa: E402
 from wstal_jax import train  # noqa: E402
 from wstal_jax.data import format as data_format  # noqa: E402
 
@@ -171,7 +171,7 @@ SHAPES = {
     "small": Shapes("small", 16, 128, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
-# CO2-Net and PVLR train with their family's protocol (configs/co2net.py family_protocol:
+# CO2-Net and PVLR train with their family's protocol (config_common.co2net_protocol:
 # T=320, batch 10 on THUMOS14; T=128, batch 10 on the built-in benchmark) and PVLR reads CLIP
 # image features (RN50: 1024-d; the built-in `small` clip stream: 64-d) with class text
 # embeddings in the same space. vlm_dim is that CLIP width here.
@@ -180,12 +180,24 @@ SHAPES_CO2NET = {
     "small": Shapes("small", 10, 128, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
-TRAIN_METHODS = ("base", "vlpo", "co2net", "pvlr")
+# One row per method (a new method adds its row): its train-step shapes, and whether its
+# batches carry the second feature stream (VLM / CLIP) with class text embeddings in its space.
+BENCH_METHODS = {
+    "base": (SHAPES, True),      # reads neither, but is timed on VLPO's batches
+    "vlpo": (SHAPES, True),
+    "co2net": (SHAPES_CO2NET, False),
+    "pvlr": (SHAPES_CO2NET, True),
+}
+TRAIN_METHODS = tuple(BENCH_METHODS)
 
 
 def method_shapes(method_name, shape_name) -> Shapes:
   """The train-step shapes of `method_name` at the `shape_name` family."""
-  return (SHAPES_CO2NET if method_name in ("co2net", "pvlr") else SHAPES)[shape_name]
+  return BENCH_METHODS[method_name][0][shape_name]
+
+
+def uses_vlm(method_name) -> bool:
+  return BENCH_METHODS[method_name][1]
 
 
 def make_train_batch(shapes: Shapes, seed=0, with_vlm=True):
@@ -213,29 +225,27 @@ def _text(dim, seed=1):
 
 
 def _setup(method_name, shapes: Shapes, config_overrides=None):
-  """(config, evaluate.Setup) for a method at `shapes`, without a dataset.
+  """(config, run_setup.Setup) for a method at `shapes`, without a dataset.
 
-  configs/<method>.py with `shapes.config_arg`; dims and constants as evaluate.setup builds
+  configs/<method>.py with `shapes.config_arg`; dims and constants as run_setup.setup builds
   them from a dataset: base / vlpo get the VLM stream and its text embeddings (base ignores
   them), co2net neither, pvlr the CLIP stream with class text embeddings in the CLIP space
   (its default 'precomputed' text mode, no CLIP checkpoint)."""
   config = _load_config(method_name, shapes.config_arg)
   for key, value in (config_overrides or {}).items():
     config.vlpo[key] = value
-  if method_name == "co2net":
+  if not uses_vlm(method_name):
     dims, consts = {"feat": shapes.feat_dim, "vlm": None, "text": None}, {}
   else:
     dims = {"feat": shapes.feat_dim, "vlm": shapes.vlm_dim, "text": shapes.vlm_dim}
     consts = {"text_CxE": _text(shapes.vlm_dim)}
   method = methods.get_method(config, NUM_CLASSES, dims,
                               class_names=[f"class {i}" for i in range(NUM_CLASSES)])
-  extra = getattr(method, "extra_consts", None)
-  if extra is not None:
-    consts.update(extra())
-  mesh = evaluate.make_mesh(config)
+  consts.update(method.extra_consts())
+  mesh = run_setup.make_mesh(config)
   consts = jax.device_put(consts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  run = evaluate.Setup(config=config, data_dir="<benchmark: in-memory batches>", manifest={},
-                       method=method, consts=consts, mesh=mesh)
+  run = run_setup.Setup(config=config, data_dir="<benchmark: in-memory batches>", manifest={},
+                        method=method, consts=consts, mesh=mesh)
   return config, run
 
 
@@ -257,7 +267,7 @@ def jax_train_stepper(method_name, shapes: Shapes):
       last_loss() -> float).
   """
   config, run = _setup(method_name, shapes)
-  batch = run.put_batch(make_train_batch(shapes, with_vlm=method_name != "co2net"))
+  batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name)))
   params = run.init_params(jax.random.key(0), batch)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0))
   step_fn = train.make_train_step(run, tx)

@@ -23,6 +23,7 @@ from wstal_jax import checkpointing
 from wstal_jax import config_common
 from wstal_jax import layers
 from wstal_jax import train
+from wstal_jax import workdir as workdir_lib
 from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
 
@@ -148,13 +149,7 @@ def tiny_config(data_dir, *, num_steps=8, num_devices=1, **overrides):
   config.eval.num_plots = 2
   config.eval.postprocess = {"upsample": 1}
   config.mesh.num_devices = num_devices
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return workdir_lib.apply_overrides(config, overrides)
 
 
 def read_params(workdir, step):

@@ -104,6 +104,11 @@ def saved_config(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     raise WstalError(f"{e}: is {workdir} a training run? (or pass --config)") from None
   config = ml_collections.ConfigDict(saved)
   config.eval.tiou = tuple(config.eval.tiou)
+  return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: dict):
+  """Sets config.<a.b.c> = value for every {'a.b.c': value}; returns the config."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")
