@@ -86,6 +86,11 @@ def test_method_contract_on_a_tiny_batch(name):
   (loss, aux), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
   assert loss.shape == () and np.isfinite(float(loss))
   assert aux and all(np.isfinite(float(v)) for v in aux.values()), aux
+  # loss_weights names the terms the total sums, with their weights.
+  weights = method.loss_weights()
+  assert weights and set(weights) <= set(aux), (weights, aux)
+  np.testing.assert_allclose(sum(w * float(aux[k]) for k, w in weights.items()), float(loss),
+                             rtol=1e-5, atol=1e-6)
   leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
   assert all(np.all(np.isfinite(g)) for g in leaves)
   assert sum(float(np.abs(g).sum()) for g in leaves) > 0   # the loss trains something

@@ -92,6 +92,9 @@ class TinyMethod:
   def extra_consts(self):
     return {}
 
+  def loss_weights(self):
+    return {"l_mil": 1.0, **({"l_bad": 1.0} if self.nan_at_step is not None else {})}
+
   def param_labels(self, params, step):
     if len(self.phase_starts) == 1:
       return jax.tree.map(lambda _: "train", params)

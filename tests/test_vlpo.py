@@ -329,8 +329,32 @@ def test_loss_wiring_full():
   want = aux["l_base"] + 300 * aux["l_kl"] + 0.1 * aux["l_vl"] + 0.5 * aux["l_snip"]
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   assert aux["loss"] == loss
-  # Identity-initialised projections: M^t = M^v at step 0, so L_kl starts at 0.
-  assert float(aux["l_kl"]) < 1e-9
+  # Randomly initialised projections (proj_init='default'): M^t != M^v at step 0, so L_kl
+  # acts from the first step (with 'identity' it starts at its minimum: see below).
+  assert float(aux["l_kl"]) > 1e-6
+
+
+def test_l_kl_acts_at_init_and_is_inert_with_identity_projections():
+  """Review finding 1: identity-initialised P_v, P_t make M^t = M^v, so L_kl = 0 with zero
+  gradient at step 0; the default (random) init gives a visible share and a gradient."""
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  shares = {}
+  for init in ("identity", "default"):
+    method, params = build(proj_init=init)
+
+    def kl(p):
+      return method.method.loss(p, batch, consts, key(0), 0)[1]["l_kl"]
+
+    value, grads = fast_jit(jax.value_and_grad(kl))(params)
+    grad_norm = sum(float(np.abs(np.asarray(g)).sum())
+                    for g in jax.tree.leaves(grads["cm_afa"]))
+    loss, aux = method.loss(params, batch, consts, key(0), 0)
+    shares[init] = 300.0 * float(aux["l_kl"]) / float(loss)
+    if init == "identity":
+      assert float(value) < 1e-9 and grad_norm < 1e-6
+    else:
+      assert float(value) > 1e-6 and grad_norm > 1e-4
+  assert shares["identity"] < 1e-6 and shares["default"] > 0.01, shares
 
 
 # ------------------------------------------------------------------------------------------
@@ -424,39 +448,59 @@ def test_predicted_labels():
                                 [[1, 0, 0], [0, 0, 1], [1, 0, 0]])
 
 
-def test_predict_applies_eq5_with_predicted_labels():
+@pytest.mark.parametrize("weights", ["equal", "halved"])
+def test_predict_applies_eq5_with_predicted_labels(weights):
   """p^ = pass 2 of Eq. 5/6 on the classes kept from pass 1 (all classes treated as present);
-  cas = (softmax_C(A) + S) / 2 for every class; actionness = S."""
-  method, params = build()
+  cas = A^'s labelled branch for every class ((softmax_C(A) + S^a + S^v) / 3 with equal
+  weights, (softmax_C(A) + S) / 2 halved); actionness = S = (S^a + S^v) / 2."""
+  method, params = build(dsp_weights=weights)
   batch, consts = make_batch(n_valid=[24, 15]), make_consts()
   pred = method.predict(params, batch, consts)
   out = method.apply(params, batch, consts)
+
+  def hybrid(prob, sa, sv, y):
+    present = y[:, None, :] > 0
+    sa, sv = sa[:, :, None], sv[:, :, None]
+    if weights == "equal":
+      return jnp.where(present, (prob + sa + sv) / 3, (prob + 2 - sa - sv) / 3)
+    return jnp.where(present, (prob + (sa + sv) / 2) / 2, (prob + 1 - (sa + sv) / 2) / 2)
 
   @fast_jit
   def expected(out, mask):
     k = layers.topk_count(mask, 8)
     prob = jax.nn.softmax(out["cas_BxTxC"], -1)
-    s = (out["s_a_BxT"] + out["s_v_BxT"]) / 2
+    sa, sv = out["s_a_BxT"], out["s_v_BxT"]
+    s = (sa + sv) / 2
     z = 100.0 * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
-    hyb0 = vlpo.dsp_hybrid_cas(prob, s, jnp.ones((B, C)))
+    hyb0 = hybrid(prob, sa, sv, jnp.ones((B, C)))
     p0 = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb0), -1)
     y = vlpo.predicted_labels(p0, 0.2)
-    hyb = vlpo.dsp_hybrid_cas(prob, s, y)
+    hyb = hybrid(prob, sa, sv, y)
     video = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb), -1)
     mil = jax.nn.softmax(layers.masked_topk_mean(out["cas_BxTxC"], mask, k), -1)
     valid = mask > 0
     return {"video_scores_BxC": video, "mil_BxC": mil, "y_BxC": y,
-            "cas_BxTxC": jnp.where(valid[:, :, None], (prob + s[:, :, None]) / 2, 0.0),
+            "cas_BxTxC": jnp.where(valid[:, :, None], hyb0, 0.0),
             "actionness_BxT": jnp.where(valid, s, 0.0)}
 
   want = expected(out, batch["mask_BxT"])
   assert_close_tree(pred, {k: want[k] for k in pred})
   assert 0 <= float(pred["cas_BxTxC"].min()) and float(pred["cas_BxTxC"].max()) <= 1
   assert np.all(np.asarray(want["y_BxC"]).sum(-1) >= 1)
-  # Without L_vl (same network) the video score is the CAS MIL probability p.
-  no_vl, _ = build(use_vl=False)
+  # Without L_vl (same network) the video score is the CAS MIL probability p; with DSP
+  # pooling the CAS, A pooled at the top-k of A^ (pass-1 labels: every class).
+  no_vl, _ = build(use_vl=False, dsp_pools_cas=False, dsp_weights=weights)
   np.testing.assert_allclose(no_vl.predict(params, batch, consts)["video_scores_BxC"],
                              want["mil_BxC"], rtol=1e-5, atol=1e-6)
+  no_vl_dsp, _ = build(use_vl=False, dsp_weights=weights)
+  mask = jnp.asarray(batch["mask_BxT"])
+  k = layers.topk_count(mask, 8)
+  hyb0 = hybrid(jax.nn.softmax(out["cas_BxTxC"], -1), out["s_a_BxT"], out["s_v_BxT"],
+                jnp.ones((B, C)))
+  pooled = jax.nn.softmax(layers.pool_selected(out["cas_BxTxC"],
+                                               layers.topk_select(hyb0, mask, k)), -1)
+  np.testing.assert_allclose(no_vl_dsp.predict(params, batch, consts)["video_scores_BxC"],
+                             pooled, rtol=1e-5, atol=1e-6)
 
 
 def test_zero_shot_predicts_from_raw_cosine():
@@ -534,3 +578,120 @@ def test_overfit_few_steps():
   moved = jax.tree_util.tree_map(lambda a, b: bool(np.any(np.asarray(a != b))),
                                  params["cm_afa"], params0["cm_afa"])
   assert all(jax.tree_util.tree_leaves(moved))          # the projections are fine-tuned
+
+
+# ------------------------------------------------------------------------------------------
+# Review findings (issue 20): DSP pooling, A^ weights, actionness targets, pass-1 labels.
+
+
+def _hand_outputs(seed=0, b=2, t=12, c=3):
+  rng = np.random.default_rng(seed)
+  mask = np.ones((b, t), np.float32)
+  mask[1, 9:] = 0
+  label = np.zeros((b, c), np.float32)
+  label[0, 0] = label[1, 1] = label[1, 2] = 1
+  out = {"cas_BxTxC": rng.normal(size=(b, t, c)).astype(np.float32),
+         "s_a_BxT": rng.uniform(0.05, 0.95, (b, t)).astype(np.float32),
+         "s_v_BxT": rng.uniform(0.05, 0.95, (b, t)).astype(np.float32)}
+  batch = {"mask_BxT": mask, "label_BxC": label, "valid_B": np.ones(b, np.float32)}
+  return out, batch
+
+
+def _softmax_np(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_hybrid_cas_weights_equal_and_halved():
+  """Review finding 5: 'equal' weighs softmax(A)_c, S^a and S^v alike (ASL's instance
+  selection), 'halved' is 2 : 1 : 1; one score (no APR): both are (softmax + S^a) / 2."""
+  out, batch = _hand_outputs()
+  p = _softmax_np(out["cas_BxTxC"])
+  sa, sv, y = out["s_a_BxT"][..., None], out["s_v_BxT"][..., None], batch["label_BxC"][:, None]
+  eq = np.asarray(vlpo.hybrid_cas(jnp.asarray(p), [out["s_a_BxT"], out["s_v_BxT"]],
+                                  batch["label_BxC"], True))
+  np.testing.assert_allclose(eq, np.where(y > 0, (p + sa + sv) / 3, (p + 2 - sa - sv) / 3),
+                             rtol=1e-6)
+  half = np.asarray(vlpo.hybrid_cas(jnp.asarray(p), [out["s_a_BxT"], out["s_v_BxT"]],
+                                    batch["label_BxC"], False))
+  s = (sa + sv) / 2
+  np.testing.assert_allclose(half, np.where(y > 0, (p + s) / 2, (p + 1 - s) / 2), rtol=1e-6)
+  one = np.asarray(vlpo.hybrid_cas(jnp.asarray(p), [out["s_a_BxT"]], batch["label_BxC"], True))
+  np.testing.assert_allclose(one, np.where(y > 0, (p + sa) / 2, (p + 1 - sa) / 2), rtol=1e-6)
+
+
+def _settings(**kw):
+  return vlpo.LossSettings.from_config(vlpo.default_config(), topk_divisor=4,
+                                       **{**OFF, **kw})
+
+
+def test_dsp_l_mil_gradient_reaches_the_cas_only_at_the_hybrid_indices():
+  """Review finding 2: with DSP, L_mil pools A at the top-k of A^ (Eq. 5-6 idx), so its
+  gradient w.r.t. A is non-zero exactly there; without, at A's own top-k."""
+  out, batch = _hand_outputs()
+  mask, y = batch["mask_BxT"], batch["label_BxC"]
+  k = np.maximum(mask.sum(1).astype(int) // 4, 1)
+
+  def topk_np(x):
+    sel = np.zeros(x.shape, bool)
+    for i in range(x.shape[0]):
+      n = int(mask[i].sum())
+      for c in range(x.shape[2]):
+        sel[i, np.argsort(-x[i, :n, c], kind="stable")[:k[i]], c] = True
+    return sel
+
+  p = _softmax_np(out["cas_BxTxC"])
+  hybrid = np.where(y[:, None] > 0, (p + out["s_a_BxT"][..., None]) / 2,
+                    (p + 1 - out["s_a_BxT"][..., None]) / 2)
+  for dsp, want in ((True, topk_np(hybrid)), (False, topk_np(out["cas_BxTxC"]))):
+    st = _settings(use_dsp=dsp)
+
+    def l_mil(cas):
+      return vlpo.vlpo_loss({**out, "cas_BxTxC": cas}, batch, st)[1]["l_mil"]
+
+    g = np.asarray(fast_jit(jax.grad(l_mil))(jnp.asarray(out["cas_BxTxC"])))
+    np.testing.assert_array_equal(g != 0, want)
+  assert not np.array_equal(topk_np(hybrid), topk_np(out["cas_BxTxC"]))
+
+
+def test_act_target_labelled_cas_ranks_by_the_labelled_classes():
+  """Review finding 3: act_target='labelled_cas' takes tau_p (Eq. 1) from the top-k of
+  sum_{c in label} softmax(A)_c, not from S^a itself."""
+  out, batch = _hand_outputs(1)
+  mask = batch["mask_BxT"]
+  for target in ("actionness", "labelled_cas"):
+    st = _settings(act_target=target)
+    _, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(out, batch)
+    if target == "actionness":
+      rank = out["s_a_BxT"]
+    else:
+      rank = (_softmax_np(out["cas_BxTxC"]) * batch["label_BxC"][:, None]).sum(-1)
+    want = []
+    for i in range(2):
+      n = int(mask[i].sum())
+      k = max(n // 4, 1)
+      pos = np.zeros(n, bool)
+      pos[np.argsort(-rank[i, :n], kind="stable")[:k]] = True
+      want.append(gce_np(out["s_a_BxT"][i, :n], pos, ~pos, st.q))
+    np.testing.assert_allclose(aux["l_act"], np.mean(want), rtol=1e-5, err_msg=target)
+
+
+def test_infer_labels_mil_takes_pass1_labels_from_the_mil_score():
+  """Review finding 4: infer_labels='mil' picks DSP's inference labels from p (label-free at
+  inference), then p^ is Eq. 6 on A^ of those labels."""
+  method, params = build(infer_labels="mil")
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  got = method.predict(params, batch, consts)
+  out = method.apply(params, batch, consts)
+  st, mask = method.settings, batch["mask_BxT"]
+  k = layers.topk_count(jnp.asarray(mask), st.topk_divisor)
+  p = jax.nn.softmax(layers.masked_topk_mean(out["cas_BxTxC"], mask, k), axis=-1)
+  y = vlpo.predicted_labels(p, 0.2)
+  scores = [out["s_a_BxT"], out["s_v_BxT"]]
+  hybrid = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1), scores, y, True)
+  z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+  want = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hybrid), -1)
+  np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
+  with pytest.raises(WstalError, match="infer_labels"):
+    methods.get_method(make_config(infer_labels="oracle"), C, DIMS)
+

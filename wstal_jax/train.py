@@ -271,6 +271,7 @@ class _Loop:
     self.select_eval = evaluate.Evaluator(run, split=selection.split,
                                           video_indices=selection.video_indices)
     self.starts = phase_starts(run.method)
+    self.loss_weights = dict(run.method.loss_weights())
     self.num_steps = config.train.num_steps
     self.state = None
     self.phase = None
@@ -327,11 +328,19 @@ class _Loop:
                    if metrics else "")
 
   def log(self, step: int):
-    """The mean of every loss term since the last log line: log line + TensorBoard."""
+    """The mean of every loss term since the last log line, and each weighted term's share
+    of the total (method.loss_weights): log line + TensorBoard (train/<term>,
+    train/share/<term>)."""
     means = {k: float(np.mean(v)) for k, v in self.window.items()}
-    logging.info("step %d/%d  %s", step, self.num_steps,
-                 "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    self.writer.write_scalars(step, {f"train/{k}": v for k, v in means.items()})
+    total = means.get("loss", 0.0)
+    shares = {k: w * means[k] / total for k, w in self.loss_weights.items()
+              if k in means and total}
+    logging.info("step %d/%d  %s  (share of the loss: %s)", step, self.num_steps,
+                 "  ".join(f"{k} {v:.4f}" for k, v in means.items()),
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    scalars.update({f"train/share/{k}": v for k, v in shares.items()})
+    self.writer.write_scalars(step, scalars)
     self.window = {}
 
   def eval_and_rank(self, step: int):

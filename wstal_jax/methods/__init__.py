@@ -65,6 +65,11 @@ class Method(Protocol):
   def extra_consts(self) -> dict:
     """Constants the method brings (frozen weights, token ids); {} for most methods."""
 
+  def loss_weights(self) -> dict[str, float]:
+    """{aux term: weight} with loss == sum(weight * aux[term]) (the terms the total sums);
+    the trainer logs each weighted term's share of the total, so a term that never acts is
+    visible (tests/test_methods.py checks the identity on every method)."""
+
 
 def method_class(name: str) -> type:
   """The class registered as `name` (WstalError for an unknown name)."""

@@ -205,6 +205,16 @@ def video_loss(out, cas_BxTxC1, batch, s: VideoLossSettings):
   return total, terms
 
 
+def video_loss_weights(s: VideoLossSettings) -> dict:
+  """{term: weight} of `video_loss`'s total (the terms it adds)."""
+  weights = {"l_base": s.w_cls, "l_supp": s.w_cls, "l_norm": s.w_norm, "l_guide": s.w_guide}
+  if s.w_oppo:
+    weights["l_oppo"] = s.w_oppo
+  if s.w_mutual:
+    weights["l_mutual"] = s.w_mutual
+  return weights
+
+
 def co2net_scores(cas_BxTxC1, attn_BxT, mask_BxT, eval_topk_divisor: int):
   """CO2-Net inference scores: -> {video_scores_BxC, cas_BxTxC, actionness_BxT}."""
   valid_BxT = mask_BxT > 0
@@ -238,6 +248,9 @@ class CO2Net:
 
   def extra_consts(self):
     return {}
+
+  def loss_weights(self):
+    return video_loss_weights(self.settings)
 
   def init(self, rng, batch, consts):
     params_rng, dropout_rng = jax.random.split(rng)

@@ -410,6 +410,17 @@ class PVLR:
     """Constants the method needs besides the dataset's (CLIP weights, class token ids)."""
     return dict(self._consts)
 
+  def loss_weights(self):
+    """Eq. 20: L_vid's terms + w_kd L_kd + w_ortho L_ortho + w_intra L_intra + w_inter L_inter."""
+    cfg = self.cfg
+    weights = co2net.video_loss_weights(self.video_settings)
+    for term, on, w in (("l_kd", cfg.use_kd, cfg.w_kd), ("l_ortho", cfg.use_ortho, cfg.w_ortho),
+                        ("l_intra", cfg.use_intra, cfg.w_intra),
+                        ("l_inter", cfg.use_inter, cfg.w_inter)):
+      if on:
+        weights[term] = float(w)
+    return weights
+
   def _variables(self, params, consts):
     if self.text_mode != "clip":
       return {"params": params}

@@ -118,6 +118,16 @@ def default_config() -> ml_collections.ConfigDict:
   # in predict (the post-processing's own class threshold, the 'vlpo' preset's 0.2, then
   # selects the classes that get proposals).
   c.infer_class_threshold = 0.2
+  # Readings found in review (issue 20); each default is the reading under which the paper's
+  # term acts, the other value the previous / literal one (see the module docstring).
+  c.proj_init = "default"     # CM-AFA P_v, P_t init: 'default' (random) | 'identity'
+  c.dsp_pools_cas = True      # with use_dsp, L_mil pools A at the top-k of A^ (Eq. 5-6 idx)
+  c.dsp_weights = "equal"     # A^ = (softmax(A)_c + S^a + S^v) / 3 ('equal') or
+                              # (softmax(A)_c + (S^a + S^v) / 2) / 2 ('halved')
+  c.act_target = "actionness" # tau_p (Eq. 1) / A_p (Eq. 9) = top-k of S ('actionness', the
+                              # paper) or of the labelled classes' CAS ('labelled_cas', ASL)
+  c.infer_labels = "all_classes"  # DSP pass-1 labels at inference: every class labelled
+                              # ('all_classes') or the MIL score p's classes ('mil')
   return c
 
 
@@ -140,6 +150,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field in ("embed_dim", "act_hidden_dim", "conv_kernel", "adapter_reduction"):
     if int(cfg[field]) < 1:
       bad(field, "must be >= 1")
+  for field, choices in (("proj_init", ("default", "identity")),
+                         ("dsp_weights", ("equal", "halved")),
+                         ("act_target", ("actionness", "labelled_cas")),
+                         ("infer_labels", ("all_classes", "mil"))):
+    if cfg[field] not in choices:
+      bad(field, f"must be one of {choices}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -225,6 +241,30 @@ def dsp_hybrid_cas(cas_prob_BxTxC, s_BxT, y_BxC):
                    (cas_prob_BxTxC + 1.0 - s_BxTx1) / 2)
 
 
+def hybrid_cas(cas_prob_BxTxC, scores, y_BxC, equal: bool):
+  """A^ of Eq. 5 from the class probabilities and the actionness scores [S^a(, S^v)].
+
+  equal=True: every score weighs as much as the class probability (ASL's instance selection;
+    Eq. 5 with Eq. 8's S = S^a + S^v): A^_c = (A_c + sum_j s_j) / (1 + n) if y_c = 1, else
+    (A_c + sum_j (1 - s_j)) / (1 + n); in [0, 1].
+  equal=False: `dsp_hybrid_cas` with S = mean_j s_j (the halved form, weights 2 : 1 : 1).
+  With one score (no APR) both are the same.
+  """
+  if not equal or len(scores) == 1:
+    return dsp_hybrid_cas(cas_prob_BxTxC, sum(scores) / len(scores), y_BxC)
+  n = float(len(scores))
+  s_BxTx1 = sum(scores)[:, :, None]
+  present_Bx1xC = y_BxC[:, None, :] > 0
+  return jnp.where(present_Bx1xC, (cas_prob_BxTxC + s_BxTx1) / (1.0 + n),
+                   (cas_prob_BxTxC + n - s_BxTx1) / (1.0 + n))
+
+
+def labelled_cas_score(cas_BxTxC, label_BxC):
+  """sum_{c: y_c = 1} softmax_C(A)_c per snippet (a target: no gradient): -> BxT."""
+  prob_BxTxC = jax.nn.softmax(jax.lax.stop_gradient(cas_BxTxC), axis=-1)
+  return jnp.einsum("btc,bc->bt", prob_BxTxC, (label_BxC > 0).astype(prob_BxTxC.dtype))
+
+
 def vl_video_logits(z_BxTxC, mask_BxT, k_B, *, hybrid_cas_BxTxC=None):
   """Eq. 6 before the softmax: the mean preference logit over each class's top-k idx: -> BxC.
 
@@ -296,14 +336,14 @@ class LossSettings:
   use_apr: bool
   m_temperature: float
   vl_logit_scale: float
+  dsp_pools_cas: bool
+  dsp_weights: str
+  act_target: str
 
   @classmethod
   def from_config(cls, cfg, **overrides):
     """From a config.vlpo block; `overrides` replace fields (e.g. the switches)."""
-    values = {}
-    for f in dataclasses.fields(cls):
-      cast = bool if f.name in SWITCHES else int if f.name == "topk_divisor" else float
-      values[f.name] = cast(cfg[f.name])
+    values = {f.name: f.type(cfg[f.name]) for f in dataclasses.fields(cls)}
     values.update(overrides)
     return cls(**values)
 
@@ -329,22 +369,38 @@ def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
   cas_BxTxC = outputs["cas_BxTxC"]
   s_a_BxT = outputs["s_a_BxT"]
 
+  scores = [s_a_BxT] + ([outputs["s_v_BxT"]] if s.use_apr else [])
+  hybrid_BxTxC = None
+  if s.use_dsp:   # A^ (Eq. 5) with the ground-truth labels; only its top-k indices are used
+    hybrid_BxTxC = hybrid_cas(jax.nn.softmax(cas_BxTxC, axis=-1), scores, label_BxC,
+                              s.dsp_weights == "equal")
+
   aux = {}
-  aux["l_mil"] = video_mean(video_ce(masked_topk_mean(cas_BxTxC, mask_BxT, k_B), label_BxC),
-                            valid_B)
+  # L_mil pools A at its own top-k, or with DSP at the top-k of A^ ("video-level prediction
+  # scores are obtained by aggregating the optimized snippet-level scores based on idx").
+  if s.use_dsp and s.dsp_pools_cas:
+    mil_logits_BxC = pool_selected(cas_BxTxC, topk_select(hybrid_BxTxC, mask_BxT, k_B))
+  else:
+    mil_logits_BxC = masked_topk_mean(cas_BxTxC, mask_BxT, k_B)
+  aux["l_mil"] = video_mean(video_ce(mil_logits_BxC, label_BxC), valid_B)
 
   if s.uses_preference:
     logit_t_BxTxC, logit_v_BxTxC, _, m_hat_BxTxC = preference_matrices(
         outputs, mask_BxT, s.m_temperature)
 
+  # What tau_p (Eq. 1) / A_p (Eq. 9) are the top-k of: S itself (the paper), or the labelled
+  # classes' CAS (ASL's class-agnostic target, which sees the video label).
+  if s.act_target == "labelled_cas":
+    rank_BxT = labelled_cas_score(cas_BxTxC, label_BxC)
+  else:
+    rank_BxT = hybrid_action_score(*scores)
   if s.use_apr:
     s_v_BxT = outputs["s_v_BxT"]
-    sets = apr_sets(hybrid_action_score(s_a_BxT, s_v_BxT), m_hat_BxTxC, label_BxC, mask_BxT,
-                    k_B, s.alpha_h, s.alpha_l)
+    sets = apr_sets(rank_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_B, s.alpha_h, s.alpha_l)
     l_act_B = (gce(s_a_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q)
                + gce(s_v_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q))
   else:
-    tau_p_BxT = topk_select(s_a_BxT[:, :, None], mask_BxT, k_B)[:, :, 0]
+    tau_p_BxT = topk_select(rank_BxT[:, :, None], mask_BxT, k_B)[:, :, 0]
     l_act_B = gce(s_a_BxT, tau_p_BxT, valid_BxT & ~tau_p_BxT, s.q)
   aux["l_act"] = video_mean(l_act_B, valid_B)
   aux["l_base"] = aux["l_mil"] + aux["l_act"]
@@ -355,10 +411,6 @@ def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
     total = total + s.lambda1 * aux["l_kl"]
   if s.use_vl:
     z_BxTxC = s.vl_logit_scale * (outputs["sim_t_BxTxC"] + outputs["sim_v_BxTxC"]) / 2
-    hybrid_BxTxC = None
-    if s.use_dsp:
-      s_BxT = hybrid_action_score(s_a_BxT, outputs.get("s_v_BxT"))
-      hybrid_BxTxC = dsp_hybrid_cas(jax.nn.softmax(cas_BxTxC, axis=-1), s_BxT, label_BxC)
     p_hat_logits_BxC = vl_video_logits(z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC)
     aux["l_vl"] = video_mean(video_ce(p_hat_logits_BxC, label_BxC), valid_B)
     total = total + s.lambda2 * aux["l_vl"]
@@ -396,6 +448,7 @@ class VLPO:
     on = {k: bool(cfg[k]) and not (baseline or self.zero_shot) for k in SWITCHES}
     self.settings = LossSettings.from_config(cfg, **on)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
+    self.infer_labels = str(cfg.infer_labels)
     # The VLM branch exists only when something reads it: the baseline never touches
     # vlm_BxTxE / text_CxE.
     if self.zero_shot or self.settings.uses_preference:
@@ -419,7 +472,8 @@ class VLPO:
         num_classes=self.num_classes, embed_dim=int(cfg.embed_dim),
         act_hidden_dim=int(cfg.act_hidden_dim), conv_kernel=int(cfg.conv_kernel),
         dropout=float(cfg.dropout), vl_mode=vl_mode, use_va=self.settings.use_apr,
-        adapter_ratio=float(cfg.adapter_ratio), adapter_reduction=int(cfg.adapter_reduction))
+        adapter_ratio=float(cfg.adapter_ratio), adapter_reduction=int(cfg.adapter_reduction),
+        proj_init=str(cfg.proj_init))
 
   def _check_batch(self, batch, consts):
     if self.uses_vlm and "vlm_BxTxE" not in batch:
@@ -429,6 +483,16 @@ class VLPO:
 
   def extra_consts(self):
     return {}
+
+  def loss_weights(self):
+    """Eq. 14: L_mil + L_act + lambda1 L_kl + lambda2 L_vl + lambda3 L_snip (switched on)."""
+    s = self.settings
+    weights = {"l_mil": 1.0, "l_act": 1.0}
+    for term, on, w in (("l_kl", s.use_kl, s.lambda1), ("l_vl", s.use_vl, s.lambda2),
+                        ("l_snip", s.use_snip, s.lambda3)):
+      if on:
+        weights[term] = w
+    return weights
 
   def init(self, rng, batch, consts):
     """-> flax variables {'params': ...} (shapes from `batch`)."""
@@ -449,9 +513,14 @@ class VLPO:
     """Scores for evaluation (App. A.1); padded snippets are 0. Jittable.
 
     -> video_scores_BxC: p^ (Eq. 6, two passes, see module docstring) when L_vl trains the
-         VLM branch, else p = softmax(top-k mean of A) (Sec. 3.1).
-       cas_BxTxC: A^'s labelled branch (softmax_C(A)_c + S) / 2 in [0, 1], every class.
+         VLM branch, else p = softmax(top-k mean of A) (Sec. 3.1; with DSP pooling the CAS,
+         the top-k of A^ on the pass-1 labels).
+       cas_BxTxC: A^'s labelled branch in [0, 1] for every class: (softmax_C(A)_c + S^a +
+         S^v) / 3 ('equal' weights; (softmax_C(A)_c + S^a) / 2 without APR) or
+         (softmax_C(A)_c + S) / 2 ('halved').
        actionness_BxT: S in [0, 1] ((S^a + S^v) / 2 with APR, else S^a).
+    Pass-1 labels of DSP (`infer_labels`): 'all_classes' treats every class as labelled;
+    'mil' takes the classes of the MIL score p (trained by L_mil, label-free at inference).
     Zero-shot: video_scores = softmax(top-k mean of vl_logit_scale * cos(X^v, X^t)),
     cas = softmax_C(vl_logit_scale * cos) per snippet (CLIP zero-shot classification of each
     snippet), actionness = sum_c video_score_c * cas_c.
@@ -470,24 +539,35 @@ class VLPO:
       act_BxT = jnp.einsum("btc,bc->bt", cas_BxTxC, video_BxC)
     else:
       prob_BxTxC = jax.nn.softmax(out["cas_BxTxC"], axis=-1)
-      act_BxT = hybrid_action_score(out["s_a_BxT"], out.get("s_v_BxT"))
-      cas_BxTxC = (prob_BxTxC + act_BxT[:, :, None]) / 2
+      scores = [out["s_a_BxT"]] + ([out["s_v_BxT"]] if s.use_apr else [])
+      equal = s.dsp_weights == "equal"
+      act_BxT = hybrid_action_score(*scores)
+      num_b, _, num_c = prob_BxTxC.shape
+      all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
+      cas_BxTxC = hybrid_cas(prob_BxTxC, scores, all_BxC, equal)
+      mil_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
       if s.use_vl:
         z_BxTxC = s.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
-        if s.use_dsp:
-          num_b, _, num_c = prob_BxTxC.shape
-          all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
-          p0_BxC = jax.nn.softmax(vl_video_logits(
-              z_BxTxC, mask_BxT, k_B,
-              hybrid_cas_BxTxC=dsp_hybrid_cas(prob_BxTxC, act_BxT, all_BxC)), axis=-1)
+      if s.use_dsp and (s.use_vl or s.dsp_pools_cas):
+        if self.infer_labels == "mil":
+          y_BxC = predicted_labels(mil_BxC, self.infer_class_threshold)
+        elif s.use_vl:
+          p0_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B,
+                                                  hybrid_cas_BxTxC=cas_BxTxC), axis=-1)
           y_BxC = predicted_labels(p0_BxC, self.infer_class_threshold)
-          hybrid_BxTxC = dsp_hybrid_cas(prob_BxTxC, act_BxT, y_BxC)
-          video_BxC = jax.nn.softmax(vl_video_logits(
-              z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC), axis=-1)
         else:
-          video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B), axis=-1)
+          y_BxC = all_BxC
+        hybrid_BxTxC = hybrid_cas(prob_BxTxC, scores, y_BxC, equal)
+      if s.use_vl and s.use_dsp:
+        video_BxC = jax.nn.softmax(vl_video_logits(
+            z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC), axis=-1)
+      elif s.use_vl:
+        video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B), axis=-1)
+      elif s.use_dsp and s.dsp_pools_cas:
+        video_BxC = jax.nn.softmax(pool_selected(
+            out["cas_BxTxC"], topk_select(hybrid_BxTxC, mask_BxT, k_B)), axis=-1)
       else:
-        video_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
+        video_BxC = mil_BxC
     return {"video_scores_BxC": video_BxC,
             "cas_BxTxC": jnp.where(valid_BxT[:, :, None], cas_BxTxC, 0.0),
             "actionness_BxT": jnp.where(valid_BxT, act_BxT, 0.0)}

@@ -71,18 +71,25 @@ class CrossModalAlignment(nn.Module):
     sim_t = cos(X^v, (X^t + P_t X^t) / 2)     (text projected, vision as the anchor)
     sim_v = cos((X^v + P_v X^v) / 2, X^t)     (vision projected, text as the anchor)
   Both feature sets are L2-normalised before projection (the VLM's own embedding geometry)
-  and the anchored averages are L2-normalised again, so the similarities are cosines. P_v and
-  P_t start as the identity, so at step 0 both equal the frozen VLM similarity (the anchor)
-  and L_kl (Eq. 4) starts at 0; fine-tuning then moves away from zero-shot CLIP only as far
-  as the losses ask.
+  and the anchored averages are L2-normalised again, so the similarities are cosines.
+
+  proj_init: 'default' (flax's lecun-normal Dense init; the default) or 'identity'. With the
+  identity, P_v and P_t start as no-ops, both similarities equal the frozen VLM cosine, and
+  L_kl (Eq. 4) starts at its minimum with zero gradient: the consistency term never acts
+  (review finding, issue 20). A random projection is what the anchored average (X + PX) / 2
+  exists to tolerate: the anchor keeps half of the VLM geometry while M^t and M^v start apart,
+  so lambda1 L_kl is a visible share of the loss from the first step.
   """
+  proj_init: str = "default"
 
   @nn.compact
   def __call__(self, vlm_BxTxE, text_CxE):
     xv_BxTxE = l2_normalize(vlm_BxTxE)
     xt_CxE = l2_normalize(text_CxE)
-    xpv_BxTxE = nn.Dense(xv_BxTxE.shape[-1], kernel_init=identity_init, name="p_v")(xv_BxTxE)
-    xpt_CxE = nn.Dense(xt_CxE.shape[-1], kernel_init=identity_init, name="p_t")(xt_CxE)
+    init = (identity_init if self.proj_init == "identity"
+            else nn.linear.default_kernel_init)
+    xpv_BxTxE = nn.Dense(xv_BxTxE.shape[-1], kernel_init=init, name="p_v")(xv_BxTxE)
+    xpt_CxE = nn.Dense(xt_CxE.shape[-1], kernel_init=init, name="p_t")(xt_CxE)
     text_anchor_CxE = l2_normalize((xt_CxE + xpt_CxE) / 2)
     vis_anchor_BxTxE = l2_normalize((xv_BxTxE + xpv_BxTxE) / 2)
     sim_t_BxTxC = jnp.einsum("bte,ce->btc", xv_BxTxE, text_anchor_CxE)
@@ -130,6 +137,7 @@ class VLPOModel(nn.Module):
       (sim_t = sim_v from a visual CLIP-Adapter).
     use_va: build F_va (Eq. 8); only APR trains it.
     adapter_ratio, adapter_reduction: CLIP-Adapter residual ratio and bottleneck reduction.
+    proj_init: CM-AFA's projection init ('default' or 'identity', see CrossModalAlignment).
 
   __call__(batch, consts, *, train) reads batch['feat_BxTxD'], batch['mask_BxT'] and, when
   the VLM branch is on, batch['vlm_BxTxE'] and consts['text_CxE']; returns the dict described
@@ -144,6 +152,7 @@ class VLPOModel(nn.Module):
   use_va: bool = False
   adapter_ratio: float = 0.2
   adapter_reduction: int = 4
+  proj_init: str = "default"
 
   @nn.compact
   def __call__(self, batch, consts, *, train: bool):
@@ -173,7 +182,8 @@ class VLPOModel(nn.Module):
 
     text_CxE = consts["text_CxE"]
     if self.vl_mode == "cm_afa":
-      sim_t_BxTxC, sim_v_BxTxC = CrossModalAlignment(name="cm_afa")(vlm_BxTxE, text_CxE)
+      sim_t_BxTxC, sim_v_BxTxC = CrossModalAlignment(self.proj_init, name="cm_afa")(
+          vlm_BxTxE, text_CxE)
     elif self.vl_mode == "clip_adapter":
       sim_t_BxTxC = sim_v_BxTxC = ClipAdapter(self.adapter_ratio, self.adapter_reduction,
                                               name="clip_adapter")(vlm_BxTxE, text_CxE)
