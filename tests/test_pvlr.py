@@ -315,6 +315,53 @@ def test_method_config_errors():
   with pytest.raises(ValueError, match="rows 1..5"):
     _config("exp=7")
   assert _config("exp=1").method == "co2net"
+  for field, value in (("logit_scale", "free"), ("var_param", "exp"),
+                       ("divergence_scale", "max"), ("var_init", 0.0)):
+    with pytest.raises(WstalError, match=f"config.pvlr.{field}"):
+      _method(**{field: value})
+
+
+def test_table3_rows_change_only_what_the_paper_changes():
+  """Review finding 4: row 1 is the CO2-Net base with PVLR's L_vid (no mutual learning,
+  w_cls 0.8); row 2 adds only P-CAS + L_kd."""
+  row1, row2 = _config("exp=1"), _config("exp=2")
+  assert (row1.co2net.w_mutual, row1.co2net.w_cls) == (0.0, 0.8)
+  assert row1.co2net.to_dict() == row2.co2net.to_dict()
+  assert row1.train.to_dict() == row2.train.to_dict()
+  assert row1.optim.to_dict() == row2.optim.to_dict()
+
+
+def test_pvlr_review_options():
+  """Learnable P-CAS logit scale (init 1 / tau, trained), softplus variances (start at
+  var_init, never dead), per-dimension divergences (D / E), statistics logged."""
+  batch = _batch()
+  consts = {"text_CxE": np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)}
+  method = _method(logit_scale="learnable", var_param="softplus", var_init=0.01)
+  params = method.init(jax.random.key(0), batch, consts)["params"]
+  np.testing.assert_allclose(float(jnp.exp(params["log_logit_scale"])),
+                             1.0 / method.cfg.temperature, rtol=1e-5)
+  loss, terms = jax.jit(method.loss)(params, batch, consts, jax.random.key(1), 0)
+  np.testing.assert_allclose(float(terms["stat_logit_scale"]), 1.0 / method.cfg.temperature,
+                             rtol=1e-5)
+  assert 0.0 < float(terms["stat_var_mean"]) < 0.05     # small at init, softplus never 0
+  grads = jax.grad(lambda p: method.loss(p, batch, consts, jax.random.key(1), 0)[0])(params)
+  assert abs(float(grads["log_logit_scale"])) > 0
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+  out = method.model.apply({"params": params}, batch, consts, train=False)
+  assert float(jnp.min(out["var_BxTxE"][0])) > 0
+  # ReLU variances: the literal Eq. 7, zero for a dead unit.
+  relu = _method()
+  out_r = relu.model.apply({"params": relu.init(jax.random.key(0), batch, consts)["params"]},
+                           batch, consts, train=False)
+  assert float(jnp.min(out_r["var_BxTxE"][0])) == 0.0
+  # D averaged over dimensions.
+  rng = np.random.default_rng(0)
+  mu_p, mu_q = rng.normal(size=(2, 5, 6))
+  var_p, var_q = rng.uniform(0.1, 2.0, (2, 5, 6))
+  for metric in pvlr.METRICS:
+    total = pvlr.divergence(mu_p, var_p, mu_q, var_q, metric)
+    np.testing.assert_allclose(pvlr.divergence(mu_p, var_p, mu_q, var_q, metric, "mean"),
+                               total / 6, rtol=1e-6)
 
 
 def test_clip_text_mode_from_a_converted_checkpoint(tmp_path):

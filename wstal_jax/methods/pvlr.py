@@ -101,6 +101,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.use_ortho = True
   c.metric = "kl"             # Table 4: 'kl', 'bhattacharyya', 'mahalanobis'
   c.var_floor = 1e-5
+  # Review findings (issue 20), as options; the defaults keep the first reading until they
+  # are measured (README).
+  c.logit_scale = "fixed"     # P-CAS scale: 'fixed' 1 / tau, or 'learnable' (init 1 / tau,
+                              # clamped at 100, as CLIP's)
+  c.var_param = "relu"        # g_Sigma: 'relu' (Eq. 7) or 'softplus' (init var_init)
+  c.var_init = 0.01
+  c.divergence_scale = "sum"  # D summed over the E dims ('sum') or averaged ('mean': with
+                              # E = 64 the summed D >> 1 makes -log(D / (1 + D)) ~ 0)
   # Snippet mining (Eq. 13-15; CoLA's numbers).
   c.theta_b = -1.0            # < 0: per-video median of a
   c.erosion_m = 3
@@ -116,6 +124,13 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.pvlr.{field}={cfg.get(field)!r}: {why}")
   if cfg.metric not in METRICS:
     bad("metric", f"must be one of {METRICS}")
+  for field, choices in (("logit_scale", ("fixed", "learnable")),
+                         ("var_param", ("relu", "softplus")),
+                         ("divergence_scale", ("sum", "mean"))):
+    if cfg[field] not in choices:
+      bad(field, f"must be one of {choices}")
+  if not cfg.var_init > 0:
+    bad("var_init", "must be > 0")
   if cfg.text_mode not in ("auto",) + pvlr_model.TEXT_MODES:
     bad("text_mode", f"must be 'auto' or one of {pvlr_model.TEXT_MODES}")
   if int(cfg.num_samples) < 0:
@@ -147,8 +162,14 @@ def kl_gauss(mu_p, var_p, mu_q, var_q):
                        axis=-1)
 
 
-def divergence(mu_p, var_p, mu_q, var_q, metric: str):
-  """Symmetric divergence D >= 0 between diagonal Gaussians (module docstring)."""
+def divergence(mu_p, var_p, mu_q, var_q, metric: str, scale: str = "sum"):
+  """Symmetric divergence D >= 0 between diagonal Gaussians (module docstring); scale='mean'
+  divides it by the dimension E (a per-dimension divergence)."""
+  d = _divergence(mu_p, var_p, mu_q, var_q, metric)
+  return d / mu_p.shape[-1] if scale == "mean" else d
+
+
+def _divergence(mu_p, var_p, mu_q, var_q, metric: str):
   if metric == "kl":
     return 0.5 * (kl_gauss(mu_p, var_p, mu_q, var_q) + kl_gauss(mu_q, var_q, mu_p, var_p))
   d = mu_p - mu_q
@@ -236,12 +257,13 @@ def _gather(x_BxTxE, idx_BxK):
   return jnp.take_along_axis(x_BxTxE, idx_BxK[:, :, None], axis=1)
 
 
-def _pair_loss(q, k, mu, var, metric, positive: bool):
+def _pair_loss(q, k, mu, var, metric, positive: bool, scale: str = "sum"):
   """Mean over real (query, key) pairs of Eq. 17 per video -> (l_B, has_pairs_B)."""
   (qi, qok), (ki, kok) = q, k
   mq, vq = _gather(mu, qi), _gather(var, qi)
   mk, vk = _gather(mu, ki), _gather(var, ki)
-  d_BxQxK = divergence(mq[:, :, None], vq[:, :, None], mk[:, None], vk[:, None], metric)
+  d_BxQxK = divergence(mq[:, :, None], vq[:, :, None], mk[:, None], vk[:, None], metric,
+                       scale)
   if positive:
     l = jnp.log1p(d_BxQxK)                                     # -log(1 - p), p = D / (1 + D)
   else:
@@ -251,13 +273,13 @@ def _pair_loss(q, k, mu, var, metric, positive: bool):
   return jnp.sum(l * w, axis=(1, 2)) / jnp.maximum(n, 1.0), n > 0
 
 
-def intra_loss(mu_BxTxE, var_BxTxE, picks, metric: str):
+def intra_loss(mu_BxTxE, var_BxTxE, picks, metric: str, scale: str = "sum"):
   """L_intra per video (Eq. 17): hard action / background queries against easy keys."""
   total = 0.0
   for hard, pos, neg in (("hard_act", "easy_act", "easy_bkg"),
                          ("hard_bkg", "easy_bkg", "easy_act")):
-    lp, okp = _pair_loss(picks[hard], picks[pos], mu_BxTxE, var_BxTxE, metric, True)
-    ln, okn = _pair_loss(picks[hard], picks[neg], mu_BxTxE, var_BxTxE, metric, False)
+    lp, okp = _pair_loss(picks[hard], picks[pos], mu_BxTxE, var_BxTxE, metric, True, scale)
+    ln, okn = _pair_loss(picks[hard], picks[neg], mu_BxTxE, var_BxTxE, metric, False, scale)
     total = total + jnp.where(okp, lp, 0.0) + jnp.where(okn, ln, 0.0)
   return total
 
@@ -272,11 +294,11 @@ def video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT):
 
 
 def inter_loss(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B, metric: str,
-               var_floor: float):
+               var_floor: float, scale: str = "sum"):
   """L_inter (Eq. 19): mean BCE(H, 1 / (1 + D)) over the pairs of valid videos (scalar)."""
   mean, var = video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT)
   var = var + var_floor
-  d_BxB = divergence(mean[:, None], var[:, None], mean[None], var[None], metric)
+  d_BxB = divergence(mean[:, None], var[:, None], mean[None], var[None], metric, scale)
   p = jnp.clip(1.0 / (1.0 + d_BxB), 1e-6, 1.0 - 1e-6)
   h = (label_BxC @ label_BxC.T > 0).astype(p.dtype)
   bce = -(h * jnp.log(p) + (1.0 - h) * jnp.log1p(-p))
@@ -313,12 +335,20 @@ def pvlr_loss(out, batch, rng, video_settings, cfg):
     total = total + cfg.w_ortho * terms["l_ortho"]
   if cfg.use_intra:
     picks = mine_snippets(out["attn_BxT"], mask, rng, cfg)
-    terms["l_intra"] = video_mean(intra_loss(mu, var, picks, cfg.metric), valid)
+    terms["l_intra"] = video_mean(intra_loss(mu, var, picks, cfg.metric,
+                                             cfg.divergence_scale), valid)
     total = total + cfg.w_intra * terms["l_intra"]
   if cfg.use_inter:
     terms["l_inter"] = inter_loss(out["attn_BxT"], mu, out["var_BxTxE"], mask,
-                                  batch["label_BxC"], valid, cfg.metric, cfg.var_floor)
+                                  batch["label_BxC"], valid, cfg.metric, cfg.var_floor,
+                                  cfg.divergence_scale)
     total = total + cfg.w_inter * terms["l_inter"]
+  # Statistics (not loss terms, not in loss_weights): the variances and the P-CAS scale.
+  m = (mask > 0).astype(var.dtype)
+  terms["stat_var_mean"] = jnp.sum(jnp.mean(out["var_BxTxE"], axis=-1) * m) / jnp.maximum(
+      jnp.sum(m), 1.0)
+  if "logit_scale" in out:
+    terms["stat_logit_scale"] = out["logit_scale"]
   return total, terms
 
 
@@ -370,7 +400,8 @@ class PVLR:
         attn_hidden=int(base.attn_hidden), dropout=float(base.dropout),
         num_samples=int(cfg.num_samples), eps_std=float(cfg.eps_std),
         temperature=float(cfg.temperature), text_mode=self.text_mode, clip_config=clip_config,
-        n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post))
+        n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post), var_param=str(cfg.var_param),
+        var_init=float(cfg.var_init), logit_scale=str(cfg.logit_scale))
 
   def _setup_clip(self, cfg, class_names, num_classes):
     # pylint: disable=import-outside-toplevel

@@ -31,6 +31,8 @@ Class text embeddings (Eq. 9), two modes:
   video accuracy at chance after 400 steps), whereas CLIP's transformer mixes the shared
   context with each name. The choice is logged at start-up.
 """
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -67,6 +69,10 @@ class PVLRModel(nn.Module):
   clip_config: object = None
   n_pre: int = 4
   n_post: int = 4
+  var_param: str = "relu"       # 'relu' (Eq. 7 literally) | 'softplus' (small-variance init)
+  var_init: float = 0.01        # softplus: the variance at a zero pre-activation
+  logit_scale: str = "fixed"    # 'fixed' 1 / tau | 'learnable' (CLIP's, init 1 / tau)
+  max_logit_scale: float = 100.0
 
   @nn.compact
   def __call__(self, batch, consts, *, train: bool):
@@ -77,7 +83,14 @@ class PVLRModel(nn.Module):
         batch["feat_BxTxD"], mask_BxT, train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(out["base_BxTxF"])
     mu = nn.Dense(self.embed_dim, name="g_mu")(x)
-    var = nn.relu(nn.Dense(self.embed_dim, name="g_sigma")(x))
+    pre_var = nn.Dense(self.embed_dim, name="g_sigma")(x)
+    if self.var_param == "softplus":
+      # softplus(h + b) with softplus(b) = var_init: smooth, never dead, and sqrt(var) has a
+      # bounded gradient; the samples start close to their mean (review finding 3).
+      offset = math.log(math.expm1(self.var_init))
+      var = nn.softplus(pre_var + offset)
+    else:
+      var = nn.relu(pre_var)
     out["mu_BxTxE"] = jnp.where(valid_BxTx1, mu, 0.0)
     out["var_BxTxE"] = jnp.where(valid_BxTx1, var, 0.0)
 
@@ -99,5 +112,14 @@ class PVLRModel(nn.Module):
       sim_BxTxC1 = jnp.mean(jnp.einsum("btke,ce->btkc", l2_normalize(z), classes_C1xE), axis=2)
     else:
       sim_BxTxC1 = jnp.einsum("bte,ce->btc", l2_normalize(mu), classes_C1xE)
-    out["pcas_BxTxC1"] = jnp.where(valid_BxTx1, sim_BxTxC1 / self.temperature, 0.0)
+    if self.logit_scale == "learnable":
+      # CLIP's learnable logit scale: exp(s), s initialised at log(1 / tau), clamped at
+      # max_logit_scale (review finding 1: a fixed tau cannot sharpen near-collinear classes).
+      log_scale = self.param("log_logit_scale", nn.initializers.constant(
+          -math.log(self.temperature)), ())
+      scale = jnp.minimum(jnp.exp(log_scale), self.max_logit_scale)
+      out["logit_scale"] = scale
+      out["pcas_BxTxC1"] = jnp.where(valid_BxTx1, sim_BxTxC1 * scale, 0.0)
+    else:
+      out["pcas_BxTxC1"] = jnp.where(valid_BxTx1, sim_BxTxC1 / self.temperature, 0.0)
     return out
