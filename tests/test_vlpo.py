@@ -492,7 +492,7 @@ def test_predict_applies_eq5_with_predicted_labels(weights):
   no_vl, _ = build(use_vl=False, dsp_pools_cas=False, dsp_weights=weights)
   np.testing.assert_allclose(no_vl.predict(params, batch, consts)["video_scores_BxC"],
                              want["mil_BxC"], rtol=1e-5, atol=1e-6)
-  no_vl_dsp, _ = build(use_vl=False, dsp_weights=weights)
+  no_vl_dsp, _ = build(use_vl=False, dsp_weights=weights, dsp_pools_cas=True)
   mask = jnp.asarray(batch["mask_BxT"])
   k = layers.topk_count(mask, 8)
   hyb0 = hybrid(jax.nn.softmax(out["cas_BxTxC"], -1), out["s_a_BxT"], out["s_v_BxT"],
@@ -626,8 +626,9 @@ def _settings(**kw):
 
 
 def test_dsp_l_mil_gradient_reaches_the_cas_only_at_the_hybrid_indices():
-  """Review finding 2: with DSP, L_mil pools A at the top-k of A^ (Eq. 5-6 idx), so its
-  gradient w.r.t. A is non-zero exactly there; without, at A's own top-k."""
+  """Review finding 2: with DSP and dsp_pools_cas, L_mil pools A at the top-k of A^ (ASL's
+  instance selection), so its gradient w.r.t. A is non-zero exactly there; without DSP, at
+  A's own top-k (dsp_pools_cas=False, the default: L_mil as without DSP)."""
   out, batch = _hand_outputs()
   mask, y = batch["mask_BxT"], batch["label_BxC"]
   k = np.maximum(mask.sum(1).astype(int) // 4, 1)
@@ -644,7 +645,7 @@ def test_dsp_l_mil_gradient_reaches_the_cas_only_at_the_hybrid_indices():
   hybrid = np.where(y[:, None] > 0, (p + out["s_a_BxT"][..., None]) / 2,
                     (p + 1 - out["s_a_BxT"][..., None]) / 2)
   for dsp, want in ((True, topk_np(hybrid)), (False, topk_np(out["cas_BxTxC"]))):
-    st = _settings(use_dsp=dsp)
+    st = _settings(use_dsp=dsp, dsp_pools_cas=True)
 
     def l_mil(cas):
       return vlpo.vlpo_loss({**out, "cas_BxTxC": cas}, batch, st)[1]["l_mil"]
@@ -652,6 +653,10 @@ def test_dsp_l_mil_gradient_reaches_the_cas_only_at_the_hybrid_indices():
     g = np.asarray(fast_jit(jax.grad(l_mil))(jnp.asarray(out["cas_BxTxC"])))
     np.testing.assert_array_equal(g != 0, want)
   assert not np.array_equal(topk_np(hybrid), topk_np(out["cas_BxTxC"]))
+  st = _settings(use_dsp=True)   # the default: DSP leaves L_mil alone
+  g = np.asarray(fast_jit(jax.grad(lambda cas: vlpo.vlpo_loss(
+      {**out, "cas_BxTxC": cas}, batch, st)[1]["l_mil"]))(jnp.asarray(out["cas_BxTxC"])))
+  np.testing.assert_array_equal(g != 0, topk_np(out["cas_BxTxC"]))
 
 
 def test_act_target_labelled_cas_ranks_by_the_labelled_classes():
