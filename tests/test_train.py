@@ -258,6 +258,17 @@ def test_eval_mode_restores_and_rewrites_the_same_metrics(reference, tiny_data, 
   with pytest.raises(WstalError, match="no checkpoint for step 5"):
     evaluate.evaluate_checkpoint(tiny_config(tiny_data), workdir, checkpoint="5",
                                  eval_dir=out_dir, method=TinyMethod())
+  assert "oracle_labels" not in content
+  # The oracle diagnostic marks metrics.json and the printed table.
+  oracle_dir = str(tmp_path / "oracle")
+  oracle = evaluate.evaluate_checkpoint(
+      tiny_config(tiny_data, **{"eval.oracle_labels": True}), workdir,
+      checkpoint=str(metrics["step"]), eval_dir=oracle_dir, method=TinyMethod())
+  assert oracle["oracle_labels"] is True
+  with open(os.path.join(oracle_dir, "metrics.json")) as fh:
+    assert json.load(fh)["oracle_labels"] is True
+  assert "ORACLE" in evaluate.format_table(oracle, (0.1, 0.3, 0.5))
+  assert "ORACLE" not in evaluate.format_table(content, (0.1, 0.3, 0.5))
 
 
 def test_same_seed_same_numbers(reference, tiny_data, tmp_path):

@@ -700,3 +700,25 @@ def test_infer_labels_mil_takes_pass1_labels_from_the_mil_score():
   with pytest.raises(WstalError, match="infer_labels"):
     methods.get_method(make_config(infer_labels="oracle"), C, DIMS)
 
+
+def test_oracle_labels_take_dsp_labels_from_the_ground_truth():
+  """config.eval.oracle_labels (a diagnostic): DSP's inference labels are the batch's
+  ground-truth labels instead of pass 1's."""
+  cfg = make_config()
+  cfg.eval = ml_collections.ConfigDict({"oracle_labels": True})
+  oracle = Jitted(methods.get_method(cfg, C, DIMS))
+  method, params = build()
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  got = oracle.predict(params, batch, consts)
+  out = method.apply(params, batch, consts)
+  st, mask = method.settings, jnp.asarray(batch["mask_BxT"])
+  k = layers.topk_count(mask, st.topk_divisor)
+  hybrid = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1),
+                           [out["s_a_BxT"], out["s_v_BxT"]], jnp.asarray(batch["label_BxC"]),
+                           True)
+  z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+  want = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hybrid), -1)
+  np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(got["video_scores_BxC"],
+                         method.predict(params, batch, consts)["video_scores_BxC"])
+

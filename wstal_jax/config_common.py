@@ -131,6 +131,10 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.eval.select_on = "test"          # 'test' (the field's practice) or 'heldout'
   c.eval.heldout_fraction = 0.2      # of the TRAIN videos, excluded from training
   c.eval.num_plots = 4
+  # Diagnostic only: methods that need labels at inference (VLPO's DSP) take the test videos'
+  # ground-truth labels instead of predicting them, as some released code does. Every table
+  # and metrics.json of such a run is marked `oracle_labels: true`; never a result to quote.
+  c.eval.oracle_labels = False
   # Post-processing: the method's preset (postprocess.get_preset(method.postprocess_preset))
   # with these fields replaced. A method config fills it with its full preset so that every
   # field is overridable from the command line.

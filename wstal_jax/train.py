@@ -197,6 +197,10 @@ def _check_finite(host_terms):
           "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
 
 
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        method=None) -> dict | None:
   """Trains, evaluates every config.train.eval_every steps, keeps the latest and the best
@@ -354,8 +358,8 @@ class _Loop:
     logging.info("step %d: %s evaluation (%d videos, %.1fs)\n%s", step, name,
                  result.num_videos, time.time() - t0,
                  evaluate.format_table(result.metrics, self.select_eval.tiou))
-    self.writer.write_scalars(step, {f"{name}/{k}": v
-                                     for k, v in result.metrics.items() if v is not None})
+    self.writer.write_scalars(step, {f"{name}/{k}": v for k, v in result.metrics.items()
+                                     if _is_number(v)})
     ranked = dict(result.metrics)
     if ranked["average_mAP"] is None:
       ranked["average_mAP"] = -1.0   # no ground truth: rank it last, keep the run going
@@ -456,7 +460,7 @@ class _Loop:
       extra["heldout_average_mAP"] = selection.get("average_mAP")
     content = evaluate.write_outputs(self.workdir, result, run, extra=extra)
     self.writer.write_scalars(int(best), {f"final/{k}": v for k, v in result.metrics.items()
-                                          if v is not None})
+                                          if _is_number(v)})
     logging.info("selected step %d (on %s); %s evaluation:\n%s", best, self.selection.name,
                  result.split, evaluate.format_table(result.metrics, config.eval.tiou))
     return content

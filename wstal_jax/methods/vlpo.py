@@ -466,6 +466,9 @@ class VLPO:
     self.settings = LossSettings.from_config(cfg, **on)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
     self.infer_labels = str(cfg.infer_labels)
+    # config.eval.oracle_labels: a diagnostic (DSP's inference labels = the ground truth).
+    self.oracle_labels = bool(config.eval.get("oracle_labels", False)) if "eval" in config \
+        else False
     # The VLM branch exists only when something reads it: the baseline never touches
     # vlm_BxTxE / text_CxE.
     if self.zero_shot or self.settings.uses_preference:
@@ -566,7 +569,9 @@ class VLPO:
       if s.use_vl:
         z_BxTxC = s.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
       if s.use_dsp and (s.use_vl or s.dsp_pools_cas):
-        if self.infer_labels == "mil":
+        if self.oracle_labels:   # diagnostic: test-time ground truth (marked in the outputs)
+          y_BxC = batch["label_BxC"]
+        elif self.infer_labels == "mil":
           y_BxC = predicted_labels(mil_BxC, self.infer_class_threshold)
         elif s.use_vl:
           p0_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B,
