@@ -316,7 +316,8 @@ def test_method_config_errors():
     _config("exp=7")
   assert _config("exp=1").method == "co2net"
   for field, value in (("logit_scale", "free"), ("var_param", "exp"),
-                       ("divergence_scale", "max"), ("var_init", 0.0)):
+                       ("divergence_scale", "max"), ("var_init", 0.0),
+                       ("train_similarity", "l1")):
     with pytest.raises(WstalError, match=f"config.pvlr.{field}"):
       _method(**{field: value})
 
@@ -354,6 +355,21 @@ def test_pvlr_review_options():
   out_r = relu.model.apply({"params": relu.init(jax.random.key(0), batch, consts)["params"]},
                            batch, consts, train=False)
   assert float(jnp.min(out_r["var_BxTxE"][0])) == 0.0
+  # The authors' training P-CAS: mu . x_c / 8 (unit class vectors), evaluation still cos / tau.
+  dot = _method(train_similarity="dot", num_samples=0)
+  params_d = dot.init(jax.random.key(0), batch, consts)["params"]
+  tr = dot.model.apply({"params": params_d}, batch, consts, train=True,
+                       rngs={"dropout": jax.random.key(2)})
+  classes = np.asarray(pvlr.l2_normalize(jnp.concatenate(
+      [tr["text_CxE"], params_d["background"][None]], 0)))
+  mu = np.asarray(tr["mu_BxTxE"])
+  np.testing.assert_allclose(np.asarray(tr["pcas_BxTxC1"])[0],
+                             mu[0] @ classes.T / 8.0, rtol=1e-4, atol=1e-5)
+  ev = dot.model.apply({"params": params_d}, batch, consts, train=False)
+  mu_e = np.asarray(ev["mu_BxTxE"])[0]
+  cos = (mu_e / np.linalg.norm(mu_e, axis=-1, keepdims=True)) @ classes.T
+  np.testing.assert_allclose(np.asarray(ev["pcas_BxTxC1"])[0], cos / dot.cfg.temperature,
+                             rtol=1e-4, atol=1e-4)
   # D averaged over dimensions.
   rng = np.random.default_rng(0)
   mu_p, mu_q = rng.normal(size=(2, 5, 6))

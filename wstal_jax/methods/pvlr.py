@@ -107,6 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
                               # clamped at 100, as CLIP's)
   c.var_param = "relu"        # g_Sigma: 'relu' (Eq. 7) or 'softplus' (init var_init)
   c.var_init = 0.01
+  c.train_similarity = "cosine"  # training P-CAS: 'cosine' / tau (Eq. 10) or 'dot' (the
+                              # authors' training: mu . x_c / dot_divisor; evaluation is
+                              # cos / tau either way)
+  c.dot_divisor = 8.0
   c.divergence_scale = "sum"  # D summed over the E dims ('sum') or averaged ('mean': with
                               # E = 64 the summed D >> 1 makes -log(D / (1 + D)) ~ 0)
   # Snippet mining (Eq. 13-15; CoLA's numbers).
@@ -126,7 +130,8 @@ def validate_config(cfg) -> None:
     bad("metric", f"must be one of {METRICS}")
   for field, choices in (("logit_scale", ("fixed", "learnable")),
                          ("var_param", ("relu", "softplus")),
-                         ("divergence_scale", ("sum", "mean"))):
+                         ("divergence_scale", ("sum", "mean")),
+                         ("train_similarity", ("cosine", "dot"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
   if not cfg.var_init > 0:
@@ -401,7 +406,8 @@ class PVLR:
         num_samples=int(cfg.num_samples), eps_std=float(cfg.eps_std),
         temperature=float(cfg.temperature), text_mode=self.text_mode, clip_config=clip_config,
         n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post), var_param=str(cfg.var_param),
-        var_init=float(cfg.var_init), logit_scale=str(cfg.logit_scale))
+        var_init=float(cfg.var_init), logit_scale=str(cfg.logit_scale),
+        train_similarity=str(cfg.train_similarity), dot_divisor=float(cfg.dot_divisor))
 
   def _setup_clip(self, cfg, class_names, num_classes):
     # pylint: disable=import-outside-toplevel

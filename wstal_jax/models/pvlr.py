@@ -73,6 +73,9 @@ class PVLRModel(nn.Module):
   var_init: float = 0.01        # softplus: the variance at a zero pre-activation
   logit_scale: str = "fixed"    # 'fixed' 1 / tau | 'learnable' (CLIP's, init 1 / tau)
   max_logit_scale: float = 100.0
+  train_similarity: str = "cosine"  # training P-CAS: 'cosine' / tau (Eq. 10) or 'dot':
+                                    # z . x_c / dot_divisor (the authors' released training)
+  dot_divisor: float = 8.0
 
   @nn.compact
   def __call__(self, batch, consts, *, train: bool):
@@ -105,13 +108,18 @@ class PVLRModel(nn.Module):
     bg_E = self.param("background", nn.initializers.normal(0.01), (text_CxE.shape[-1],))
     classes_C1xE = l2_normalize(jnp.concatenate([text_CxE, bg_E[None]], axis=0))
 
+    dot = train and self.train_similarity == "dot"
     if train and self.num_samples > 0:
       eps_BxTxKxE = jax.random.normal(self.make_rng("sample"),
                                       mu.shape[:2] + (self.num_samples, mu.shape[-1]))
       z = mu[:, :, None, :] + self.eps_std * eps_BxTxKxE * jnp.sqrt(var + 1e-8)[:, :, None, :]
-      sim_BxTxC1 = jnp.mean(jnp.einsum("btke,ce->btkc", l2_normalize(z), classes_C1xE), axis=2)
+      sim_BxTxC1 = jnp.mean(jnp.einsum("btke,ce->btkc", z if dot else l2_normalize(z),
+                                       classes_C1xE), axis=2)
     else:
-      sim_BxTxC1 = jnp.einsum("bte,ce->btc", l2_normalize(mu), classes_C1xE)
+      sim_BxTxC1 = jnp.einsum("bte,ce->btc", mu if dot else l2_normalize(mu), classes_C1xE)
+    if dot:   # review finding 2: |mu| can restore the margin L_kd's direction takes away
+      out["pcas_BxTxC1"] = jnp.where(valid_BxTx1, sim_BxTxC1 / self.dot_divisor, 0.0)
+      return out
     if self.logit_scale == "learnable":
       # CLIP's learnable logit scale: exp(s), s initialised at log(1 / tau), clamped at
       # max_logit_scale (review finding 1: a fixed tau cannot sharpen near-collinear classes).
