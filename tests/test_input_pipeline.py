@@ -64,6 +64,11 @@ def test_random_perturb_one_index_per_bin(num_t, length):
 
 def test_uniform_and_pad_sampling():
   np.testing.assert_array_equal(_indices(10, 4, "uniform")[0], [1, 3, 6, 8])
+  # ASL's test resampling: floor(i T_v / T).
+  np.testing.assert_array_equal(_indices(10, 4, "floor")[0], np.floor(np.arange(4) * 10 / 4))
+  np.testing.assert_array_equal(_indices(1000, 750, "floor")[0],
+                                np.floor(np.arange(750) * 1000 / 750).astype(int))
+  np.testing.assert_array_equal(_indices(3, 6, "floor")[0], [0, 0, 1, 1, 2, 2])
   np.testing.assert_array_equal(_indices(3, 6, "uniform")[0], [0, 0, 1, 1, 2, 2])
   assert _indices(10, 4, "uniform")[2] == pytest.approx(2.5)
   idx, mask, scale = ip.sample_indices(tf.constant(3), 5, "pad")
@@ -312,6 +317,26 @@ def test_eval_resampled(data_dir, lengths):
     np.testing.assert_array_equal(b["mask_BxT"][ok], 1)
     np.testing.assert_allclose(b["scale_B"][ok], lengths["test"][b["index_B"][ok]] / 16,
                                rtol=1e-6)
+
+
+def test_eval_resampled_floor_takes_bin_starts(data_dir, lengths):
+  """sampling='floor' (ASL's test resampling) takes snippet floor(i T_v / T); 'uniform' the
+  bin centres floor((2i + 1) T_v / 2T)."""
+  whole = {}
+  for b in _eval_all(data_dir, 1, batch_size=4)[0]:
+    for r, idx in enumerate(b["index_B"]):
+      if idx >= 0:
+        whole[int(idx)] = b["feat_BxTxD"][r, :int(lengths["test"][idx])]
+  for sampling in ("floor", "uniform"):
+    for b in _eval_all(data_dir, 1, batch_size=4, num_snippets=16, sampling=sampling)[0]:
+      for r, idx in enumerate(b["index_B"]):
+        if idx < 0:
+          continue
+        t_v, i = int(lengths["test"][idx]), np.arange(16)
+        pick = i * t_v // 16 if sampling == "floor" else (2 * i + 1) * t_v // 32
+        np.testing.assert_array_equal(b["feat_BxTxD"][r], whole[int(idx)][pick])
+  with pytest.raises(WstalError, match="eval sampling"):
+    _eval_all(data_dir, 1, batch_size=4, num_snippets=16, sampling="random_perturb")
 
 
 def test_eval_detects_manifest_mismatch(data_dir, tmp_path):

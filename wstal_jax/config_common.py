@@ -128,6 +128,8 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.eval.tiou = tiou_range(0.1, 0.7, 0.1)
   c.eval.batch_size = 8              # global; padded with masked dummy videos
   c.eval.num_snippets = config_dict.placeholder(int)   # None: whole videos
+  c.eval.sampling = "uniform"        # with num_snippets: bin centres, or 'floor' (bin starts,
+                                     # ASL's test resampling; proposals shift <= half a bin)
   c.eval.select_on = "test"          # 'test' (the field's practice) or 'heldout'
   c.eval.heldout_fraction = 0.2      # of the TRAIN videos, excluded from training
   c.eval.num_plots = 4

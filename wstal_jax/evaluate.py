@@ -115,6 +115,7 @@ class Evaluator:
         self.run.data_dir, split=self.split, batch_size=self.batch_size,
         vlm_feature=config.data.vlm_feature, num_snippets=config.eval.num_snippets,
         video_indices=self.video_indices, order=self.order,
+        sampling=config.eval.get("sampling", "uniform"),
         process_index=jax.process_index(), process_count=jax.process_count())
 
   def __call__(self, params, *, keep_scores: int = 0) -> EvalResult:

@@ -42,7 +42,8 @@ try:  # JAX owns the accelerators; TF only reads files.
 except RuntimeError:
   pass
 
-SAMPLINGS = ("random_perturb", "uniform", "pad")
+SAMPLINGS = ("random_perturb", "uniform", "pad", "floor")
+EVAL_SAMPLINGS = ("uniform", "floor")
 _AUTOTUNE = tf.data.AUTOTUNE
 _MAX_CYCLE = 16
 EVAL_BUFFER_BYTES = 512 << 20   # eval_batches: bound on the reorder buffer of one process
@@ -60,7 +61,8 @@ def sample_indices(num_t, length: int, sampling: str, key=None):
     sampling: "random_perturb" (ASL / CO2-Net): the T_v snippets are split into T equal bins
       [floor(i T_v / T), floor((i + 1) T_v / T)) and one index is drawn uniformly in each;
       a bin shorter than one snippet (T_v < T) collapses to its start, so short videos repeat
-      indices. "uniform": the centre of each bin, floor((2i + 1) T_v / 2T). "pad": no
+      indices. "uniform": the centre of each bin, floor((2i + 1) T_v / 2T). "floor": the start
+      of each bin, floor(i T_v / T) (ASL's test-time resampling). "pad": no
       resampling; the first T snippets (or, with a key, a random window of T) and zero padding
       when T_v < T.
     key: int64 [2] stateless RNG seed; needed for random_perturb and for a random pad window.
@@ -88,6 +90,8 @@ def sample_indices(num_t, length: int, sampling: str, key=None):
   lo_T = (i_T * num_t) // length
   if sampling == "uniform":
     idx_T = ((2 * i_T + 1) * num_t) // (2 * length)
+  elif sampling == "floor":
+    idx_T = lo_T
   elif sampling == "random_perturb":
     if key is None:
       raise ValueError("random_perturb sampling needs an RNG key")
@@ -391,7 +395,7 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
                  vlm_feature: str | None = None, buckets: Sequence[int] | None = None,
                  num_snippets: int | None = None, video_indices: Sequence[int] | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 order: str = "length",
+                 order: str = "length", sampling: str = "uniform",
                  buffer_bytes: int = EVAL_BUFFER_BYTES) -> Iterator[dict]:
   """Whole-video per-process eval batches; every process yields the same number and shapes.
 
@@ -411,8 +415,9 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
     vlm_feature: also emit this manifest feature as vlm_BxTxE.
     buckets: padded lengths to choose from (default `default_buckets(longest video)`); batch j
       is padded to the smallest bucket holding its longest video on any process.
-    num_snippets: instead of padding, resample every video uniformly to this T (ActivityNet
-      style); then scale_B = T_v / num_snippets and the mask is all ones.
+    num_snippets: instead of padding, resample every video to this T (ActivityNet style) with
+      `sampling` ('uniform': bin centres, 'floor': bin starts as ASL's test code, see
+      `sample_indices`); then scale_B = T_v / num_snippets and the mask is all ones.
     video_indices: evaluate only these videos of the split.
     process_index, process_count: default jax.process_index() / jax.process_count(). A process
       without shards yields only dummy batches.
@@ -426,6 +431,8 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
   """
   if batch_size < 1 or (num_snippets is not None and num_snippets < 1):
     raise WstalError(f"batch_size ({batch_size}) and num_snippets ({num_snippets}) must be >= 1")
+  if sampling not in EVAL_SAMPLINGS:
+    raise WstalError(f"eval sampling must be one of {EVAL_SAMPLINGS}, got {sampling!r}")
   manifest = fmt.read_manifest(data_dir)
   paths = fmt.shard_paths(data_dir, split, manifest)
   p, num_procs = _layout(process_index, process_count)
@@ -457,7 +464,7 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
     ex = parse(serialized)
     num_t = ex["num_snippets"]
     if num_snippets is not None:
-      idx_T, mask_T, scale = sample_indices(num_t, num_snippets, "uniform")
+      idx_T, mask_T, scale = sample_indices(num_t, num_snippets, sampling)
     else:
       slot_t = tf.gather(slot_tf, tf.clip_by_value(index, 0, num_videos - 1))
       pos_T = tf.range(slot_t, dtype=tf.int32)

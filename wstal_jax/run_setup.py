@@ -48,6 +48,8 @@ def validate_config(config):
        f"must be 'test' or 'heldout', got {config.eval.select_on!r}")
   if config.eval.select_on == "heldout":
     need(0 < config.eval.heldout_fraction < 1, "eval.heldout_fraction", "must be in (0, 1)")
+  need(config.eval.get("sampling", "uniform") in ("uniform", "floor"), "eval.sampling",
+       f"must be 'uniform' or 'floor', got {config.eval.get('sampling')!r}")
   need(config.eval.split in ("train", "test"), "eval.split",
        f"must be 'train' or 'test', got {config.eval.split!r}")
   need(len(config.eval.tiou) > 0 and all(0 < t <= 1 for t in config.eval.tiou), "eval.tiou",
