@@ -693,7 +693,8 @@ def test_infer_labels_mil_takes_pass1_labels_from_the_mil_score():
   p = jax.nn.softmax(layers.masked_topk_mean(out["cas_BxTxC"], mask, k), axis=-1)
   y = vlpo.predicted_labels(p, 0.2)
   scores = [out["s_a_BxT"], out["s_v_BxT"]]
-  hybrid = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1), scores, y, True)
+  hybrid = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1), scores, y,
+                           st.dsp_weights == "equal")
   z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
   want = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hybrid), -1)
   np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
@@ -715,7 +716,7 @@ def test_oracle_labels_take_dsp_labels_from_the_ground_truth():
   k = layers.topk_count(mask, st.topk_divisor)
   hybrid = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1),
                            [out["s_a_BxT"], out["s_v_BxT"]], jnp.asarray(batch["label_BxC"]),
-                           True)
+                           st.dsp_weights == "equal")
   z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
   want = jax.nn.softmax(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hybrid), -1)
   np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
