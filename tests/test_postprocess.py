@@ -473,3 +473,114 @@ def test_pipeline_nms_input_rules():
   np.testing.assert_array_equal(out.label, np.unique(every.label))
   for c in np.unique(every.label):
     assert out.score[out.label == c][0] == every.score[every.label == c].max()
+
+
+# ------------------------------------------- parity with ASL's released inference (VLPO)
+#
+# A transcription, written for this test from the steps of ASL's released THUMOS14 inference
+# (Ma et al., CVPR 2021; VLPO's baseline family; review finding 6): binarise the class score
+# at class_th (argmax if none passes), upsample the kept classes' columns of the combined CAS
+# by `scale` with linear inter/extrapolation, for each action threshold keep the snippets at
+# or above it, group consecutive indices, score each group by inner mean - outer mean
+# (outer = int(lambda * len) on each side, clipped) + gamma * the class's video score, turn
+# indices into seconds with t_factor = 16 * v_len / (scale * T * 25), gather each class's
+# proposals over all thresholds and apply ASL's NMS (hard NMS at 0.4 whose suppressed
+# proposals come back after the kept ones with score * exp(-iou^2 / 0.35), lengths + 1).
+# `select_C` picks the classes, `gamma_C` feeds the OIC term: ASL uses its MIL score for
+# both; VLPO selects with p^ and (oic_score='mil') adds ASL's MIL score.
+
+
+def _asl_inference(combined_TxC, select_C, gamma_C, v_len, *, class_th=0.25, scale=24,
+                   lam=0.25, gamma=0.2, nms_thresh=0.4, nms_alpha=0.35):
+  num_t = combined_TxC.shape[0]
+  keep = (select_C >= class_th).astype(np.float64)
+  if not keep.any():
+    keep[np.argmax(select_C)] = 1
+  pred = np.where(keep > class_th)[0]
+  x = np.arange(num_t)
+  xs = np.arange(0, num_t, 1 / scale)
+  up = np.empty((len(xs), len(pred)))
+  for j, c in enumerate(pred):   # numpy linear interpolation, extrapolated from the last two
+    col = combined_TxC[:, c]
+    up[:, j] = np.interp(xs, x, col)
+    past = xs > num_t - 1
+    up[past, j] = col[-1] + (xs[past] - (num_t - 1)) * (col[-1] - col[-2])
+  t_factor = (16 * v_len) / (scale * num_t * 25)
+  by_class = {}
+  for thr in np.arange(0.1, 1.0, 0.1):
+    for j, c in enumerate(pred):
+      idx = np.where(np.where(up[:, j] < thr, 0, up[:, j]) > 0)[0]
+      if not idx.size:
+        continue
+      for grp in np.split(idx, np.where(np.diff(idx) != 1)[0] + 1):
+        inner = np.mean(up[grp, j])
+        n = len(grp)
+        o_s = max(0, int(grp[0] - lam * n))
+        o_e = min(up.shape[0] - 1, int(grp[-1] + lam * n))
+        outer_idx = list(range(o_s, grp[0])) + list(range(grp[-1] + 1, o_e + 1))
+        outer = np.mean(up[outer_idx, j]) if outer_idx else 0
+        by_class.setdefault(c, []).append(
+            [c, inner - outer + gamma * gamma_C[c], grp[0] * t_factor, (grp[-1] + 1) * t_factor])
+  out = []
+  for c in sorted(by_class):
+    props = np.array(by_class[c])
+    order = list(props[:, 1].argsort()[::-1])
+    kept, dropped = [], []
+    while order:
+      i = order.pop(0)
+      kept.append(props[i].tolist())
+      rest = []
+      for k in order:
+        inter = max(0.0, min(props[i, 3], props[k, 3]) - max(props[i, 2], props[k, 2]) + 1)
+        iou = inter / ((props[i, 3] - props[i, 2] + 1) + (props[k, 3] - props[k, 2] + 1) - inter)
+        if iou >= nms_thresh:
+          dropped.append([c, props[k, 1] * np.exp(-iou ** 2 / nms_alpha), props[k, 2],
+                          props[k, 3]])
+        else:
+          rest.append(k)
+      order = rest
+    out.extend(kept + dropped)
+  return np.array(out).reshape(-1, 4)
+
+
+@pytest.mark.parametrize("same_scores", [True, False])
+def test_vlpo_preset_matches_asl_inference_on_random_scores(same_scores):
+  """The 'vlpo' preset with ASL's class threshold (0.25), on identical scores, gives ASL's
+  proposals: labels, order, times and scores (the OIC gamma term from `oic_scores`)."""
+  rng = np.random.default_rng(7)
+  cfg = pp.get_preset("vlpo")
+  cfg.class_threshold = 0.25
+  for v in range(12):
+    num_t, num_c = int(rng.integers(8, 40)), 5
+    # Smooth-ish sequences in [0, 1] (random walks), so regions span several snippets.
+    walk = np.cumsum(rng.normal(0, 0.25, (num_t, num_c)), axis=0)
+    combined = 1 / (1 + np.exp(-walk))
+    select = rng.dirichlet(np.full(num_c, 0.3))
+    gamma_c = select if same_scores else rng.dirichlet(np.full(num_c, 0.5))
+    v_len = int(rng.integers(num_t // 2 + 1, 3 * num_t))
+    want = _asl_inference(combined, select, gamma_c, v_len)
+    got = pp.video_proposals(select, combined, None,
+                             seconds_per_snippet=pp.seconds_per_sampled_snippet(0.64, v_len,
+                                                                                num_t),
+                             duration=None, config=cfg,
+                             oic_scores_C=None if same_scores else gamma_c)
+    assert len(got) == len(want) > 0, v
+    np.testing.assert_array_equal(got.label, want[:, 0].astype(np.int64))
+    np.testing.assert_allclose(got.start, want[:, 2], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.end, want[:, 3], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(got.score, want[:, 1], rtol=1e-9, atol=1e-12)
+
+
+def test_oic_scores_replace_only_the_gamma_term():
+  cas = np.zeros((10, 2))
+  cas[3:6, 0] = 0.9
+  vs = np.array([0.9, 0.1])
+  cfg = config(oic_gamma=0.2)
+  base = pp.video_proposals(vs, cas, None, seconds_per_snippet=1.0, duration=None, config=cfg)
+  other = pp.video_proposals(vs, cas, None, seconds_per_snippet=1.0, duration=None, config=cfg,
+                             oic_scores_C=np.array([0.4, 0.6]))
+  np.testing.assert_array_equal(base.label, other.label)
+  np.testing.assert_allclose(base.score - other.score, 0.2 * (0.9 - 0.4))
+  with pytest.raises(ValueError, match="oic_scores"):
+    pp.video_proposals(vs, cas, None, seconds_per_snippet=1.0, duration=None, config=cfg,
+                       oic_scores_C=np.ones(3))

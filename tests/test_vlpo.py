@@ -723,3 +723,29 @@ def test_oracle_labels_take_dsp_labels_from_the_ground_truth():
   assert not np.allclose(got["video_scores_BxC"],
                          method.predict(params, batch, consts)["video_scores_BxC"])
 
+
+
+def test_oic_score_mil_is_asl_score_supp():
+  """Review finding 6: oic_score='mil' adds ASL's MIL score (softmax of A averaged over each
+  class's top-k snippets of instance_selection = (softmax_C(A) + S^a + S^v) / 3) for the OIC
+  gamma term, computed here in numpy; the video score that selects classes is unchanged."""
+  method, params = build(oic_score="mil", dsp_weights="equal")
+  plain, _ = build(dsp_weights="equal")
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  got = method.predict(params, batch, consts)
+  assert "oic_scores_BxC" not in plain.predict(params, batch, consts)
+  np.testing.assert_allclose(got["video_scores_BxC"],
+                             plain.predict(params, batch, consts)["video_scores_BxC"])
+  out = jax.device_get(method.apply(params, batch, consts))
+  for b, n in enumerate((24, 17)):
+    a = np.asarray(out["cas_BxTxC"][b, :n], np.float64)
+    prob = np.exp(a - a.max(-1, keepdims=True))
+    prob /= prob.sum(-1, keepdims=True)
+    sel = (prob + out["s_a_BxT"][b, :n, None] + out["s_v_BxT"][b, :n, None]) / 3
+    k = max(1, n // 8)
+    top = np.argsort(-sel, axis=0, kind="stable")[:k]          # [k, C]
+    pooled = np.take_along_axis(a, top, axis=0).mean(0)
+    want = np.exp(pooled - pooled.max()) / np.exp(pooled - pooled.max()).sum()
+    np.testing.assert_allclose(got["oic_scores_BxC"][b], want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(WstalError, match="oic_score"):
+    methods.get_method(make_config(oic_score="p"), C, DIMS)

@@ -126,6 +126,7 @@ class Evaluator:
     # Per video, in batch order: what postprocess.proposals_for_videos needs (one call for
     # all videos after the loop: the same proposals as video_proposals per video, faster).
     index_V, cas, actionness, sps, durations, ambiguous = [], [], [], [], [], []
+    oic_scores = []   # predict's optional oic_scores_BxC (the OIC gamma term's scores)
     for batch in self.batches():
       out = self._predict(params, self.run.put_batch(batch), self.run.consts)
       out = jax.device_get(out)   # replicated: every process holds the whole global batch
@@ -139,6 +140,8 @@ class Evaluator:
         cas_TxC = np.asarray(out["cas_BxTxC"][b, :num_t], np.float32)
         act_T = (np.asarray(out["actionness_BxT"][b, :num_t], np.float32)
                  if "actionness_BxT" in out else None)
+        if "oic_scores_BxC" in out:
+          oic_scores.append(np.asarray(out["oic_scores_BxC"][b], np.float32))
         video_sps = self.sps * float(scale_B[b])
         index_V.append(idx)
         cas.append(cas_TxC)
@@ -159,7 +162,8 @@ class Evaluator:
                        f"{len(missing)} video(s) (first index {missing[0]})")
     found = postprocess.proposals_for_videos(
         [video_scores[i] for i in index_V], cas, actionness, seconds_per_snippet=sps,
-        durations=durations, config=self.pp_config, ambiguous=ambiguous)
+        durations=durations, config=self.pp_config, ambiguous=ambiguous,
+        oic_scores=oic_scores or None)
     proposals = {self.infos[i].name: p for i, p in zip(index_V, found)}
     metrics = self._metrics(video_scores, proposals, num_c)
     if self.run.config.eval.get("oracle_labels", False):

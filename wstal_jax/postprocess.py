@@ -9,7 +9,8 @@ The pipeline, every step a field of the config (see `get_preset`):
    `action_thresholds`; every run of consecutive snippets above a threshold is a region.
    Optionally the sequences are first upsampled linearly by `upsample` (ASL family: x24).
 3. scores: outer-inner contrast (OIC) on the class's column of `cas_TxC`:
-   mean(inside) - mean(outside) + gamma * video_score[c], where "outside" is
+   mean(inside) - mean(outside) + gamma * video_score[c] (or the method's own `oic_scores`
+   for this term, e.g. ASL's MIL score beside VLPO's p^), where "outside" is
    floor(lambda * length) snippets on each side, clipped to the video (an empty outside
    counts as 0).
 4. seconds: region [s, e] (inclusive indices of the possibly upsampled sequence) covers
@@ -376,12 +377,13 @@ def _threshold_regions(x_L, thresholds_A, strict: bool):
 
 
 def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
-                cfg: _Settings):
+                cfg: _Settings, oic_scores=None):
   """Steps 1-4 of the pipeline for every video at once -> (video_N, Proposals before NMS).
 
   Sorted by video, then class (ascending), then threshold, then start: each class's regions in
   the reference order (it decides NMS ties). Each value is computed as the one-video
   reference computes it: per-video prefix sums, the same elementwise formulas.
+  oic_scores: None (the gamma term reads video_scores) or per video [C] scores for it.
   """
   u = cfg.upsample
   seqs, seg_video, seg_class = [], [], []     # thresholded sequences
@@ -419,7 +421,11 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
     sum_base += sums[-1].size
     classes.append(classes_k)
     class_at.append(class_base)
-    vid_score.append(scores_c[classes_k])
+    gamma_c = scores_c if oic_scores is None else np.asarray(
+        oic_scores[v], np.float64).reshape(-1)
+    if gamma_c.shape != scores_c.shape:
+      raise ValueError(f"oic_scores {gamma_c.shape} do not match video_scores {scores_c.shape}")
+    vid_score.append(gamma_c[classes_k])
     class_base += len(classes_k)
   num_k = np.array([len(c) for c in classes], np.int64)
   sum_at, seq_len, class_at = (np.array(x, np.int64) for x in (sum_at, seq_len, class_at))
@@ -475,7 +481,7 @@ def _per_video(value, num_videos, what):
 
 
 def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, durations,
-                         config, ambiguous=None) -> list:
+                         config, ambiguous=None, oic_scores=None) -> list:
   """`video_proposals` of many videos at once -> list of Proposals, one per video.
 
   The same proposals bit for bit as calling `video_proposals` per video, but each step runs
@@ -490,18 +496,23 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
     durations: one value (None: no clipping), or one per video.
     config: a `get_preset` ConfigDict (or one with the same fields).
     ambiguous: None, or per video [M, 2] ambiguous segments in seconds (or None).
+    oic_scores: None, or per video [C] scores for the OIC gamma term in place of
+      video_scores (ASL adds its MIL score there while VLPO selects classes with p^; a
+      method gives them as predict's `oic_scores_BxC`).
   """
   cfg = _Settings.of(config)
   num_videos = len(video_scores)
   if len(cas) != num_videos:
     raise ValueError(f"{num_videos} video_scores but {len(cas)} cas")
+  if oic_scores is not None and len(oic_scores) != num_videos:
+    raise ValueError(f"{num_videos} video_scores but {len(oic_scores)} oic_scores")
   act = _per_video(actionness, num_videos, "actionness")
   sps = _per_video(seconds_per_snippet, num_videos, "seconds_per_snippet")
   dur = _per_video(durations, num_videos, "durations")
   amb = _per_video(ambiguous, num_videos, "ambiguous") if ambiguous is not None else None
   if num_videos == 0:
     return []
-  video, flat = _candidates(video_scores, cas, act, sps, dur, cfg)
+  video, flat = _candidates(video_scores, cas, act, sps, dur, cfg, oic_scores)
   for what in ("score", "start", "end"):
     bad = np.flatnonzero(~np.isfinite(getattr(flat, what)))
     if bad.size:
@@ -526,7 +537,8 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
 
 
 def video_proposals(video_scores_C, cas_TxC, actionness_T, *, seconds_per_snippet: float,
-                    duration: float | None, config, ambiguous=None) -> Proposals:
+                    duration: float | None, config, ambiguous=None,
+                    oic_scores_C=None) -> Proposals:
   """Proposals of one video from its scores (the pipeline in the module docstring).
 
   Args:
@@ -539,6 +551,7 @@ def video_proposals(video_scores_C, cas_TxC, actionness_T, *, seconds_per_snippe
     duration: video length in seconds for clipping (None or <= 0: no clipping).
     config: a `get_preset` ConfigDict (or one with the same fields).
     ambiguous: [M, 2] ambiguous segments in seconds, used if `config.filter_ambiguous`.
+    oic_scores_C: [C] scores of the OIC gamma term (default: video_scores_C).
 
   Returns:
     Proposals (label int64, score, start, end seconds). `proposals_for_videos` gives the same
@@ -547,4 +560,5 @@ def video_proposals(video_scores_C, cas_TxC, actionness_T, *, seconds_per_snippe
   return proposals_for_videos([video_scores_C], [cas_TxC], [actionness_T],
                               seconds_per_snippet=[seconds_per_snippet], durations=[duration],
                               config=config,
-                              ambiguous=None if ambiguous is None else [ambiguous])[0]
+                              ambiguous=None if ambiguous is None else [ambiguous],
+                              oic_scores=None if oic_scores_C is None else [oic_scores_C])[0]

@@ -148,6 +148,11 @@ def default_config() -> ml_collections.ConfigDict:
                               # paper) or of the labelled classes' CAS ('labelled_cas', ASL)
   c.infer_labels = "all_classes"  # DSP pass-1 labels at inference: every class labelled
                               # ('all_classes') or the MIL score p's classes ('mil')
+  # Inference detail (review finding 6): the video score in the OIC gamma term (Sec. A.1
+  # names only "Outer-Inner Score"): 'video' = the video score that selects the classes (p^,
+  # the paper's only video-level probability) or 'mil' = ASL's released inference, the
+  # softmax of A pooled at the top-k of the all-classes hybrid CAS (A.1's A^).
+  c.oic_score = "video"
   return c
 
 
@@ -173,7 +178,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field, choices in (("proj_init", ("default", "identity")),
                          ("dsp_weights", ("equal", "halved")),
                          ("act_target", ("actionness", "labelled_cas")),
-                         ("infer_labels", ("all_classes", "mil"))):
+                         ("infer_labels", ("all_classes", "mil")),
+                         ("oic_score", ("video", "mil"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
 
@@ -469,6 +475,7 @@ class VLPO:
     self.settings = LossSettings.from_config(cfg, **on)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
     self.infer_labels = str(cfg.infer_labels)
+    self.oic_score = str(cfg.oic_score)
     # config.eval.oracle_labels: a diagnostic (DSP's inference labels = the ground truth).
     self.oracle_labels = bool(config.eval.get("oracle_labels", False)) if "eval" in config \
         else False
@@ -542,6 +549,7 @@ class VLPO:
          S^v) / 3 ('equal' weights; (softmax_C(A)_c + S^a) / 2 without APR) or
          (softmax_C(A)_c + S) / 2 ('halved').
        actionness_BxT: S in [0, 1] ((S^a + S^v) / 2 with APR, else S^a).
+    oic_scores_BxC (only with oic_score='mil'): ASL's MIL score for the OIC gamma term.
     Pass-1 labels of DSP (`infer_labels`): 'all_classes' treats every class as labelled;
     'mil' takes the classes of the MIL score p (trained by L_mil, label-free at inference).
     Zero-shot: video_scores = softmax(top-k mean of vl_logit_scale * cos(X^v, X^t)),
@@ -593,9 +601,14 @@ class VLPO:
             out["cas_BxTxC"], topk_select(hybrid_BxTxC, mask_BxT, k_B)), axis=-1)
       else:
         video_BxC = mil_BxC
-    return {"video_scores_BxC": video_BxC,
-            "cas_BxTxC": jnp.where(valid_BxT[:, :, None], cas_BxTxC, 0.0),
-            "actionness_BxT": jnp.where(valid_BxT, act_BxT, 0.0)}
+    out_scores = {"video_scores_BxC": video_BxC,
+                  "cas_BxTxC": jnp.where(valid_BxT[:, :, None], cas_BxTxC, 0.0),
+                  "actionness_BxT": jnp.where(valid_BxT, act_BxT, 0.0)}
+    if self.oic_score == "mil" and not self.zero_shot:
+      # ASL's score_supp: softmax of A pooled at each class's top-k of the all-classes A^.
+      out_scores["oic_scores_BxC"] = jax.nn.softmax(pool_selected(
+          out["cas_BxTxC"], topk_select(cas_BxTxC, mask_BxT, k_B)), axis=-1)
+    return out_scores
 
   def param_labels(self, params, step):
     """'train' everywhere, except VLM projections in modes that must not fine-tune them.
