@@ -749,3 +749,188 @@ def test_oic_score_mil_is_asl_score_supp():
     np.testing.assert_allclose(got["oic_scores_BxC"][b], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(WstalError, match="oic_score"):
     methods.get_method(make_config(oic_score="p"), C, DIMS)
+
+
+# ------------------------------------------------------------------------------------------
+# The released code's readings (issue 20): each switch on a hand-made case, the preset whole.
+
+
+def _sims(seed=3, b=2, t=12, c=3):
+  rng = np.random.default_rng(seed)
+  return {"sim_t_BxTxC": rng.uniform(-1, 1, (b, t, c)).astype(np.float32),
+          "sim_v_BxTxC": rng.uniform(-1, 1, (b, t, c)).astype(np.float32)}
+
+
+def _minmax_np(x, mask):
+  out = np.zeros_like(x)
+  for i in range(x.shape[0]):
+    n = int(mask[i].sum())
+    lo, hi = x[i, :n].min(0), x[i, :n].max(0)
+    out[i, :n] = (x[i, :n] - lo) / (hi - lo)
+  return out
+
+
+def test_m_norm_temporal_minmax_is_the_mean_of_minmaxed_cosines():
+  _, batch = _hand_outputs()
+  sims, mask = _sims(), batch["mask_BxT"]
+  lt, lv, m, m_hat = vlpo.preference_matrices(sims, mask, 1.0, "temporal_minmax")
+  want = (_minmax_np(sims["sim_t_BxTxC"], mask) + _minmax_np(sims["sim_v_BxTxC"], mask)) / 2
+  np.testing.assert_allclose(m, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(m_hat, want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(lt, sims["sim_t_BxTxC"])   # L_kl still compares the cosines
+  # The paper's reading differs: rows of M are class distributions there.
+  _, _, m_soft, _ = vlpo.preference_matrices(sims, mask, 1.0)
+  np.testing.assert_allclose(np.asarray(m_soft).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_kl_form_detached_values_and_one_sided_gradients():
+  """KL(sg(Mv)||Mt) + KL(sg(Mt)||Mv): twice the symmetric value; d/d logit_t equals the
+  gradient of KL(Mv||Mt) with Mv constant (no contribution of KL(Mt||Mv) through Mt)."""
+  _, batch = _hand_outputs()
+  sims, mask = _sims(), jnp.asarray(batch["mask_BxT"])
+  lt, lv = jnp.asarray(sims["sim_t_BxTxC"]) * 3, jnp.asarray(sims["sim_v_BxTxC"]) * 3
+  sym = vlpo.sym_kl(lt, lv, mask)
+  det = vlpo.sym_kl(lt, lv, mask, "detached")
+  np.testing.assert_allclose(det, 2 * np.asarray(sym), rtol=1e-5)
+  g_det = jax.grad(lambda a: jnp.sum(vlpo.sym_kl(a, lv, mask, "detached")))(lt)
+
+  def kl_v_t(a):   # KL(q || softmax(a)) with q = softmax(lv) constant, mean over valid snippets
+    q = jax.nn.softmax(lv, -1)
+    kl = jnp.sum(q * (jnp.log(q) - jax.nn.log_softmax(a, -1)), -1)
+    return jnp.sum(layers.snippet_mean(kl, mask))
+  np.testing.assert_allclose(g_det, jax.grad(kl_v_t)(lt), rtol=1e-5, atol=1e-7)
+  g_sym = jax.grad(lambda a: jnp.sum(vlpo.sym_kl(a, lv, mask)))(lt)
+  assert not np.allclose(g_det, 2 * np.asarray(g_sym), atol=1e-5)
+
+
+def test_ppg_multi_hot_labels_every_labelled_class_above_alpha_h():
+  m_hat = np.zeros((1, 3, 4), np.float32)
+  m_hat[0, 0] = [0.95, 0.92, 0.99, 0.1]   # classes 0, 1 labelled and above; 2 not labelled
+  m_hat[0, 1] = [0.95, 0.5, 0.1, 0.1]     # only class 0
+  m_hat[0, 2] = [0.5, 0.5, 0.99, 0.1]     # no labelled class above: uniform
+  label = np.array([[1, 1, 0, 0]], np.float32)
+  b = np.asarray(vlpo.ppg_targets(m_hat, label, 0.9, multi_hot=True))
+  np.testing.assert_allclose(b[0], [[0.5, 0.5, 0, 0], [1, 0, 0, 0], [0.25] * 4])
+  arg = np.asarray(vlpo.ppg_targets(m_hat, label, 0.9))
+  np.testing.assert_allclose(arg[0, 0], [1, 0, 0, 0])
+
+
+def test_apr_topk_count_real_divisor():
+  mask = np.zeros((3, 800), np.float32)
+  for i, n in enumerate((750, 100, 5)):
+    mask[i, :n] = 1
+  np.testing.assert_array_equal(vlpo.apr_topk_count(jnp.asarray(mask), 7.5), [100, 13, 1])
+
+
+def test_three_heads_outputs_losses_and_gradients():
+  """act_heads='three': F_rgb / F_flow read only their half of X, S^a is their 0.1 / 0.4 mix,
+  L_act sums each head's GCE (RGB, flow, VLM) against one target, L_mut is the sum of the
+  pairwise mean squared differences, weighted by mut_weight."""
+  method, params = build(act_heads="three")
+  assert "f_act" not in params and {"f_rgb", "f_flow", "f_va"} <= set(params)
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  out = jax.device_get(method.apply(params, batch, consts))
+  np.testing.assert_allclose(out["s_a_BxT"], (0.1 * out["s_rgb_BxT"] + 0.4 * out["s_flow_BxT"])
+                             / 0.5, rtol=1e-5, atol=1e-7)
+  loss, aux = method.loss(params, batch, consts, key(0), 0)
+  st, mask = method.settings, batch["mask_BxT"]
+  heads = [out["s_rgb_BxT"], out["s_flow_BxT"], out["s_v_BxT"]]
+  mut = 0.0
+  for i, n in enumerate((24, 17)):
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+      mut += np.mean((heads[a][i, :n] - heads[b][i, :n]) ** 2) / 2
+  np.testing.assert_allclose(aux["l_mut"], mut, rtol=1e-4)
+  k = layers.topk_count(jnp.asarray(mask), st.topk_divisor)
+  _, _, _, m_hat = vlpo.preference_matrices(out, mask, st.m_temperature)
+  sets = vlpo.apr_sets((out["s_a_BxT"] + out["s_v_BxT"]) / 2, m_hat, batch["label_BxC"], mask,
+                       k, st.alpha_h, st.alpha_l)
+  want_act = np.mean(sum(np.asarray(vlpo.gce(h, sets["c_p_BxT"], sets["c_n_BxT"], st.q))
+                         for h in heads))
+  np.testing.assert_allclose(aux["l_act"], want_act, rtol=1e-5)
+  assert method.method.loss_weights()["l_mut"] == 5.0
+  weights = method.method.loss_weights()
+  np.testing.assert_allclose(loss, sum(w * aux[t] for t, w in weights.items()), rtol=1e-6)
+  # The RGB head reads the first half of X only.
+  feat = np.array(batch["feat_BxTxD"])
+  feat[:, :, D // 2:] += 1.0
+  out2 = method.apply(params, {**batch, "feat_BxTxD": feat}, consts)
+  np.testing.assert_allclose(out2["s_rgb_BxT"], out["s_rgb_BxT"], rtol=1e-6)
+  assert not np.allclose(out2["s_flow_BxT"], out["s_flow_BxT"])
+
+
+def test_cas_vlm_feeds_the_vlm_features_to_the_cas_encoder():
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  vlm = np.array(batch["vlm_BxTxE"]) + 0.5 * np.asarray(batch["mask_BxT"])[:, :, None]
+  changed = {**batch, "vlm_BxTxE": vlm}
+  for on in (False, True):
+    method, params = build(cas_vlm=on)
+    a = method.apply(params, batch, consts)["cas_BxTxC"]
+    b = method.apply(params, changed, consts)["cas_BxTxC"]
+    assert np.allclose(a, b) != on
+  assert params["embedding"]["conv"]["conv"]["kernel"].shape[1] == D + E
+  base_cfg = make_config("base", cas_vlm=True)
+  assert not methods.get_method(base_cfg, C, {"feat": D}).uses_vlm   # the paper's baseline
+
+
+def test_vl_form_two_cosines_is_two_ces_on_raw_pooled_cosines():
+  method, params = build(vl_form="two_cosines")
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  _, aux = method.loss(params, batch, consts, key(0), 0)
+  out = method.apply(params, batch, consts)
+  st, mask = method.settings, jnp.asarray(batch["mask_BxT"])
+  k = layers.topk_count(mask, st.topk_divisor)
+  hyb = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1), [out["s_a_BxT"], out["s_v_BxT"]],
+                        jnp.asarray(batch["label_BxC"]), st.dsp_weights == "equal")
+  want = 0.0
+  for name in ("sim_t_BxTxC", "sim_v_BxTxC"):
+    pooled = layers.pool_selected(out[name], layers.topk_select(hyb, mask, k))
+    want += np.mean(-np.sum(batch["label_BxC"] * np.asarray(jax.nn.log_softmax(pooled, -1)), -1))
+  np.testing.assert_allclose(aux["l_vl"], want, rtol=1e-5)
+
+
+def test_video_score_mil_pools_the_cas_at_the_dsp_indices():
+  """video_score='mil' (the code's score_supp): softmax of A pooled at the top-k of A^ on the
+  inference labels (here the MIL score's, infer_labels='mil')."""
+  method, params = build(video_score="mil", dsp_pools_cas=True, infer_labels="mil")
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  got = method.predict(params, batch, consts)
+  out = method.apply(params, batch, consts)
+  st, mask = method.settings, jnp.asarray(batch["mask_BxT"])
+  k = layers.topk_count(mask, st.topk_divisor)
+  y = vlpo.predicted_labels(jax.nn.softmax(layers.masked_topk_mean(out["cas_BxTxC"], mask, k),
+                                           -1), 0.2)
+  hyb = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1), [out["s_a_BxT"], out["s_v_BxT"]],
+                        y, st.dsp_weights == "equal")
+  want = jax.nn.softmax(layers.pool_selected(out["cas_BxTxC"], layers.topk_select(hyb, mask, k)),
+                        -1)
+  np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_reading_code_preset_and_its_loss_terms():
+  """configs/vlpo.py:reading=code sets every released-code switch (and only those, the
+  inference details and the run name); the method builds, every term is finite, and L_mut
+  joins the logged terms."""
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "vlpo.py"
+  spec = importlib.util.spec_from_file_location("vlpo_recipe", path)
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  paper, code = recipe.get_config(None), recipe.get_config("reading=code")
+  changed = {k for k in paper.vlpo if paper.vlpo[k] != code.vlpo[k]}
+  assert changed == {k for k, v in recipe.CODE_READING.items() if paper.vlpo[k] != v}
+  assert code.eval.postprocess.nms.sigma == 0.3 and code.eval.sampling == "floor"
+  assert code.name == "vlpo-code" and recipe.get_config("reading=code,exp=6").name == \
+      "vlpo-exp6-code"
+  with pytest.raises(ValueError, match="reading"):
+    recipe.get_config("reading=authors")
+  cfg = make_config(**recipe.CODE_READING)
+  method = Jitted(methods.get_method(cfg, C, DIMS))
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  params = method.init(key(0), batch, consts)["params"]
+  loss, aux = method.loss(params, batch, consts, key(1), 0)
+  assert set(method.method.loss_weights()) == {"l_mil", "l_act", "l_mut", "l_kl", "l_vl",
+                                                "l_snip"}
+  assert all(np.isfinite(float(v)) for v in aux.values()) and float(aux["l_kl"]) > 0
+  pred = method.predict(params, batch, consts)
+  np.testing.assert_allclose(np.asarray(pred["video_scores_BxC"]).sum(-1), 1.0, rtol=1e-5)

@@ -70,14 +70,26 @@ Readings of the paper (the text leaves these open; each is also noted where it i
   p^ with Eq. 5 on those labels, exactly as in training. `cas_BxTxC` is A^'s labelled-class
   branch for every class (post-processing picks the classes itself).
 """
-# Open question (see README "Results on the built-in benchmark"): on the built-in data DSP and
-# L_kl do not help as in the paper's Table 3. Public code that appears to be the authors'
-# (read only) differs from the paper text in ways that touch exactly these modules: `norm` of
-# Eq. 3 is a temporal min-max of the cosine; L_kl uses the class softmax of the raw cosine with
-# one side detached; L_mil and the video score pool the CAS (not M) at the DSP indices; at
-# inference the DSP branch comes from ground-truth labels; separate RGB / flow / VL actionness
-# heads with an MSE between them; a fixed top-100 for A_p; the CAS encoder also sees the VLM
-# features. We implement the paper; these are the candidates to try as options.
+# Released code (public code that appears to be the authors', a fork of ASL using VideoCLIP-XL
+# features and exactly the paper's lambda / alpha values; read only, nothing copied). Where it
+# differs from the paper text, each difference is a switch of config.vlpo whose default is
+# the paper's reading, and `configs/vlpo.py:reading=code` turns all of them on:
+#   m_norm='temporal_minmax'  Eq. 3's norm is a min-max over time of each cosine, M = the mean
+#                             of the two, used directly as M^ (no class softmax)
+#   kl_form='detached'        L_kl = KL(sg(Mv)||Mt) + KL(sg(Mt)||Mv) of the class softmaxes of
+#                             the raw cosines (each projection trained by one direction)
+#   vl_form='two_cosines'     L_vl = CE(pooled sim_t) + CE(pooled sim_v), raw cosines, scale 1
+#   ppg_labels='multi_hot'    PPG marks every labelled class above alpha_h (rows normalised)
+#   apr_topk_divisor=7.5      A_p is a fixed top-100 of T = 750 (k = 93 elsewhere)
+#   cas_vlm=True              the CAS encoder reads [RGB, flow, raw VLM] concatenated
+#   act_heads='three'         RGB, flow and VLM actionness heads, S = 0.1 rgb + 0.4 flow + 0.5
+#                             vl, each head trained by GCE on one target, plus 5 * the MSE
+#                             between the heads (nothing detached)
+#   dsp_pools_cas=True        L_mil pools the raw CAS at the DSP indices
+#   video_score='mil'         inference never computes p^: the video score (class selection
+#                             and OIC) is the softmax of the CAS pooled at the DSP indices
+# Not a switch: the code's inference takes the DSP branch from the ground-truth test labels;
+# that leak exists only as the diagnostic config.eval.oracle_labels (outputs marked ORACLE).
 import dataclasses
 from typing import Any
 
@@ -153,6 +165,29 @@ def default_config() -> ml_collections.ConfigDict:
   # the paper's only video-level probability) or 'mil' = ASL's released inference, the
   # softmax of A pooled at the top-k of the all-classes hybrid CAS (A.1's A^).
   c.oic_score = "video"
+  # The released code's readings (public code that appears to be the authors', a fork of
+  # ASL; see the module docstring "Released code"), each a switch whose default is the
+  # paper's reading; `configs/vlpo.py:reading=code` turns them all on.
+  c.m_norm = "softmax"        # Eq. 3 norm: class softmax of the cosine ('softmax') or the
+                              # code's temporal min-max of each cosine ('temporal_minmax')
+  c.kl_form = "symmetric"     # Eq. 4: (KL(Mt||Mv) + KL(Mv||Mt)) / 2 ('symmetric') or the
+                              # code's KL(sg(Mv)||Mt) + KL(sg(Mt)||Mv) ('detached')
+  c.vl_form = "preference"    # Eq. 6: one CE on the pooled preference logits ('preference')
+                              # or the code's CE(pooled sim_t) + CE(pooled sim_v) at scale 1
+                              # ('two_cosines')
+  c.ppg_labels = "argmax"     # Eq. 7: one-hot of the best labelled class ('argmax', the
+                              # paper's text) or every labelled class above alpha_h, rows
+                              # normalised ('multi_hot', the code)
+  c.apr_topk_divisor = 0.0    # Eq. 9's A_p: 0 = the top-k (k = n // topk_divisor); > 0 =
+                              # top floor(n / apr_topk_divisor) (the code's fixed 100 of
+                              # T = 750 is 7.5)
+  c.cas_vlm = False           # the CAS encoder also reads the raw VLM features (the code)
+  c.act_heads = "two"         # 'two' (F_act on X, F_va on X^v) or 'three' (the code: RGB,
+                              # flow and VLM heads, S = 0.1 rgb + 0.4 flow + 0.5 vl, each
+                              # head trained by L_act, plus mut_weight * L_mut)
+  c.mut_weight = 5.0          # act_heads='three': weight of the code's MSE between heads
+  c.video_score = "p_hat"     # predict's video score: p^ (A.1) or 'mil' (the code's
+                              # score_supp: softmax of A pooled at the DSP indices)
   return c
 
 
@@ -179,9 +214,19 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          ("dsp_weights", ("equal", "halved")),
                          ("act_target", ("actionness", "labelled_cas")),
                          ("infer_labels", ("all_classes", "mil")),
-                         ("oic_score", ("video", "mil"))):
+                         ("oic_score", ("video", "mil")),
+                         ("m_norm", ("softmax", "temporal_minmax")),
+                         ("kl_form", ("symmetric", "detached")),
+                         ("vl_form", ("preference", "two_cosines")),
+                         ("ppg_labels", ("argmax", "multi_hot")),
+                         ("act_heads", ("two", "three")),
+                         ("video_score", ("p_hat", "mil"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
+  if cfg.apr_topk_divisor < 0:
+    bad("apr_topk_divisor", "must be 0 (use topk_divisor) or > 0")
+  if cfg.mut_weight < 0:
+    bad("mut_weight", "must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------
@@ -220,28 +265,43 @@ def preference_logits(sim_BxTxC, temperature: float):
   return sim_BxTxC / temperature
 
 
-def preference_matrices(outputs, mask_BxT, temperature: float):
+def preference_matrices(outputs, mask_BxT, temperature: float, m_norm: str = "softmax"):
   """Eq. 3 and PPG's normalisation: -> (logit_t, logit_v, M, M^), each BxTxC.
 
-  M^t = softmax_C(logit_t), M^v = softmax_C(logit_v), M = (M^t + M^v) / 2 (rows are class
-  distributions), M^ = M min-max normalised over the valid snippets of each (video, class).
+  m_norm='softmax' (the default reading): M^t = softmax_C(logit_t), M^v = softmax_C(logit_v),
+  M = (M^t + M^v) / 2 (rows are class distributions), M^ = M min-max normalised over the
+  valid snippets of each (video, class).
+  m_norm='temporal_minmax' (the released code): M^t, M^v = the cosines min-max normalised over
+  the valid snippets of each (video, class), M = M^ = (M^t + M^v) / 2 (already in [0, 1]).
   M^ is a pseudo-label source for PPG / APR, a target: it is returned under stop_gradient.
+  logit_t / logit_v (the cosines / temperature) are what L_kl compares either way.
   """
   logit_t_BxTxC = preference_logits(outputs["sim_t_BxTxC"], temperature)
   logit_v_BxTxC = preference_logits(outputs["sim_v_BxTxC"], temperature)
+  if m_norm == "temporal_minmax":
+    m_BxTxC = (temporal_minmax(outputs["sim_t_BxTxC"], mask_BxT)
+               + temporal_minmax(outputs["sim_v_BxTxC"], mask_BxT)) / 2
+    return logit_t_BxTxC, logit_v_BxTxC, m_BxTxC, jax.lax.stop_gradient(m_BxTxC)
   m_BxTxC = (jax.nn.softmax(logit_t_BxTxC, axis=-1)
              + jax.nn.softmax(logit_v_BxTxC, axis=-1)) / 2
   m_hat_BxTxC = jax.lax.stop_gradient(temporal_minmax(m_BxTxC, mask_BxT))
   return logit_t_BxTxC, logit_v_BxTxC, m_BxTxC, m_hat_BxTxC
 
 
-def sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT):
+def sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT, form: str = "symmetric"):
   """Eq. 4: (KL(M^t || M^v) + KL(M^v || M^t)) / 2 per snippet, mean over valid snippets: -> l_B.
 
   M^t = softmax_C(logit_t), M^v = softmax_C(logit_v); both directions carry gradient.
+  form='detached' (the released code): KL(sg(M^v) || M^t) + KL(sg(M^t) || M^v), each side
+  the target of the other (the first term trains only P_t's side, the second only P_v's).
   """
   lp_BxTxC = jax.nn.log_softmax(logit_t_BxTxC, axis=-1)
   lq_BxTxC = jax.nn.log_softmax(logit_v_BxTxC, axis=-1)
+  if form == "detached":
+    sp_BxTxC, sq_BxTxC = jax.lax.stop_gradient(lp_BxTxC), jax.lax.stop_gradient(lq_BxTxC)
+    kl_BxT = (jnp.sum(jnp.exp(sq_BxTxC) * (sq_BxTxC - lp_BxTxC), axis=-1)
+              + jnp.sum(jnp.exp(sp_BxTxC) * (sp_BxTxC - lq_BxTxC), axis=-1))
+    return snippet_mean(kl_BxT, mask_BxT)
   # KL(p||q) + KL(q||p) = sum_c (p_c - q_c)(log p_c - log q_c).
   kl_BxT = 0.5 * jnp.sum((jnp.exp(lp_BxTxC) - jnp.exp(lq_BxTxC)) * (lp_BxTxC - lq_BxTxC),
                          axis=-1)
@@ -301,14 +361,19 @@ def vl_video_logits(z_BxTxC, mask_BxT, k_B, *, hybrid_cas_BxTxC=None):
   return pool_selected(z_BxTxC, topk_select(rank_BxTxC, mask_BxT, k_B))
 
 
-def ppg_targets(m_hat_BxTxC, label_BxC, alpha_h: float):
+def ppg_targets(m_hat_BxTxC, label_BxC, alpha_h: float, multi_hot: bool = False):
   """PPG snippet pseudo-labels b of Eq. 7: -> b_BxTxC (rows sum to 1).
 
   A snippet whose M^ exceeds alpha_h for some labelled class gets the one-hot label of the
   labelled class with the highest M^; every other snippet gets the uniform 1/C.
+  multi_hot (the released code): every labelled class above alpha_h, the row normalised.
   """
   num_c = m_hat_BxTxC.shape[-1]
   labelled_Bx1xC = label_BxC[:, None, :] > 0
+  if multi_hot:
+    hit_BxTxC = (labelled_Bx1xC & (m_hat_BxTxC > alpha_h)).astype(m_hat_BxTxC.dtype)
+    n_BxTx1 = jnp.sum(hit_BxTxC, axis=-1, keepdims=True)
+    return jnp.where(n_BxTx1 > 0, hit_BxTxC / jnp.maximum(n_BxTx1, 1.0), 1.0 / num_c)
   score_BxTxC = jnp.where(labelled_Bx1xC, m_hat_BxTxC, -jnp.inf)
   best_BxT = jnp.max(score_BxTxC, axis=-1)
   hard_BxTxC = jax.nn.one_hot(jnp.argmax(score_BxTxC, axis=-1), num_c, dtype=m_hat_BxTxC.dtype)
@@ -325,7 +390,7 @@ def snippet_ce(cas_BxTxC, b_BxTxC, mask_BxT):
 def apr_sets(s_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_B, alpha_h: float, alpha_l: float):
   """APR sets of Eq. 9-12 (all boolean [B, T], valid snippets only): -> dict.
 
-    a_p = top-k of S (Eq. 9)                 s_m = max_{c: y_c = 1} M^_c (Eq. 10)
+    a_p = top-k_B of S (Eq. 9)                 s_m = max_{c: y_c = 1} M^_c (Eq. 10)
     b_p = {s_m > alpha_h}, b_n = {s_m < alpha_l} (Eq. 11)
     c_p = (a_p - b_n) | b_p, c_n = valid - c_p (Eq. 12)
   A video without labels has no preference evidence: b_p = b_n = {}.
@@ -365,6 +430,13 @@ class LossSettings:
   dsp_pools_cas: bool
   dsp_weights: str
   act_target: str
+  m_norm: str
+  kl_form: str
+  vl_form: str
+  ppg_labels: str
+  apr_topk_divisor: float
+  act_heads: str
+  mut_weight: float
 
   @classmethod
   def from_config(cls, cfg, **overrides):
@@ -412,7 +484,7 @@ def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
 
   if s.uses_preference:
     logit_t_BxTxC, logit_v_BxTxC, _, m_hat_BxTxC = preference_matrices(
-        outputs, mask_BxT, s.m_temperature)
+        outputs, mask_BxT, s.m_temperature, s.m_norm)
 
   # What tau_p (Eq. 1) / A_p (Eq. 9) are the top-k of: S itself (the paper), or the labelled
   # classes' CAS (ASL's class-agnostic target, which sees the video label).
@@ -420,32 +492,62 @@ def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
     rank_BxT = labelled_cas_score(cas_BxTxC, label_BxC)
   else:
     rank_BxT = hybrid_action_score(*scores)
+  # The heads L_act trains: F_act (S^a) and with APR F_va (S^v); with the released code's
+  # act_heads='three', F_rgb and F_flow in place of F_act.
+  heads = ([outputs["s_rgb_BxT"], outputs["s_flow_BxT"]] if s.act_heads == "three"
+           else [s_a_BxT]) + ([outputs["s_v_BxT"]] if s.use_apr else [])
   if s.use_apr:
-    s_v_BxT = outputs["s_v_BxT"]
-    sets = apr_sets(rank_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_B, s.alpha_h, s.alpha_l)
-    l_act_B = (gce(s_a_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q)
-               + gce(s_v_BxT, sets["c_p_BxT"], sets["c_n_BxT"], s.q))
+    k_ap_B = k_B if s.apr_topk_divisor <= 0 else apr_topk_count(mask_BxT, s.apr_topk_divisor)
+    sets = apr_sets(rank_BxT, m_hat_BxTxC, label_BxC, mask_BxT, k_ap_B, s.alpha_h, s.alpha_l)
+    l_act_B = sum(gce(h, sets["c_p_BxT"], sets["c_n_BxT"], s.q) for h in heads)
   else:
     tau_p_BxT = topk_select(rank_BxT[:, :, None], mask_BxT, k_B)[:, :, 0]
-    l_act_B = gce(s_a_BxT, tau_p_BxT, valid_BxT & ~tau_p_BxT, s.q)
+    l_act_B = sum(gce(h, tau_p_BxT, valid_BxT & ~tau_p_BxT, s.q) for h in heads)
   aux["l_act"] = video_mean(l_act_B, valid_B)
   aux["l_base"] = aux["l_mil"] + aux["l_act"]
   total = aux["l_base"]
+  if s.act_heads == "three":   # the released code's agreement of the heads (nothing detached)
+    aux["l_mut"] = video_mean(heads_mse(heads, mask_BxT), valid_B)
+    total = total + s.mut_weight * aux["l_mut"]
 
   if s.use_kl:
-    aux["l_kl"] = video_mean(sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT), valid_B)
+    aux["l_kl"] = video_mean(sym_kl(logit_t_BxTxC, logit_v_BxTxC, mask_BxT, s.kl_form),
+                             valid_B)
     total = total + s.lambda1 * aux["l_kl"]
   if s.use_vl:
-    z_BxTxC = s.vl_logit_scale * (outputs["sim_t_BxTxC"] + outputs["sim_v_BxTxC"]) / 2
-    p_hat_logits_BxC = vl_video_logits(z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC)
-    aux["l_vl"] = video_mean(video_ce(p_hat_logits_BxC, label_BxC), valid_B)
+    if s.vl_form == "two_cosines":   # the released code: two CEs on raw pooled cosines
+      l_vl_B = sum(video_ce(vl_video_logits(outputs[key], mask_BxT, k_B,
+                                            hybrid_cas_BxTxC=hybrid_BxTxC), label_BxC)
+                   for key in ("sim_t_BxTxC", "sim_v_BxTxC"))
+    else:
+      z_BxTxC = s.vl_logit_scale * (outputs["sim_t_BxTxC"] + outputs["sim_v_BxTxC"]) / 2
+      l_vl_B = video_ce(vl_video_logits(z_BxTxC, mask_BxT, k_B,
+                                        hybrid_cas_BxTxC=hybrid_BxTxC), label_BxC)
+    aux["l_vl"] = video_mean(l_vl_B, valid_B)
     total = total + s.lambda2 * aux["l_vl"]
   if s.use_snip:
-    b_BxTxC = ppg_targets(m_hat_BxTxC, label_BxC, s.alpha_h)
+    b_BxTxC = ppg_targets(m_hat_BxTxC, label_BxC, s.alpha_h,
+                          multi_hot=s.ppg_labels == "multi_hot")
     aux["l_snip"] = video_mean(snippet_ce(cas_BxTxC, b_BxTxC, mask_BxT), valid_B)
     total = total + s.lambda3 * aux["l_snip"]
   aux["loss"] = total
   return total, aux
+
+
+def apr_topk_count(mask_BxT, divisor: float):
+  """max(1, floor(n_valid / divisor)) for a real divisor (the code's top-100 of 750 = 7.5)."""
+  n_B = jnp.sum(mask_BxT > 0, axis=1).astype(jnp.float32)
+  return jnp.maximum(jnp.floor(n_B / divisor), 1.0).astype(jnp.int32)
+
+
+def heads_mse(heads, mask_BxT):
+  """The released code's L_mut: the sum over pairs of heads of their mean squared difference
+  over valid snippets (rgb-flow, rgb-vl, flow-vl): -> l_B."""
+  total_B = 0.0
+  for i in range(len(heads)):
+    for j in range(i + 1, len(heads)):
+      total_B = total_B + snippet_mean((heads[i] - heads[j]) ** 2, mask_BxT)
+  return total_B
 
 
 def predicted_labels(p_BxC, threshold: float):
@@ -472,7 +574,11 @@ class VLPO:
     self.finetune = "cm_afa" if baseline else cfg.finetune
     self.zero_shot = self.finetune == "zero_shot"
     on = {k: bool(cfg[k]) and not (baseline or self.zero_shot) for k in SWITCHES}
+    if baseline:   # the paper's baseline (Eq. 2): F_act on X, a CAS of X alone
+      on.update(act_heads="two")
     self.settings = LossSettings.from_config(cfg, **on)
+    cas_vlm = bool(cfg.cas_vlm) and not baseline
+    self.video_score = str(cfg.video_score)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
     self.infer_labels = str(cfg.infer_labels)
     self.oic_score = str(cfg.oic_score)
@@ -486,8 +592,11 @@ class VLPO:
                  "clip_adapter": "clip_adapter"}[self.finetune]
     else:
       vl_mode = "none"
-    self.uses_vlm = vl_mode != "none" or self.settings.use_apr
-    if self.uses_vlm:
+    self.uses_vlm = vl_mode != "none" or self.settings.use_apr or cas_vlm
+    if cas_vlm and not dims.get("vlm"):
+      raise WstalError(f"config.vlpo.cas_vlm=True reads VLM features, but dims={dims} lacks "
+                       "'vlm' (set config.data.vlm_feature)")
+    if vl_mode != "none" or self.settings.use_apr:
       e_v, e_t = dims.get("vlm"), dims.get("text")
       if not e_v or not e_t:
         raise WstalError(
@@ -503,7 +612,7 @@ class VLPO:
         act_hidden_dim=int(cfg.act_hidden_dim), conv_kernel=int(cfg.conv_kernel),
         dropout=float(cfg.dropout), vl_mode=vl_mode, use_va=self.settings.use_apr,
         adapter_ratio=float(cfg.adapter_ratio), adapter_reduction=int(cfg.adapter_reduction),
-        proj_init=str(cfg.proj_init))
+        proj_init=str(cfg.proj_init), cas_vlm=cas_vlm, act_heads=self.settings.act_heads)
 
   def _check_batch(self, batch, consts):
     if self.uses_vlm and "vlm_BxTxE" not in batch:
@@ -518,6 +627,8 @@ class VLPO:
     """Eq. 14: L_mil + L_act + lambda1 L_kl + lambda2 L_vl + lambda3 L_snip (switched on)."""
     s = self.settings
     weights = {"l_mil": 1.0, "l_act": 1.0}
+    if s.act_heads == "three":
+      weights["l_mut"] = s.mut_weight
     for term, on, w in (("l_kl", s.use_kl, s.lambda1), ("l_vl", s.use_vl, s.lambda2),
                         ("l_snip", s.use_snip, s.lambda3)):
       if on:
@@ -543,8 +654,9 @@ class VLPO:
     """Scores for evaluation (App. A.1); padded snippets are 0. Jittable.
 
     -> video_scores_BxC: p^ (Eq. 6, two passes, see module docstring) when L_vl trains the
-         VLM branch, else p = softmax(top-k mean of A) (Sec. 3.1; with DSP pooling the CAS,
-         the top-k of A^ on the pass-1 labels).
+         VLM branch (and video_score='p_hat'), else p = softmax(top-k mean of A) (Sec. 3.1;
+         with DSP pooling the CAS, the top-k of A^ on the pass-1 labels: the released
+         code's score_supp).
        cas_BxTxC: A^'s labelled branch in [0, 1] for every class: (softmax_C(A)_c + S^a +
          S^v) / 3 ('equal' weights; (softmax_C(A)_c + S^a) / 2 without APR) or
          (softmax_C(A)_c + S) / 2 ('halved').
@@ -591,10 +703,11 @@ class VLPO:
         else:
           y_BxC = all_BxC
         hybrid_BxTxC = hybrid_cas(prob_BxTxC, scores, y_BxC, equal)
-      if s.use_vl and s.use_dsp:
+      p_hat = s.use_vl and self.video_score == "p_hat"
+      if p_hat and s.use_dsp:
         video_BxC = jax.nn.softmax(vl_video_logits(
             z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC), axis=-1)
-      elif s.use_vl:
+      elif p_hat:
         video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B), axis=-1)
       elif s.use_dsp and s.dsp_pools_cas:
         video_BxC = jax.nn.softmax(pool_selected(

@@ -6,6 +6,10 @@ config (the method object in `wstal_jax/methods/vlpo.py` wires both):
   cas_BxTxC      A = F_mil(emb(X)), class activation logits (Sec. 3.1)
   s_a_BxT        S^a = sigmoid(F_act(X)), actionness in (0, 1) (Sec. 3.1)
   s_v_BxT        S^v = sigmoid(F_va(X^v)), VLM temporal action score (Eq. 8; only with APR)
+  s_rgb_BxT, s_flow_BxT   only with act_heads='three' (the released code's reading): separate
+                 heads on the RGB and flow halves of X; S^a is then their fixed mix
+                 (0.1 s_rgb + 0.4 s_flow) / 0.5, so (S^a + S^v) / 2 is the code's
+                 0.1 s_rgb + 0.4 s_flow + 0.5 s_vl
   sim_t_BxTxC    cos(X^v, (X^t + X^pt) / 2), the similarity behind M^t (Eq. 3)
   sim_v_BxTxC    cos((X^v + X^pv) / 2, X^t), the similarity behind M^v (Eq. 3)
 
@@ -138,6 +142,10 @@ class VLPOModel(nn.Module):
     use_va: build F_va (Eq. 8); only APR trains it.
     adapter_ratio, adapter_reduction: CLIP-Adapter residual ratio and bottleneck reduction.
     proj_init: CM-AFA's projection init ('default' or 'identity', see CrossModalAlignment).
+    cas_vlm: the CAS embedding also reads the raw VLM features, concatenated to X (the
+      released code's encoder; the paper's F_mil sees X only).
+    act_heads: 'two' (the paper: F_act on X, F_va on X^v) or 'three' (the released code: F_rgb
+      and F_flow on the two halves of X, plus F_va); see s_rgb_BxT in the module docstring.
 
   __call__(batch, consts, *, train) reads batch['feat_BxTxD'], batch['mask_BxT'] and, when
   the VLM branch is on, batch['vlm_BxTxE'] and consts['text_CxE']; returns the dict described
@@ -153,6 +161,11 @@ class VLPOModel(nn.Module):
   adapter_ratio: float = 0.2
   adapter_reduction: int = 4
   proj_init: str = "default"
+  cas_vlm: bool = False
+  act_heads: str = "two"
+
+  # The released code's fixed mix of its RGB / flow / VLM actionness heads.
+  RGB_WEIGHT, FLOW_WEIGHT = 0.1, 0.4
 
   @nn.compact
   def __call__(self, batch, consts, *, train: bool):
@@ -162,13 +175,31 @@ class VLPOModel(nn.Module):
     valid_BxTx1 = mask_BxT[:, :, None] > 0
     feat_BxTxD = zero_padding(batch["feat_BxTxD"], mask_BxT)
 
+    cas_in_BxTxD = feat_BxTxD
+    if self.cas_vlm:
+      cas_in_BxTxD = jnp.concatenate(
+          [feat_BxTxD, zero_padding(batch["vlm_BxTxE"], mask_BxT)], axis=-1)
     emb_BxTxF = SnippetEmbedding(self.embed_dim, self.conv_kernel, self.dropout,
-                                 name="embedding")(feat_BxTxD, mask_BxT, train=train)
+                                 name="embedding")(cas_in_BxTxD, mask_BxT, train=train)
     cas_BxTxC = nn.Dense(self.num_classes, name="f_mil")(emb_BxTxF)
-    s_a_BxT = ActionnessHead(self.act_hidden_dim, self.conv_kernel, self.dropout,
-                             name="f_act")(feat_BxTxD, mask_BxT, train=train)
-    out = {"cas_BxTxC": jnp.where(valid_BxTx1, cas_BxTxC, 0.0),
-           "s_a_BxT": jnp.where(mask_BxT > 0, s_a_BxT, 0.0)}
+    out = {"cas_BxTxC": jnp.where(valid_BxTx1, cas_BxTxC, 0.0)}
+    if self.act_heads == "three":
+      half = feat_BxTxD.shape[-1] // 2
+      if half < 1 or 2 * half != feat_BxTxD.shape[-1]:
+        raise ValueError(f"act_heads='three' splits X into RGB and flow halves; its dim "
+                         f"{feat_BxTxD.shape[-1]} is not even")
+      s_rgb_BxT = ActionnessHead(self.act_hidden_dim, self.conv_kernel, self.dropout,
+                                 name="f_rgb")(feat_BxTxD[..., :half], mask_BxT, train=train)
+      s_flow_BxT = ActionnessHead(self.act_hidden_dim, self.conv_kernel, self.dropout,
+                                  name="f_flow")(feat_BxTxD[..., half:], mask_BxT, train=train)
+      s_a_BxT = ((self.RGB_WEIGHT * s_rgb_BxT + self.FLOW_WEIGHT * s_flow_BxT)
+                 / (self.RGB_WEIGHT + self.FLOW_WEIGHT))
+      out["s_rgb_BxT"] = jnp.where(mask_BxT > 0, s_rgb_BxT, 0.0)
+      out["s_flow_BxT"] = jnp.where(mask_BxT > 0, s_flow_BxT, 0.0)
+    else:
+      s_a_BxT = ActionnessHead(self.act_hidden_dim, self.conv_kernel, self.dropout,
+                               name="f_act")(feat_BxTxD, mask_BxT, train=train)
+    out["s_a_BxT"] = jnp.where(mask_BxT > 0, s_a_BxT, 0.0)
     if self.vl_mode == "none" and not self.use_va:
       return out
 
