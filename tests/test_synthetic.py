@@ -441,13 +441,14 @@ def test_cli_help():
 
 
 def test_clip_stream_is_frame_like(small_videos, small_dir):
-  """CLIP-like features: zero-shot classification of the video works, the labelled class's
+  """CLIP-like features: zero-shot classification of the video mostly works (as CLIP's does on
+  UCF101's sports, far from perfectly: per-video confusers, dropouts), the labelled class's
   similarity is higher inside instances than outside, and it drops within a snippet of the
   boundary (no temporal leakage, unlike `videoclip`)."""
   text = fmt.load_text_embeddings(small_dir, feature="clip")
   hits, inside, outside, edge_drop_clip, edge_drop_vl = [], [], [], [], []
   vl_text = fmt.load_text_embeddings(small_dir)
-  for rec in small_videos["test"][:80]:
+  for rec in small_videos["test"]:
     cls = np.flatnonzero(rec.label)
     sim_T = (rec.features["clip"] @ text.T)[:, cls].max(1)
     vl_T = (rec.features["videoclip"] @ vl_text.T)[:, cls].max(1)
@@ -467,9 +468,53 @@ def test_clip_stream_is_frame_like(small_videos, small_dir):
       if after.any():
         edge_drop_clip.append(sim_T[gt_T].mean() - sim_T[after].mean())
         edge_drop_vl.append(vl_T[gt_T].mean() - vl_T[after].mean())
-  assert np.mean(hits) > 0.9
+  assert 0.6 < np.mean(hits) < 0.95
   assert np.mean(inside) > np.mean(outside) + 0.02
-  # Relative to its in/out contrast, clip drops right after an instance; videoclip leaks.
+  # Relative to its in/out contrast, clip drops right after an instance; videoclip leaks. (What
+  # remains is the venue: the shot around an instance shows it, before and after.)
   contrast = np.mean(inside) - np.mean(outside)
   assert np.mean(edge_drop_clip) > 0.8 * contrast
   assert np.mean(edge_drop_clip) > 2 * np.mean(edge_drop_vl)
+
+
+def test_clip_stream_geometry_like_real_clip(small_videos, small_dir):
+  """The `clip` stream's embedding geometry is that of real CLIP (benchmarks/clip_stats.py;
+  real CLIP on MSCOCO, Liang et al. 2022: image-image cosine 0.53, cosine to the image mean 0.73,
+  matched / unmatched image-text cosine 0.31 / 0.16, modality gap 0.85 with cos(mean image,
+  mean text) 0.31), and zero-shot snippet classification is far from solved."""
+  text = fmt.load_text_embeddings(small_dir, feature="clip")
+  x, lab, vid = [], [], []
+  for i, rec in enumerate(small_videos["test"]):
+    x.append(rec.features["clip"])
+    lab_T = np.full(rec.num_snippets, -1)
+    centre_T = _centres(rec.num_snippets)
+    for (s, e), c in zip(rec.segments, rec.segment_labels):
+      inside_T = (centre_T >= s) & (centre_T <= e)
+      lab_T[inside_T] = np.where(lab_T[inside_T] == -1, c, -2)  # -2: two classes
+    x_amb = np.zeros(rec.num_snippets, bool)
+    for s, e in np.asarray(rec.ambiguous).reshape(-1, 2):
+      x_amb |= (centre_T >= s) & (centre_T <= e)
+    lab_T[x_amb & (lab_T == -1)] = -3
+    lab.append(lab_T)
+    vid.append(np.full(rec.num_snippets, i))
+  x, lab, vid = np.concatenate(x), np.concatenate(lab), np.concatenate(vid)
+  rng = np.random.default_rng(0)
+  a, b = rng.integers(0, len(x), (2, 20000))
+  keep = vid[a] != vid[b]
+  img_img = np.einsum("ne,ne->n", x[a[keep]], x[b[keep]])
+  mu_img, mu_txt = x.mean(0), text.mean(0)
+  conformity = x @ (mu_img / np.linalg.norm(mu_img))
+  sim = x @ text.T
+  act = lab >= 0
+  own = sim[act, lab[act]]
+  other = np.ones_like(sim, bool)
+  other[np.flatnonzero(act), lab[act]] = False
+  unmatched = sim[other & ((lab >= 0) | (lab == -1))[:, None]]
+  assert 0.45 < img_img.mean() < 0.65 and 0.2 < np.percentile(img_img, 5)
+  assert 0.68 < conformity.mean() < 0.82
+  assert 0.25 < own.mean() < 0.33
+  assert 0.12 < unmatched.mean() < 0.2
+  assert 0.8 < np.linalg.norm(mu_img - mu_txt) < 1.0
+  cos_means = mu_img @ mu_txt / np.linalg.norm(mu_img) / np.linalg.norm(mu_txt)
+  assert 0.2 < cos_means < 0.4
+  assert 0.45 < np.mean(sim[act].argmax(1) == lab[act]) < 0.8  # chance 0.05

@@ -35,8 +35,13 @@ What is generated (docs/ARCHITECTURE.md; calibration targets in BENCHMARK.md):
   are on exactly while the instance is in view (no temporal leakage, frequent per-frame
   dropouts from blur and occlusion), and any frame that merely looks like the sport - the
   venue, replays, unclear actions - resembles the class text strongly (PVLR Fig. 1a: high
-  similarity "even when actual human actions do not occur"). Generated after, and from draws
-  after, the other streams, so adding it left `i3d` / `videoclip` unchanged.
+  similarity "even when actual human actions do not occur"). Its geometry is that of real
+  CLIP (Liang et al. 2022, "Mind the Gap"; benchmarks/clip_stats.py): image-image cosine ~0.55,
+  cosine to the image mean ~0.75, image-text cosine ~0.29 to the own class while it is in view
+  and ~0.17 otherwise (all images sit in a cone leaning towards the texts), modality gap ~0.9;
+  zero-shot snippet classification is far from perfect (per-video nuisance that resembles other
+  classes, dropouts). Generated after, and from draws after, the other streams, so adding or
+  changing it leaves `i3d` / `videoclip` unchanged.
 
 Nothing is a noise-free linear function of the labels: every modality has temporally correlated
 noise, per-video style, per-instance variation and class sub-types, and the confusers above.
@@ -56,7 +61,9 @@ import numpy as np
 
 from wstal_jax.errors import WstalError, cli_main
 
-GENERATOR_VERSION = 3  # 1: development snapshots; 2: without the `clip` stream
+GENERATOR_VERSION = 4  # 1: development snapshots; 2: without the `clip` stream; 3: `clip` with
+                       # an unrealistic geometry (image cosines ~0.95, zero-shot 94%); 4: the
+                       # `clip` geometry of real CLIP (i3d / videoclip identical to 3)
 SIZES = ("small", "full")
 SNIPPET_FRAMES = 16
 FPS = 25.0
@@ -176,17 +183,19 @@ class Knobs:
   vl_noise: float = 0.15
   vl_nuisance: float = 1.0
   vl_noise_slow: float = 0.08
-  # CLIP-like image features (same units as the vision-language ones).
+  # CLIP-like image features (same units as the vision-language ones), calibrated on the
+  # statistics of real CLIP embeddings (benchmarks/clip_stats.py, module docstring).
   clip_sem: float = 4.0                   # class semantics while the instance is in view
   clip_flicker_z: float = -0.3            # ~38% of snippets lose most of the semantics ...
   clip_flicker_level: float = 0.25        # ... keeping this fraction
   clip_venue: float = 3.4                 # the venue looks like the sport (Fig. 1a)
   clip_replay: float = 0.9                # replays / unclear actions: level of semantics
   clip_generic: float = 3.0
-  clip_img: float = 26.0
+  clip_img: float = 12.0                  # the image cone: cosine to the image mean ~0.75
+  clip_img_text: float = 0.28             # cone direction vs text mean: unmatched cosine ~0.17
   clip_style: float = 1.5
-  clip_noise: float = 0.2
-  clip_nuisance: float = 1.0
+  clip_noise: float = 0.3                 # per-dim std at dim 64; constant norm at other dims
+  clip_nuisance: float = 2.5              # per-video confusers: zero-shot ~60-70%, not ~95%
 
 
 KNOBS = Knobs()
@@ -650,7 +659,7 @@ def _clip_features(rng, world, layout, tau_TxS, event_rows, venue_T, generic_TxG
   instance is in view, frequent per-frame dropouts, strong venue / replay resemblance."""
   cw = world.clip
   num_t, d = tau_TxS.shape[0], world.spec.clip_dim
-  g = (_REF_DIM / d) ** _NOISE_POWER
+  g = math.sqrt(_REF_DIM / d)  # constant norm: the geometry (cosines) is the same at every dim
   ar = _ar_processes(rng, num_t, [
       ("flicker", 1, 0.3, 1.0), ("nuisance", _NUM_NUISANCE, 0.9, 1.0),
       ("noise", d, 0.3, g * knobs.clip_noise)])
@@ -666,7 +675,12 @@ def _clip_features(rng, world, layout, tau_TxS, event_rows, venue_T, generic_TxG
   for c in layout.classes:
     raw += knobs.clip_venue * np.outer(venue_T / len(layout.classes), cw["venue"][c])
   raw += knobs.clip_generic * generic_TxG @ cw["generic"]
-  raw += knobs.clip_img * cw["img"][None, :]
+  # The image cone: a shared direction that leans towards the texts' mean (CLIP's modality
+  # gap with cos(mean image, mean text) ~ 0.3), so every frame is mildly similar to every text.
+  mu_txt = _unit(cw["text"].astype(np.float64).mean(0))
+  img = _unit(knobs.clip_img_text * mu_txt
+               + math.sqrt(1.0 - knobs.clip_img_text ** 2) * cw["img"])  # cw["img"] _|_ texts
+  raw += knobs.clip_img * img[None, :]
   raw += knobs.clip_nuisance * ar["nuisance"] @ cw["nuisance"]
   style = rng.standard_normal(d)
   style -= (style @ cw["basis"].T) @ cw["basis"]
