@@ -480,3 +480,134 @@ def test_cli_two_steps_train_then_eval(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
   assert again["average_mAP"] == metrics["average_mAP"] and again["acc"] == metrics["acc"]
+
+
+# ------------------------------------------------------------------------------------------
+# The authors' released code's readings (issue 20): each switch against numpy, the preset.
+
+
+def _kl_np(mu_p, var_p, mu_q, var_q):
+  return 0.5 * np.sum(var_p / var_q + (mu_q - mu_p) ** 2 / var_q - 1 + np.log(var_q / var_p))
+
+
+def test_intra_loss_code_is_the_log_of_averaged_similarities():
+  rng = np.random.default_rng(4)
+  mu = rng.normal(size=(1, 12, 3)).astype(np.float32)
+  var = rng.uniform(0.5, 1.5, (1, 12, 3)).astype(np.float32)
+  picks = {"hard_act": ([[0, 1]], [[True, True]]), "easy_act": ([[2, 3, 4]], [[True, True, False]]),
+           "hard_bkg": ([[5, 6]], [[True, False]]), "easy_bkg": ([[7, 8, 9]], [[True] * 3])}
+  picks = {k: (jnp.asarray(i), jnp.asarray(o)) for k, (i, o) in picks.items()}
+  m, v = mu[0].astype(np.float64), var[0].astype(np.float64)
+
+  def sim(qs, ks):
+    fwd = np.mean([1 / (1 + _kl_np(m[i], v[i], m[j], v[j])) for i in qs for j in ks])
+    bwd = np.mean([1 / (1 + _kl_np(m[j], v[j], m[i], v[i])) for i in qs for j in ks])
+    return 0.5 * (fwd + bwd)
+  expect = (-np.log(sim([0, 1], [2, 3])) - np.log(1 - sim([0, 1], [7, 8, 9]))
+            - np.log(sim([5], [7, 8, 9])) - np.log(1 - sim([5], [2, 3])))
+  got = pvlr.intra_loss_code(jnp.asarray(mu), jnp.asarray(var), picks)
+  np.testing.assert_allclose(float(got[0]), expect, rtol=1e-4)
+
+
+def test_inter_loss_code_matches_numpy():
+  rng = np.random.default_rng(5)
+  mu = rng.normal(size=(3, 5, 3)).astype(np.float32)
+  var = rng.uniform(0.5, 1.5, (3, 5, 3)).astype(np.float32)
+  attn = rng.uniform(0.1, 1.0, (3, 5)).astype(np.float32)
+  mask = np.ones((3, 5), np.float32)
+  mask[1, 3:] = 0
+  labels = np.array([[1, 0], [1, 0], [0, 1]], np.float32)
+  g = []
+  for b in range(3):
+    n = int(mask[b].sum())
+    w = attn[b, :n, None] / n                      # raw attention weights, mean over time
+    mean = (w * mu[b, :n]).sum(0)
+    g.append((mean, (w * (var[b, :n] + mu[b, :n] ** 2)).sum(0) - mean ** 2 + 1e-5))
+  same, diff = [], []
+  for i in range(3):
+    for j in range(3):
+      p = 1 / (1 + _kl_np(*g[i], *g[j]))
+      (same if labels[i] @ labels[j] > 0 else diff).append(p)
+  p_same = np.clip(same, 1e-6, 1 - 1e-6)
+  expect = np.mean(-np.log(p_same)) + np.mean(-np.log(1 - np.array(diff)))
+  got = pvlr.inter_loss_code(jnp.asarray(attn), jnp.asarray(mu), jnp.asarray(var),
+                             jnp.asarray(mask), jnp.asarray(labels), jnp.ones(3), 1e-5)
+  np.testing.assert_allclose(float(got), expect, rtol=1e-4)
+
+
+def test_distill_and_ortho_code_forms():
+  mu = np.array([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]], np.float32)
+  img = np.array([[[2.0, 0.0], [1.0, 0.0], [1.0, 0.0]]], np.float32)
+  mask = np.array([[1.0, 1.0, 0.0]], np.float32)
+  # (cos + 1) / 2 = 1 and 1/2 on the valid snippets: -log(3/4).
+  np.testing.assert_allclose(float(pvlr.distill_loss_code(jnp.asarray(mu), jnp.asarray(img),
+                                                          jnp.asarray(mask))),
+                             -np.log(0.75), rtol=1e-6)
+  text = np.array([[2.0, 0.0], [1.0, 1.0], [0.0, -3.0]], np.float32)
+  x = text / np.linalg.norm(text, axis=1, keepdims=True)
+  np.testing.assert_allclose(float(pvlr.ortho_loss(jnp.asarray(text), "code")),
+                             np.sqrt(np.sum((x @ x.T - np.eye(3)) ** 2)), rtol=1e-6)
+  # One side detached: the gradient is half of that of the symmetric (undetached) norm.
+  def full(t):
+    xn = pvlr.l2_normalize(t)
+    return jnp.sqrt(jnp.sum((xn @ xn.T - jnp.eye(3)) ** 2))
+  np.testing.assert_allclose(jax.grad(lambda t: pvlr.ortho_loss(t, "code"))(jnp.asarray(text)),
+                             0.5 * jax.grad(full)(jnp.asarray(text)), rtol=1e-5, atol=1e-7)
+
+
+def test_code_sampling_std_is_exp_half_v_and_dot_uses_raw_class_vectors():
+  """var_param='code': a ReLU head whose output is the variance in the divergences but a
+  log-variance for sampling (std exp(v / 2)); dot_text_norm=False: the training P-CAS is
+  z . x_c / 8 with the raw class vectors (checked at eps_std = 0, where z = mu)."""
+  v = jnp.asarray([0.0, 1.0, 4.0])
+  np.testing.assert_allclose(pvlr_model.sample_std(v, "code"), np.exp(np.asarray(v) / 2),
+                             rtol=1e-6)
+  np.testing.assert_allclose(pvlr_model.sample_std(v, "relu"), np.sqrt(np.asarray(v) + 1e-8),
+                             rtol=1e-6)
+  batch = _batch()
+  consts = {"text_CxE": np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)}
+  method = _method(var_param="code", eps_std=0.0, train_similarity="dot", dot_text_norm=False,
+                   num_samples=2)
+  params = method.init(jax.random.key(0), batch, consts)["params"]
+  out = method.model.apply({"params": params}, batch, consts, train=True,
+                           rngs={"dropout": jax.random.key(2), "sample": jax.random.key(5)})
+  mu, var = np.asarray(out["mu_BxTxE"]), np.asarray(out["var_BxTxE"])
+  assert var.min() == 0.0 and var.max() > 0                    # a ReLU head
+  raw = np.asarray(out["classes_C1xE"])
+  assert not np.allclose(np.linalg.norm(raw, axis=-1), 1.0)
+  np.testing.assert_allclose(np.asarray(out["pcas_BxTxC1"])[0], mu[0] @ raw.T / 8.0,
+                             rtol=1e-4, atol=1e-5)
+  normed = _method(eps_std=0.0, train_similarity="dot", num_samples=2)
+  out_n = normed.model.apply({"params": params}, batch, consts, train=True,
+                             rngs={"dropout": jax.random.key(2), "sample": jax.random.key(5)})
+  unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(out_n["pcas_BxTxC1"])[0], mu[0] @ unit.T / 8.0,
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_reading_code_preset():
+  paper, code = _config(), _config("reading=code")
+  assert code.name == "pvlr-code" and _config("reading=code,exp=3").name == "pvlr-exp3-code"
+  mod_spec = importlib.util.spec_from_file_location("pvlr_cfg", os.path.join(ROOT, "configs",
+                                                                              "pvlr.py"))
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  for k, v in mod.CODE_READING.items():
+    assert code.pvlr[k] == v, k
+  changed = {k for k in paper.pvlr if paper.pvlr[k] != code.pvlr[k]}
+  assert changed <= set(mod.CODE_READING)
+  with pytest.raises(ValueError, match="reading"):
+    _config("reading=x")
+  config = _config("reading=code")
+  config.co2net.attn_hidden = 8
+  method = methods.get_method(config, 3, {"feat": 8, "vlm": 6, "text": 6})
+  batch = _batch()
+  consts = {"text_CxE": np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)}
+  params = method.init(jax.random.key(0), batch, consts)["params"]
+  loss, terms = jax.jit(method.loss)(params, batch, consts, jax.random.key(1), 0)
+  weights = method.loss_weights()
+  assert weights["l_kd"] == 200.0
+  np.testing.assert_allclose(float(loss), sum(w * float(terms[t]) for t, w in weights.items()),
+                             rtol=1e-5)
+  for t in ("l_kd", "l_ortho", "l_intra", "l_inter"):
+    assert np.isfinite(float(terms[t])) and float(terms[t]) > 0, t

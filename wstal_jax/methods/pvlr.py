@@ -105,7 +105,8 @@ def default_config() -> ml_collections.ConfigDict:
   # are measured (README).
   c.logit_scale = "fixed"     # P-CAS scale: 'fixed' 1 / tau, or 'learnable' (init 1 / tau,
                               # clamped at 100, as CLIP's)
-  c.var_param = "relu"        # g_Sigma: 'relu' (Eq. 7) or 'softplus' (init var_init)
+  c.var_param = "relu"        # g_Sigma: 'relu' (Eq. 7), 'softplus' (init var_init) or
+                              # 'code' (ReLU; sampling std exp(v / 2), the released code)
   c.var_init = 0.01
   c.train_similarity = "cosine"  # training P-CAS: 'cosine' / tau (Eq. 10) or 'dot' (the
                               # authors' training: mu . x_c / dot_divisor; evaluation is
@@ -113,6 +114,21 @@ def default_config() -> ml_collections.ConfigDict:
   c.dot_divisor = 8.0
   c.divergence_scale = "sum"  # D summed over the E dims ('sum') or averaged ('mean': with
                               # E = 64 the summed D >> 1 makes -log(D / (1 + D)) ~ 0)
+  # The authors' released code (src/thumos of the PVLR repository; read only), each a switch
+  # whose default is the paper's reading; `configs/pvlr.py:reading=code` turns them on.
+  c.dot_text_norm = True      # train_similarity='dot': class vectors L2-normalised (ours)
+                              # or raw (the code)
+  c.kd_form = "mean_log"      # Eq. 12: mean of -log((cos + 1) / 2) ('mean_log', the paper)
+                              # or -log of the batch mean of (cos + 1) / 2 ('log_mean', code)
+  c.intra_form = "mean_log"   # Eq. 17: mean over pairs of the pair losses ('mean_log') or
+                              # the code's -log(sim+) - log(1 - sim-) with sim = the mean
+                              # over pairs of 1 / (1 + KL), KL one-directional, symmetrised
+                              # on the similarities ('log_mean')
+  c.inter_form = "paper"      # Eq. 18-19: normalised mixture weights, symmetric D, one BCE
+                              # mean ('paper') or the code's raw attention weights / T, one-
+                              # directional KL, same- and different-label means apart ('code')
+  c.ortho_form = "squared"    # Eq. 11: ||X X^T - I||_F^2 over the C classes ('squared') or
+                              # the code's ||X sg(X)^T - I||_F over C + background ('code')
   # Snippet mining (Eq. 13-15; CoLA's numbers).
   c.theta_b = -1.0            # < 0: per-video median of a
   c.erosion_m = 3
@@ -129,9 +145,13 @@ def validate_config(cfg) -> None:
   if cfg.metric not in METRICS:
     bad("metric", f"must be one of {METRICS}")
   for field, choices in (("logit_scale", ("fixed", "learnable")),
-                         ("var_param", ("relu", "softplus")),
+                         ("var_param", ("relu", "softplus", "code")),
                          ("divergence_scale", ("sum", "mean")),
-                         ("train_similarity", ("cosine", "dot"))):
+                         ("train_similarity", ("cosine", "dot")),
+                         ("kd_form", ("mean_log", "log_mean")),
+                         ("intra_form", ("mean_log", "log_mean")),
+                         ("inter_form", ("paper", "code")),
+                         ("ortho_form", ("squared", "code"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
   if not cfg.var_init > 0:
@@ -289,6 +309,60 @@ def intra_loss(mu_BxTxE, var_BxTxE, picks, metric: str, scale: str = "sum"):
   return total
 
 
+def _mean_similarity(q, k, mu, var, reverse: bool, scale: str):
+  """Mean over real (query, key) pairs of 1 / (1 + KL) per video, KL(q || k) or KL(k || q)
+  (the released code's similarity, one-directional): -> (sim_B, has_pairs_B)."""
+  (qi, qok), (ki, kok) = q, k
+  mq, vq = _gather(mu, qi)[:, :, None], _gather(var, qi)[:, :, None]
+  mk, vk = _gather(mu, ki)[:, None], _gather(var, ki)[:, None]
+  kl = kl_gauss(mk, vk, mq, vq) if reverse else kl_gauss(mq, vq, mk, vk)
+  if scale == "mean":
+    kl = kl / mu.shape[-1]
+  w = (qok[:, :, None] & kok[:, None, :]).astype(mu.dtype)
+  n = jnp.sum(w, axis=(1, 2))
+  return jnp.sum(w / (1.0 + kl), axis=(1, 2)) / jnp.maximum(n, 1.0), n > 0
+
+
+def intra_loss_code(mu_BxTxE, var_BxTxE, picks, scale: str = "sum"):
+  """L_intra as the released code computes it, per video: for each query (hard action vs easy
+  action / easy background; hard background vs easy background / easy action),
+  sim = (mean p(KL(h||e)) + mean p(KL(e||h))) / 2 with p = 1 / (1 + KL), and the loss
+  -log(sim+) - log(1 - sim-) (the log of averaged similarities)."""
+  total = 0.0
+  for hard, pos, neg in (("hard_act", "easy_act", "easy_bkg"),
+                         ("hard_bkg", "easy_bkg", "easy_act")):
+    sims = []
+    for key in (pos, neg):
+      a, ok_a = _mean_similarity(picks[hard], picks[key], mu_BxTxE, var_BxTxE, False, scale)
+      b, _ = _mean_similarity(picks[hard], picks[key], mu_BxTxE, var_BxTxE, True, scale)
+      sims.append((jnp.clip(0.5 * (a + b), 1e-6, 1.0 - 1e-6), ok_a))
+    (sp, okp), (sn, okn) = sims
+    total = total + jnp.where(okp, -jnp.log(sp), 0.0) + jnp.where(okn, -jnp.log1p(-sn), 0.0)
+  return total
+
+
+def inter_loss_code(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B,
+                    var_floor: float, scale: str = "sum"):
+  """L_inter as the released code computes it (scalar): raw attention weights averaged over
+  the valid snippets (mean a mu, mean a (mu^2 + var) - mean^2), p_ij = 1 / (1 + KL(N_i||N_j))
+  over all pairs of valid videos (the diagonal included), and the mean of -log p over
+  same-label pairs plus the mean of -log(1 - p) over different-label pairs."""
+  m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
+  w = attn_BxT * m / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
+  mean = jnp.einsum("bt,bte->be", w, mu_BxTxE)
+  var = jnp.einsum("bt,bte->be", w, var_BxTxE + mu_BxTxE * mu_BxTxE) - mean * mean
+  var = jnp.maximum(var, 0.0) + var_floor
+  kl = kl_gauss(mean[:, None], var[:, None], mean[None], var[None])
+  if scale == "mean":
+    kl = kl / mu_BxTxE.shape[-1]
+  p = jnp.clip(1.0 / (1.0 + kl), 1e-6, 1.0 - 1e-6)
+  h = (label_BxC @ label_BxC.T > 0).astype(p.dtype)
+  pair = valid_B[:, None] * valid_B[None, :]
+  same, diff = h * pair, (1.0 - h) * pair
+  return (jnp.sum(-jnp.log(p) * same) / jnp.maximum(jnp.sum(same), 1.0)
+          + jnp.sum(-jnp.log1p(-p) * diff) / jnp.maximum(jnp.sum(diff), 1.0))
+
+
 def video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT):
   """Moment-matched Gaussian of each video's attention-weighted GMM (Eq. 18): (mu, var)."""
   w = attn_BxT * (mask_BxT > 0)
@@ -319,9 +393,24 @@ def distill_loss(mu_BxTxE, clip_BxTxE, mask_BxT):
   return jnp.sum(l * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
-def ortho_loss(text_CxE):
-  """L_ortho (Eq. 11) on the L2-normalised class embeddings: ||X X^T - I||_F^2."""
+def distill_loss_code(mu_BxTxE, clip_BxTxE, mask_BxT):
+  """L_kd as the released code computes it (scalar): -log of the mean over the batch's valid
+  snippets of (cos(g_mu, x^i) + 1) / 2 (the code's mean also counts padding; ours does not)."""
+  m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
+  cos = jnp.sum(l2_normalize(mu_BxTxE) * l2_normalize(clip_BxTxE), axis=-1)
+  mean = jnp.sum((cos + 1.0) / 2.0 * m) / jnp.maximum(jnp.sum(m), 1.0)
+  return -jnp.log(jnp.maximum(mean, 1e-6))
+
+
+def ortho_loss(text_CxE, form: str = "squared"):
+  """L_ortho (Eq. 11) on the L2-normalised class embeddings: ||X X^T - I||_F^2.
+
+  form='code' (the released code): ||X sg(X)^T - I||_F, not squared, one side detached; the
+  caller passes the C classes + the background vector."""
   x = l2_normalize(text_CxE)
+  if form == "code":
+    g = x @ jax.lax.stop_gradient(x).T - jnp.eye(x.shape[0], dtype=x.dtype)
+    return jnp.sqrt(jnp.sum(g * g) + 1e-12)
   g = x @ x.T - jnp.eye(x.shape[0], dtype=x.dtype)
   return jnp.sum(g * g)
 
@@ -333,20 +422,34 @@ def pvlr_loss(out, batch, rng, video_settings, cfg):
   var = out["var_BxTxE"] + cfg.var_floor
   mu = out["mu_BxTxE"]
   if cfg.use_kd:
-    terms["l_kd"] = video_mean(distill_loss(mu, batch["vlm_BxTxE"], mask), valid)
+    if cfg.kd_form == "log_mean":
+      terms["l_kd"] = distill_loss_code(mu, batch["vlm_BxTxE"], mask)
+    else:
+      terms["l_kd"] = video_mean(distill_loss(mu, batch["vlm_BxTxE"], mask), valid)
     total = total + cfg.w_kd * terms["l_kd"]
   if cfg.use_ortho:
-    terms["l_ortho"] = ortho_loss(out["text_CxE"])
+    if cfg.ortho_form == "code":
+      terms["l_ortho"] = ortho_loss(out["classes_C1xE"], "code")
+    else:
+      terms["l_ortho"] = ortho_loss(out["text_CxE"])
     total = total + cfg.w_ortho * terms["l_ortho"]
   if cfg.use_intra:
     picks = mine_snippets(out["attn_BxT"], mask, rng, cfg)
-    terms["l_intra"] = video_mean(intra_loss(mu, var, picks, cfg.metric,
-                                             cfg.divergence_scale), valid)
+    if cfg.intra_form == "log_mean":
+      l_intra_B = intra_loss_code(mu, var, picks, cfg.divergence_scale)
+    else:
+      l_intra_B = intra_loss(mu, var, picks, cfg.metric, cfg.divergence_scale)
+    terms["l_intra"] = video_mean(l_intra_B, valid)
     total = total + cfg.w_intra * terms["l_intra"]
   if cfg.use_inter:
-    terms["l_inter"] = inter_loss(out["attn_BxT"], mu, out["var_BxTxE"], mask,
-                                  batch["label_BxC"], valid, cfg.metric, cfg.var_floor,
-                                  cfg.divergence_scale)
+    if cfg.inter_form == "code":
+      terms["l_inter"] = inter_loss_code(out["attn_BxT"], mu, out["var_BxTxE"], mask,
+                                         batch["label_BxC"], valid, cfg.var_floor,
+                                         cfg.divergence_scale)
+    else:
+      terms["l_inter"] = inter_loss(out["attn_BxT"], mu, out["var_BxTxE"], mask,
+                                    batch["label_BxC"], valid, cfg.metric, cfg.var_floor,
+                                    cfg.divergence_scale)
     total = total + cfg.w_inter * terms["l_inter"]
   # Statistics (not loss terms, not in loss_weights): the variances and the P-CAS scale.
   m = (mask > 0).astype(var.dtype)
@@ -407,7 +510,8 @@ class PVLR:
         temperature=float(cfg.temperature), text_mode=self.text_mode, clip_config=clip_config,
         n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post), var_param=str(cfg.var_param),
         var_init=float(cfg.var_init), logit_scale=str(cfg.logit_scale),
-        train_similarity=str(cfg.train_similarity), dot_divisor=float(cfg.dot_divisor))
+        train_similarity=str(cfg.train_similarity), dot_divisor=float(cfg.dot_divisor),
+        dot_text_norm=bool(cfg.dot_text_norm))
 
   def _setup_clip(self, cfg, class_names, num_classes):
     # pylint: disable=import-outside-toplevel

@@ -43,6 +43,13 @@ from wstal_jax.layers import l2_normalize
 TEXT_MODES = ("precomputed", "clip")
 
 
+def sample_std(var, var_param: str):
+  """The standard deviation of a sample around mu: sqrt(var) (Eq. 8 with Eq. 7's covariance),
+  or exp(var / 2) with var_param='code' (the authors' release reads the ReLU output as a
+  log-variance when sampling, and as the variance in the divergences)."""
+  return jnp.exp(0.5 * var) if var_param == "code" else jnp.sqrt(var + 1e-8)
+
+
 class PrecomputedClassText(nn.Module):
   """x_c = e_c + d_c, d_c learnable, N(0, init_std^2) (module docstring, 'precomputed')."""
   init_std: float = 0.01
@@ -70,12 +77,17 @@ class PVLRModel(nn.Module):
   n_pre: int = 4
   n_post: int = 4
   var_param: str = "relu"       # 'relu' (Eq. 7 literally) | 'softplus' (small-variance init)
+                                # | 'code' (the authors' release: ReLU output used as the
+                                # variance in the divergences but as a log-variance when
+                                # sampling, std = exp(v / 2))
   var_init: float = 0.01        # softplus: the variance at a zero pre-activation
   logit_scale: str = "fixed"    # 'fixed' 1 / tau | 'learnable' (CLIP's, init 1 / tau)
   max_logit_scale: float = 100.0
   train_similarity: str = "cosine"  # training P-CAS: 'cosine' / tau (Eq. 10) or 'dot':
                                     # z . x_c / dot_divisor (the authors' released training)
   dot_divisor: float = 8.0
+  dot_text_norm: bool = True    # 'dot': L2-normalise the class / background vectors (ours) or
+                                # use them raw (the authors' release)
 
   @nn.compact
   def __call__(self, batch, consts, *, train: bool):
@@ -106,13 +118,18 @@ class PVLRModel(nn.Module):
       text_CxE = PrecomputedClassText(name="text")(consts["text_CxE"])
     out["text_CxE"] = text_CxE
     bg_E = self.param("background", nn.initializers.normal(0.01), (text_CxE.shape[-1],))
-    classes_C1xE = l2_normalize(jnp.concatenate([text_CxE, bg_E[None]], axis=0))
+    raw_C1xE = jnp.concatenate([text_CxE, bg_E[None]], axis=0)
+    out["classes_C1xE"] = raw_C1xE
+    classes_C1xE = l2_normalize(raw_C1xE)
 
     dot = train and self.train_similarity == "dot"
+    if dot and not self.dot_text_norm:
+      classes_C1xE = raw_C1xE
     if train and self.num_samples > 0:
       eps_BxTxKxE = jax.random.normal(self.make_rng("sample"),
                                       mu.shape[:2] + (self.num_samples, mu.shape[-1]))
-      z = mu[:, :, None, :] + self.eps_std * eps_BxTxKxE * jnp.sqrt(var + 1e-8)[:, :, None, :]
+      std = sample_std(var, self.var_param)
+      z = mu[:, :, None, :] + self.eps_std * eps_BxTxKxE * std[:, :, None, :]
       sim_BxTxC1 = jnp.mean(jnp.einsum("btke,ce->btkc", z if dot else l2_normalize(z),
                                        classes_C1xE), axis=2)
     else:
