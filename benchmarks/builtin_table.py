@@ -7,11 +7,15 @@ Each row is a `python -m wstal_jax.main` command (listed in ROWS) run once per s
 as well as a new initialisation) into `--root/<row>-seed<S>`. A finished run is not re-run
 (re-running the command only re-reads its metrics.json). The table (markdown) gives mean ± std
 over seeds of average mAP@0.1:0.7, mAP@0.5 and video ACC, and is also written as JSON.
+`--shares` adds a second table: each weighted loss term's share of the total in the first and
+the last log window of training (mean over seeds, read from each run's log), so a term that
+never acts is visible.
 """
 import argparse
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,6 +48,16 @@ ROWS = {
                           "VLPO, actionness targets from the labelled CAS (ASL)"),
     "vlpo_infer_mil": (VLPO, ["--config.vlpo.infer_labels=mil"],
                        "VLPO, DSP pass-1 labels from the MIL score"),
+    # The released code's readings (configs/vlpo.py:reading=code), Table 3 rows 1, 6-9.
+    "code_exp1": (VLPO + ":exp=1,reading=code", [], "code reading: baseline (exp 1)"),
+    "code_exp6": (VLPO + ":exp=6,reading=code", [], "code reading: without APR (exp 6)"),
+    "code_exp7": (VLPO + ":exp=7,reading=code", [], "code reading: without L_kl (exp 7)"),
+    "code_exp8": (VLPO + ":exp=8,reading=code", [], "code reading: without DSP (exp 8)"),
+    "vlpo_code": (VLPO + ":reading=code", [], "code reading: VLPO full (exp 9)"),
+    "vlpo_oic_mil": (VLPO, ["--config.vlpo.oic_score=mil"],
+                     "VLPO, OIC gamma term from the MIL score (ASL)"),
+    "vlpo_class025": (VLPO, ["--config.eval.postprocess.class_threshold=0.25"],
+                      "VLPO, ASL's class threshold 0.25"),
     # PVLR (pvlr.txt) on its CO2-Net base.
     "co2net": ("configs/co2net.py", [], "CO2-Net, PVLR's base (its own recipe)"),
     "pvlr_exp1": ("configs/pvlr.py:exp=1", [],
@@ -56,6 +70,11 @@ ROWS = {
                  "PVLR Table 4: deterministic CAS (K = 0)"),
     "pvlr_learnable_scale": ("configs/pvlr.py", ["--config.pvlr.logit_scale=learnable"],
                              "PVLR, learnable P-CAS logit scale (issue 20)"),
+    # (Row 1, the CO2-Net base, is the same under both readings: pvlr_exp1.)
+    "pvlr_code_exp2": ("configs/pvlr.py:exp=2,reading=code", [], "PVLR code reading: row 2"),
+    "pvlr_code_exp3": ("configs/pvlr.py:exp=3,reading=code", [], "PVLR code reading: row 3"),
+    "pvlr_code_exp4": ("configs/pvlr.py:exp=4,reading=code", [], "PVLR code reading: row 4"),
+    "pvlr_code": ("configs/pvlr.py:reading=code", [], "PVLR code reading: row 5 (full)"),
     "pvlr_review": ("configs/pvlr.py", ["--config.pvlr.logit_scale=learnable",
                                         "--config.pvlr.var_param=softplus",
                                         "--config.pvlr.divergence_scale=mean"],
@@ -89,6 +108,43 @@ def run_one(row, seed, root, extra, cpu):
     return row, seed, json.load(f), None
 
 
+_SHARES = re.compile(r"step (\d+)/\d+ .*\(share of the loss: (.*)\)")
+
+
+def log_shares(workdir):
+  """{'first': {term: share}, 'last': {...}} from a run's log.txt (None if not found)."""
+  windows = []
+  path = os.path.join(workdir, "log.txt")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    for line in f:
+      m = _SHARES.search(line)
+      if m:
+        windows.append({k: float(v.rstrip("%")) for k, v in
+                        (item.rsplit(" ", 1) for item in m.group(2).split(", "))})
+  return {"first": windows[0], "last": windows[-1]} if windows else None
+
+
+def shares_table(rows, seeds, root):
+  lines = ["| row | first log window: share % per term | last log window | smallest first |",
+           "|---|---|---|---|"]
+  out = {}
+  for r in rows:
+    got = [log_shares(os.path.join(root, f"{r}-seed{s}")) for s in seeds]
+    got = [g for g in got if g]
+    if not got:
+      continue
+    mean = {w: {t: float(np.mean([g[w][t] for g in got])) for t in got[0][w]}
+            for w in ("first", "last")}
+    out[r] = mean
+    fmt = lambda d: ", ".join(f"{t} {v:.1f}" for t, v in d.items())
+    low = min(mean["first"], key=mean["first"].get)
+    lines.append(f"| {r} | {fmt(mean['first'])} | {fmt(mean['last'])} | {low} "
+                 f"{mean['first'][low]:.1f} |")
+  return "\n".join(lines), out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +153,8 @@ def main():
   p.add_argument("--root", default="workdirs/builtin_table")
   p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one CPU core each)")
   p.add_argument("--json", default=None, help="write the aggregated table here")
+  p.add_argument("--shares", action="store_true",
+                 help="also print each loss term's share (first / last log window)")
   p.add_argument("extra", nargs="*", help="extra overrides passed to every run (after --)")
   args = p.parse_args()
   rows = [r for r in args.rows.split(",") if r]
@@ -134,6 +192,11 @@ def main():
     lines.append(f"| {ROWS[r][2]} | {avg[0]:.1f} ± {avg[1]:.1f} | {m50[0]:.1f} ± {m50[1]:.1f} "
                  f"| {acc[0]:.1f} ± {acc[1]:.1f} | {len(got)} |")
   print("\n".join(lines))
+  if args.shares:
+    text, shares = shares_table(rows, seeds, args.root)
+    print(text)
+    for r, v in shares.items():
+      table.setdefault(r, {})["shares"] = v
   if args.json:
     with open(args.json, "w") as f:
       json.dump(table, f, indent=2)
