@@ -57,7 +57,8 @@ class Method(Protocol):
 
   def predict(self, params, batch: dict, consts: dict) -> dict:
     """-> video_scores_BxC (video-level class probabilities), cas_BxTxC (per-class sequence
-    the post-processing thresholds and scores), optionally actionness_BxT; 0 on padding."""
+    the post-processing thresholds and scores), optionally actionness_BxT and oic_scores_BxC
+    (the OIC gamma term's scores when they are not video_scores_BxC); 0 on padding."""
 
   def param_labels(self, params, step: int):
     """-> pytree like params of 'train' / 'freeze' for the phase starting at `step`."""
