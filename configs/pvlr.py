@@ -40,8 +40,8 @@ config.pvlr, listed in wstal_jax/methods/pvlr.py), all at once, with any row:
   detached over the classes and the background, divergences summed over dimensions, P-CAS
   cos / 0.03 at evaluation. Not reproduced: the code's background is a CLIP-encoded token
   (ours: a learnable vector), its mining defaults m = 24 > M = 3 give an empty inner region
-  (ours: CoLA's 3 / 6), and its evaluation adds P-CAS-threshold proposals to the attention
-  ones (our post-processing preset is CO2-Net's).
+  (ours: CoLA's 3 / 6). Its evaluation adds P-CAS-threshold proposals to the attention ones:
+  the `pvlr` post-processing preset (the default reading keeps CO2-Net's, as the paper says).
 
 Table 4: `--config.pvlr.num_samples=0` (deterministic CAS), `--config.pvlr.metric=
 mahalanobis|bhattacharyya|kl`. Table 5: `--config.pvlr.num_samples=K`.
@@ -95,4 +95,6 @@ def get_config(arg=None):
   config.pvlr.use_ortho = bool(ortho)
   if arg.reading == "code":
     config.pvlr.update(CODE_READING)
+    # The released evaluation: attention and min-max normalised P-CAS regions (postprocess.py).
+    config.eval.postprocess = common.postprocess_block("pvlr")
   return config

@@ -196,6 +196,13 @@ def test_presets():
   np.testing.assert_allclose(co2.action_thresholds, np.linspace(0.1, 0.9, 10))
   assert (co2.oic_lambda, co2.oic_gamma, co2.nms.method, co2.nms.sigma) == (0.25, 0.2, "soft",
                                                                             0.3)
+  assert not vlpo.cas_source.enabled and not co2.cas_source.enabled
+  pv = pp.get_preset("pvlr")   # PVLR's released evaluation
+  assert pv.cas_source.enabled and pv.threshold_sequence == "actionness"
+  np.testing.assert_allclose(pv.action_thresholds, np.linspace(0.1, 0.95, 10))
+  np.testing.assert_allclose(pv.cas_source.action_thresholds, np.linspace(0.1, 0.95, 10))
+  assert (pv.oic_lambda, pv.oic_gamma, pv.nms.sigma) == (0.1, 0.05, 0.2)
+  assert (pv.cas_source.oic_lambda, pv.cas_source.oic_gamma) == (0.1, 0.5)
   with pytest.raises(WstalError, match="preset"):
     pp.get_preset("nope")
   bad = pp.get_preset("co2net")
@@ -337,6 +344,20 @@ def _loop_video_proposals(vs, cas, act, sps, duration, cfg, ambiguous):
     seq = seq_oic if cfg.threshold_sequence == "cas" else _loop_upsample(
         act.astype(np.float64), u)
     rows = []
+    src = cfg.get("cas_source")
+    if src is not None and src.enabled:   # PVLR's release: the normalised column first
+      col = [float(x) for x in cas[:, c]]
+      lo, hi = min(col), max(col)
+      norm = _loop_upsample([(x - lo) / (hi - lo) if hi > lo else 0.0 for x in col], u)
+      for thr in src.action_thresholds:
+        for s, e in _loop_runs(norm, thr, src.threshold_strict):
+          score = _loop_oic(norm, s, e, src.oic_lambda) + src.oic_gamma * float(vs[c])
+          step = float(sps) / float(u)
+          start, end = s * step, (e + 1.0) * step
+          if duration is not None and duration > 0:
+            start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)
+          if end - start > 0 and (cfg.min_length_s <= 0 or end - start >= cfg.min_length_s):
+            rows.append([len(rows), score, start, end])
     for thr in cfg.action_thresholds:
       for s, e in _loop_runs(seq, thr, cfg.threshold_strict):
         score = _loop_oic(seq_oic, s, e, cfg.oic_lambda) + cfg.oic_gamma * float(vs[c])
@@ -389,13 +410,14 @@ def _assert_same_rows(got, want_rows, what):
 
 @pytest.mark.parametrize("preset,quantize,method", [
     ("co2net", False, None), ("co2net", True, None), ("vlpo", False, None),
-    ("vlpo", True, None), ("co2net", True, "hard")])
+    ("vlpo", True, None), ("co2net", True, "hard"), ("pvlr", False, None),
+    ("pvlr", True, None)])
 def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, method):
   rng = np.random.default_rng(7 + quantize)
   cfg = pp.get_preset(preset)
   if method is not None:
     cfg.nms.method = method
-  max_t = 300 if preset == "co2net" else 60   # vlpo upsamples x24
+  max_t = 60 if preset == "vlpo" else 300   # vlpo upsamples x24
   videos = [_random_video(rng, 5, max_t, quantize) for _ in range(40)]
   flat = np.full((30, 5), 0.05)
   vs_two = np.array([0.5, 0.0, 0.3, 0.1, 0.1])

@@ -596,6 +596,8 @@ def test_reading_code_preset():
     assert code.pvlr[k] == v, k
   changed = {k for k in paper.pvlr if paper.pvlr[k] != code.pvlr[k]}
   assert changed <= set(mod.CODE_READING)
+  assert code.eval.postprocess.cas_source.enabled and code.eval.postprocess.nms.sigma == 0.2
+  assert not paper.eval.postprocess.cas_source.enabled
   with pytest.raises(ValueError, match="reading"):
     _config("reading=x")
   config = _config("reading=code")

@@ -55,6 +55,12 @@ Where the defaults come from (the papers give the steps, the released code the n
   gamma=0.2 on the class's CAS, per-class Gaussian soft-NMS sigma=0.3 keeping every
   proposal, with the "+1" in lengths in snippet units (`length_offset_s`=0.64), and
   removal of proposals overlapping ambiguous segments.
+* `pvlr` (PVLR's released evaluation, an option: `configs/pvlr.py:reading=code`): the
+  `co2net` pipeline with thresholds linspace(0.1, 0.95, 10), OIC lambda=0.1 gamma=0.05 on the
+  attention regions, plus a second source of regions (`cas_source`): each kept class's CAS
+  column min-max normalised over the video, thresholded (`>`) at linspace(0.1, 0.95, 10) and
+  OIC-scored on the normalised column with lambda=0.1 gamma=0.5; both sources' proposals of a
+  class (the CAS source's first) go through one Gaussian soft-NMS with sigma=0.2.
 
 Readings we chose (documented once, here):
 * OIC outer extents use floor(e + lambda*L) and max(0, floor(s - lambda*L)), as the
@@ -78,6 +84,7 @@ FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D features
 
 THRESHOLD_SEQUENCES = ("cas", "actionness")
+PRESETS = ("vlpo", "co2net", "pvlr")
 
 
 @dataclasses.dataclass
@@ -130,9 +137,20 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     nms.length_offset_s: seconds added to every length in the NMS tIoU (the reference
       codes' "+1"; 0 gives the plain tIoU).
     filter_ambiguous: remove proposals overlapping the video's ambiguous segments.
+    cas_source.enabled: also threshold each kept class's CAS column, min-max normalised over
+      the video (PVLR's released evaluation); its regions are OIC-scored on that normalised
+      column with cas_source.oic_lambda / oic_gamma, thresholded at
+      cas_source.action_thresholds (strict per cas_source.threshold_strict), and join the
+      class's other proposals before NMS.
   """
   cfg = ml_collections.ConfigDict()
   nms = ml_collections.ConfigDict()
+  cas = ml_collections.ConfigDict()   # off unless a preset turns it on (PVLR's release)
+  cas.enabled = False
+  cas.action_thresholds = tuple(np.linspace(0.1, 0.95, 10).tolist())   # PVLR code
+  cas.threshold_strict = True        # PVLR code: normalised CAS > threshold
+  cas.oic_lambda = 0.1               # PVLR code cas_lambda_
+  cas.oic_gamma = 0.5                # PVLR code cas_gamma_oic
   if name == "vlpo":
     cfg.class_threshold = 0.2        # VLPO A.1 "following [8]"; CO2-Net code: >= 0.2
     cfg.threshold_sequence = "cas"   # VLPO A.1: thresholds on A-hat (Eq. 5) per kept class
@@ -147,7 +165,7 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     nms.sigma = 0.35                 # ASL code --nms_alpha
     nms.length_offset_s = 1.0        # ASL code: areas = x2 - x1 + 1 on seconds
     cfg.filter_ambiguous = False     # ASL evaluates without the ambiguous list
-  elif name == "co2net":
+  elif name in ("co2net", "pvlr"):
     cfg.class_threshold = 0.2        # CO2-Net code: pred_vid_score >= 0.2
     cfg.threshold_sequence = "actionness"  # CO2-Net code: thresholds the attention
     cfg.action_thresholds = tuple(np.linspace(0.1, 0.9, 10).tolist())  # CO2-Net code
@@ -161,9 +179,16 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     nms.sigma = 0.3                  # CO2-Net code sigma=0.3
     nms.length_offset_s = SECONDS_PER_SNIPPET  # CO2-Net: "+1" on snippet indices
     cfg.filter_ambiguous = True      # CO2-Net code filter_segments (Ambiguous_test.txt)
+    if name == "pvlr":               # PVLR's released multiple_threshold_hamnet
+      cfg.action_thresholds = tuple(np.linspace(0.1, 0.95, 10).tolist())
+      cfg.oic_lambda = 0.1           # PVLR code act_lambda_
+      cfg.oic_gamma = 0.05           # PVLR code act_gamma_oic
+      nms.sigma = 0.2                # PVLR code sigma 0.2
+      cas.enabled = True
   else:
-    raise WstalError(f"unknown post-processing preset {name!r}; choose 'vlpo' or 'co2net'")
+    raise WstalError(f"unknown post-processing preset {name!r}; choose one of {PRESETS}")
   cfg.nms = nms
+  cfg.cas_source = cas
   return cfg
 
 
@@ -331,17 +356,39 @@ class _Settings:
   sigma: float
   length_offset_s: float
   filter_ambiguous: bool
+  cas_source: "_Settings | None" = None   # the min-max normalised CAS source, if enabled
 
   @classmethod
   def of(cls, config) -> "_Settings":
     _check_config(config)
     nms_cfg = config.nms
-    return cls(float(config.class_threshold), str(config.threshold_sequence),
+    main = cls(float(config.class_threshold), str(config.threshold_sequence),
                np.asarray(config.action_thresholds, np.float64), bool(config.threshold_strict),
                int(config.upsample), float(config.oic_lambda), float(config.oic_gamma),
                float(config.min_length_s), str(nms_cfg.method), float(nms_cfg.iou_threshold),
                float(nms_cfg.sigma), float(nms_cfg.length_offset_s),
                bool(config.filter_ambiguous))
+    cas = config.get("cas_source")
+    if cas is not None and bool(cas.enabled):
+      if len(cas.action_thresholds) == 0:
+        raise WstalError("post-processing config: cas_source.action_thresholds is empty")
+      if cas.oic_lambda < 0:
+        raise WstalError(f"post-processing config: cas_source.oic_lambda must be >= 0, got "
+                         f"{cas.oic_lambda}")
+      main = dataclasses.replace(main, cas_source=dataclasses.replace(
+          main, threshold_sequence="cas",
+          action_thresholds=np.asarray(cas.action_thresholds, np.float64),
+          threshold_strict=bool(cas.threshold_strict), oic_lambda=float(cas.oic_lambda),
+          oic_gamma=float(cas.oic_gamma)))
+    return main
+
+
+def minmax_columns(cas_TxC) -> np.ndarray:
+  """Each column min-max normalised over time (a constant column gives 0)."""
+  cas_TxC = np.asarray(cas_TxC, np.float64)
+  lo, hi = cas_TxC.min(axis=0), cas_TxC.max(axis=0)
+  span = hi - lo
+  return np.where(span > 0, (cas_TxC - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
 def _threshold_regions(x_L, thresholds_A, strict: bool):
@@ -513,6 +560,14 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
   if num_videos == 0:
     return []
   video, flat = _candidates(video_scores, cas, act, sps, dur, cfg, oic_scores)
+  if cfg.cas_source is not None:   # PVLR's second source: the normalised CAS, placed first
+    cas_n = [minmax_columns(c) for c in cas]
+    video_c, flat_c = _candidates(video_scores, cas_n, act, sps, dur, cfg.cas_source,
+                                  oic_scores)
+    video = np.concatenate([video_c, video])
+    flat = Proposals.concat([flat_c, flat])
+    order = np.lexsort((flat.label, video))   # stable: within a class, the CAS source first
+    video, flat = video[order], flat.take(order)
   for what in ("score", "start", "end"):
     bad = np.flatnonzero(~np.isfinite(getattr(flat, what)))
     if bad.size:
