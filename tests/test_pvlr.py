@@ -613,3 +613,39 @@ def test_reading_code_preset():
                              rtol=1e-5)
   for t in ("l_kd", "l_ortho", "l_intra", "l_inter"):
     assert np.isfinite(float(terms[t])) and float(terms[t]) > 0, t
+
+
+def test_pcas_separates_orthogonal_texts_and_the_learnable_scale_sharpens_collinear_ones():
+  """Review finding 1: with mu on class 0's text, P-CAS at the default tau (0.3) passes the
+  0.2 class threshold when the 20 class texts are orthogonal, not when they are as collinear
+  as the built-in CLIP texts (pairwise cosine ~0.58); the learnable scale (init 1 / tau) gets
+  a gradient that raises it on that case, so training can restore the margin."""
+  num_c, e = 20, 32
+  batch = _batch(b=1, t=4, e=e, c=num_c)
+  batch["label_BxC"][0, 0] = 1
+  rng = np.random.default_rng(0)
+  basis = np.linalg.qr(rng.normal(size=(e, num_c + 1)))[0].T      # C + 1 orthonormal rows
+  ortho, shared = basis[:num_c].astype(np.float32), basis[num_c]
+  collinear = ortho * np.sqrt(1 - 0.58) + np.sqrt(0.58) * shared            # cosines 0.58
+  temperature = pvlr.default_config().temperature
+
+  def class0_prob(texts, logit_scale="fixed"):
+    model = _model(num_classes=num_c, embed_dim=e, temperature=temperature,
+                   logit_scale=logit_scale)
+    consts = {"text_CxE": texts.astype(np.float32)}
+    params = model.init({"params": jax.random.key(0)}, batch, consts, train=False)["params"]
+    params = jax.tree.map(lambda x: x, params)
+    params["g_mu"] = {"kernel": jnp.zeros_like(params["g_mu"]["kernel"]),
+                      "bias": jnp.asarray(texts[0])}                      # mu = x_0
+    params["text"] = {"offsets": jnp.zeros_like(params["text"]["offsets"])}
+
+    def prob(p):
+      out = model.apply({"params": p}, batch, consts, train=False)
+      return jax.nn.softmax(out["pcas_BxTxC1"][0, 0])[0]
+    return float(prob(params)), (jax.grad(lambda p: -jnp.log(prob(p)))(params)
+                                 if logit_scale == "learnable" else None)
+  p_ortho, _ = class0_prob(ortho)
+  p_col, _ = class0_prob(collinear)
+  assert p_ortho > 0.5 > 0.2 > p_col, (p_ortho, p_col)
+  _, grads = class0_prob(collinear, "learnable")
+  assert float(grads["log_logit_scale"]) < 0     # gradient descent raises the scale
