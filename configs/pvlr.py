@@ -54,7 +54,7 @@ CODE_READING = {
     "train_similarity": "dot", "dot_text_norm": False, "eps_std": 0.005, "var_param": "code",
     "temperature": 0.03, "logit_scale": "fixed", "w_kd": 200.0, "kd_form": "log_mean",
     "intra_form": "log_mean", "inter_form": "code", "ortho_form": "code",
-    "divergence_scale": "sum", "metric": "kl",
+    "divergence_scale": "sum", "metric": "kl", "w_intra": 0.005, "w_inter": 0.005,
 }
 READINGS = ("paper", "code")
 

@@ -351,7 +351,7 @@ def test_pvlr_review_options():
   out = method.model.apply({"params": params}, batch, consts, train=False)
   assert float(jnp.min(out["var_BxTxE"][0])) > 0
   # ReLU variances: the literal Eq. 7, zero for a dead unit.
-  relu = _method()
+  relu = _method(var_param="relu")
   out_r = relu.model.apply({"params": relu.init(jax.random.key(0), batch, consts)["params"]},
                            batch, consts, train=False)
   assert float(jnp.min(out_r["var_BxTxE"][0])) == 0.0
