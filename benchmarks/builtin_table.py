@@ -54,6 +54,8 @@ ROWS = {
     "code_exp7": (VLPO + ":exp=7,reading=code", [], "code reading: without L_kl (exp 7)"),
     "code_exp8": (VLPO + ":exp=8,reading=code", [], "code reading: without DSP (exp 8)"),
     "vlpo_code": (VLPO + ":reading=code", [], "code reading: VLPO full (exp 9)"),
+    "vlpo_pass1_term": (VLPO, ["--config.vlpo.dsp_pass1_term=True"],
+                        "VLPO, L_vl also at inference pass 1's selection"),
     "vlpo_oic_mil": (VLPO, ["--config.vlpo.oic_score=mil"],
                      "VLPO, OIC gamma term from the MIL score (ASL)"),
     "vlpo_class025": (VLPO, ["--config.eval.postprocess.class_threshold=0.25"],

@@ -934,3 +934,25 @@ def test_reading_code_preset_and_its_loss_terms():
   assert all(np.isfinite(float(v)) for v in aux.values()) and float(aux["l_kl"]) > 0
   pred = method.predict(params, batch, consts)
   np.testing.assert_allclose(np.asarray(pred["video_scores_BxC"]).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dsp_pass1_term_averages_the_labelled_and_the_all_classes_selection():
+  """Review finding 4 (the training-side remedy): with dsp_pass1_term, L_vl is the mean of
+  Eq. 6's CE at the top-k of A^ (ground-truth labels) and at the top-k of the all-classes A^
+  (what inference pass 1 pools)."""
+  method, params = build(dsp_pass1_term=True)
+  plain, _ = build()
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  _, aux = method.loss(params, batch, consts, key(0), 0)
+  _, aux0 = plain.loss(params, batch, consts, key(0), 0)
+  out = method.apply(params, batch, consts)
+  st, mask = method.settings, jnp.asarray(batch["mask_BxT"])
+  k = layers.topk_count(mask, st.topk_divisor)
+  z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+  hyb_all = vlpo.hybrid_cas(jax.nn.softmax(out["cas_BxTxC"], -1),
+                            [out["s_a_BxT"], out["s_v_BxT"]], jnp.ones((B, C)),
+                            st.dsp_weights == "equal")
+  ce_all = np.mean(vlpo.video_ce(vlpo.vl_video_logits(z, mask, k, hybrid_cas_BxTxC=hyb_all),
+                                 jnp.asarray(batch["label_BxC"])))
+  np.testing.assert_allclose(aux["l_vl"], 0.5 * (float(aux0["l_vl"]) + ce_all), rtol=1e-5)
+  assert abs(float(aux["l_vl"]) - float(aux0["l_vl"])) > 1e-6

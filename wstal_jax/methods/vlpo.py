@@ -160,6 +160,10 @@ def default_config() -> ml_collections.ConfigDict:
                               # paper) or of the labelled classes' CAS ('labelled_cas', ASL)
   c.infer_labels = "all_classes"  # DSP pass-1 labels at inference: every class labelled
                               # ('all_classes') or the MIL score p's classes ('mil')
+  c.dsp_pass1_term = False    # review finding 4's other remedy: L_vl also pools at the top-k
+                              # of the all-classes A^ (what inference pass 1 does), so a
+                              # non-target class is penalised on the action snippets where
+                              # pass 1 reads it; L_vl = the mean of the two CEs
   # Inference detail (review finding 6): the video score in the OIC gamma term (Sec. A.1
   # names only "Outer-Inner Score"): 'video' = the video score that selects the classes (p^,
   # the paper's only video-level probability) or 'mil' = ASL's released inference, the
@@ -430,6 +434,7 @@ class LossSettings:
   dsp_pools_cas: bool
   dsp_weights: str
   act_target: str
+  dsp_pass1_term: bool
   m_norm: str
   kl_form: str
   vl_form: str
@@ -515,14 +520,19 @@ def vlpo_loss(outputs: dict[str, Any], batch: dict[str, Any], s: LossSettings):
                              valid_B)
     total = total + s.lambda1 * aux["l_kl"]
   if s.use_vl:
-    if s.vl_form == "two_cosines":   # the released code: two CEs on raw pooled cosines
-      l_vl_B = sum(video_ce(vl_video_logits(outputs[key], mask_BxT, k_B,
-                                            hybrid_cas_BxTxC=hybrid_BxTxC), label_BxC)
+    def l_vl_at(hybrid):
+      if s.vl_form == "two_cosines":   # the released code: two CEs on raw pooled cosines
+        return sum(video_ce(vl_video_logits(outputs[key], mask_BxT, k_B,
+                                            hybrid_cas_BxTxC=hybrid), label_BxC)
                    for key in ("sim_t_BxTxC", "sim_v_BxTxC"))
-    else:
       z_BxTxC = s.vl_logit_scale * (outputs["sim_t_BxTxC"] + outputs["sim_v_BxTxC"]) / 2
-      l_vl_B = video_ce(vl_video_logits(z_BxTxC, mask_BxT, k_B,
-                                        hybrid_cas_BxTxC=hybrid_BxTxC), label_BxC)
+      return video_ce(vl_video_logits(z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid),
+                      label_BxC)
+    l_vl_B = l_vl_at(hybrid_BxTxC)
+    if s.use_dsp and s.dsp_pass1_term:   # inference pass 1's selection, trained as well
+      all_BxC = jnp.ones_like(label_BxC)
+      l_vl_B = 0.5 * (l_vl_B + l_vl_at(hybrid_cas(jax.nn.softmax(cas_BxTxC, axis=-1), scores,
+                                                  all_BxC, s.dsp_weights == "equal")))
     aux["l_vl"] = video_mean(l_vl_B, valid_B)
     total = total + s.lambda2 * aux["l_vl"]
   if s.use_snip:
