@@ -69,7 +69,7 @@ CODE_READING = {
     "m_norm": "temporal_minmax", "kl_form": "detached", "vl_form": "two_cosines",
     "ppg_labels": "multi_hot", "apr_topk_divisor": 7.5, "cas_vlm": True,
     "act_heads": "three", "mut_weight": 5.0, "dsp_pools_cas": True, "dsp_weights": "halved",
-    "video_score": "mil", "infer_labels": "mil",
+    "video_score": "mil", "infer_labels": "mil", "dsp_pass1_term": False,
 }
 READINGS = ("paper", "code")
 

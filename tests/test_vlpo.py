@@ -941,7 +941,7 @@ def test_dsp_pass1_term_averages_the_labelled_and_the_all_classes_selection():
   Eq. 6's CE at the top-k of A^ (ground-truth labels) and at the top-k of the all-classes A^
   (what inference pass 1 pools)."""
   method, params = build(dsp_pass1_term=True)
-  plain, _ = build()
+  plain, _ = build(dsp_pass1_term=False)
   batch, consts = make_batch(n_valid=[24, 17]), make_consts()
   _, aux = method.loss(params, batch, consts, key(0), 0)
   _, aux0 = plain.loss(params, batch, consts, key(0), 0)

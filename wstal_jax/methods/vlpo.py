@@ -64,6 +64,12 @@ Readings of the paper (the text leaves these open; each is also noted where it i
   index set is discrete. So L_vl and L_kl train only the VLM projections (P_v, P_t, or the
   CLIP-Adapter), L_snip only the CAS branch, APR's GCE only F_act and F_va.
 * Without DSP, Eq. 6 pools each class's own top-k preference logits (plain MIL).
+* Training / inference agreement of DSP (review finding 4): training ranks a class outside
+  the label by (softmax(A)_c + 1 - S), so Eq. 6 alone penalises its p^ only on background
+  snippets, while inference pass 1 (below) reads every class on the action snippets; similar
+  classes then pass the class threshold (built-in ACC 91.8 against 100 without DSP). By
+  default (`dsp_pass1_term=True`, our remedy, not in the paper) L_vl is the mean of Eq. 6's CE
+  and the same CE at the all-classes A^ that pass 1 reads; False is Eq. 6 literally.
 * Inference (A.1) has no labels for Eq. 5: p^ is computed twice. Pass 1 treats every class
   as present (the y_c = 1 branch for all C); the classes whose pass-1 p^ is at least
   `infer_class_threshold` (the argmax if none) are the predicted labels; pass 2 recomputes
@@ -160,10 +166,12 @@ def default_config() -> ml_collections.ConfigDict:
                               # paper) or of the labelled classes' CAS ('labelled_cas', ASL)
   c.infer_labels = "all_classes"  # DSP pass-1 labels at inference: every class labelled
                               # ('all_classes') or the MIL score p's classes ('mil')
-  c.dsp_pass1_term = False    # review finding 4's other remedy: L_vl also pools at the top-k
-                              # of the all-classes A^ (what inference pass 1 does), so a
-                              # non-target class is penalised on the action snippets where
-                              # pass 1 reads it; L_vl = the mean of the two CEs
+  c.dsp_pass1_term = True     # review finding 4's training-side remedy: L_vl also pools at
+                              # the top-k of the all-classes A^ (what inference pass 1 reads),
+                              # so a non-target class is penalised on the action snippets where
+                              # pass 1 reads it; L_vl = the mean of the two CEs. False = Eq. 6
+                              # literally (built-in, seeds 0-2: 40.7 ± 2.4 avg mAP, ACC 91.8;
+                              # True: 44.3 ± 0.5, ACC 98.6)
   # Inference detail (review finding 6): the video score in the OIC gamma term (Sec. A.1
   # names only "Outer-Inner Score"): 'video' = the video score that selects the classes (p^,
   # the paper's only video-level probability) or 'mil' = ASL's released inference, the
