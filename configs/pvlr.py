@@ -38,8 +38,9 @@ config.pvlr, listed in wstal_jax/methods/pvlr.py), all at once, with any row:
   the mean with weight 200, L_intra as the log of averaged one-directional similarities,
   L_inter on raw attention weights with one-directional KL, L_ortho unsquared and half
   detached over the classes and the background, divergences summed over dimensions, P-CAS
-  cos / 0.03 at evaluation. Not reproduced: the code's background is a CLIP-encoded token
-  (ours: a learnable vector), its mining defaults m = 24 > M = 3 give an empty inner region
+  cos / 0.03 at evaluation, torch's nn.Linear init for the adapters, a background vector of
+  CLIP-feature norm. Not reproduced: the code's background is a CLIP-encoded token (ours: a
+  learnable vector of that norm), the unpublished init checkpoint it loads, its mining defaults m = 24 > M = 3 give an empty inner region
   (ours: CoLA's 3 / 6). Its evaluation adds P-CAS-threshold proposals to the attention ones:
   the `pvlr` post-processing preset (the default reading keeps CO2-Net's, as the paper says).
 
@@ -55,6 +56,7 @@ CODE_READING = {
     "temperature": 0.03, "logit_scale": "fixed", "w_kd": 200.0, "kd_form": "log_mean",
     "intra_form": "log_mean", "inter_form": "code", "ortho_form": "code",
     "divergence_scale": "sum", "metric": "kl", "w_intra": 0.005, "w_inter": 0.005,
+    "adapter_init": "torch", "background_init": "unit",
 }
 READINGS = ("paper", "code")
 

@@ -649,3 +649,23 @@ def test_pcas_separates_orthogonal_texts_and_the_learnable_scale_sharpens_collin
   assert p_ortho > 0.5 > 0.2 > p_col, (p_ortho, p_col)
   _, grads = class0_prob(collinear, "learnable")
   assert float(grads["log_logit_scale"]) < 0     # gradient descent raises the scale
+
+
+def test_adapter_and_background_init_options():
+  """adapter_init='torch': nn.Linear's U(+-1/sqrt(fan_in)) for kernel and bias;
+  background_init='unit': a background vector of norm ~1 (a CLIP text feature's)."""
+  batch = _batch(e=64)
+  consts = {"text_CxE": np.random.default_rng(3).normal(size=(3, 64)).astype(np.float32)}
+  torch_like = _model(embed_dim=64, adapter_init="torch", background_init="unit")
+  p = torch_like.init({"params": jax.random.key(0)}, batch, consts, train=False)["params"]
+  fan_in = p["g_mu"]["kernel"].shape[0]
+  for name in ("g_mu", "g_sigma"):
+    for leaf in ("kernel", "bias"):
+      x = np.asarray(p[name][leaf])
+      assert np.abs(x).max() <= 1 / np.sqrt(fan_in) + 1e-7
+      assert np.abs(x).max() > 0.8 / np.sqrt(fan_in)          # spread over the whole range
+  assert 0.7 < np.linalg.norm(p["background"]) < 1.3
+  flax_like = _model(embed_dim=64)
+  q = flax_like.init({"params": jax.random.key(0)}, batch, consts, train=False)["params"]
+  assert not np.any(np.asarray(q["g_mu"]["bias"]))
+  assert np.linalg.norm(q["background"]) < 0.2

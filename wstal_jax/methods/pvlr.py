@@ -124,6 +124,11 @@ def default_config() -> ml_collections.ConfigDict:
                               # L_inter's p = 1 / (1 + D) ~ 0 for every pair: both inert)
   # The authors' released code (src/thumos of the PVLR repository; read only), each a switch
   # whose default is the paper's reading; `configs/pvlr.py:reading=code` turns them on.
+  c.adapter_init = "flax"     # g_mu / g_Sigma init: 'flax' or 'torch' (nn.Linear's default,
+                              # the release; it also loads an unpublished init checkpoint)
+  c.background_init = "small" # background vector N(0, 0.01^2) ('small') or of norm ~1 like a
+                              # CLIP text feature ('unit'; the release's is a CLIP-encoded
+                              # token, whose raw norm enters its dot-product P-CAS)
   c.dot_text_norm = True      # train_similarity='dot': class vectors L2-normalised (ours)
                               # or raw (the code)
   c.kd_form = "mean_log"      # Eq. 12: mean of -log((cos + 1) / 2) ('mean_log', the paper)
@@ -159,7 +164,9 @@ def validate_config(cfg) -> None:
                          ("kd_form", ("mean_log", "log_mean")),
                          ("intra_form", ("mean_log", "log_mean")),
                          ("inter_form", ("paper", "code")),
-                         ("ortho_form", ("squared", "code"))):
+                         ("ortho_form", ("squared", "code")),
+                         ("adapter_init", ("flax", "torch")),
+                         ("background_init", ("small", "unit"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
   if not cfg.var_init > 0:
@@ -519,7 +526,8 @@ class PVLR:
         n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post), var_param=str(cfg.var_param),
         var_init=float(cfg.var_init), logit_scale=str(cfg.logit_scale),
         train_similarity=str(cfg.train_similarity), dot_divisor=float(cfg.dot_divisor),
-        dot_text_norm=bool(cfg.dot_text_norm))
+        dot_text_norm=bool(cfg.dot_text_norm), adapter_init=str(cfg.adapter_init),
+        background_init=str(cfg.background_init))
 
   def _setup_clip(self, cfg, class_names, num_classes):
     # pylint: disable=import-outside-toplevel

@@ -86,6 +86,12 @@ class PVLRModel(nn.Module):
   train_similarity: str = "cosine"  # training P-CAS: 'cosine' / tau (Eq. 10) or 'dot':
                                     # z . x_c / dot_divisor (the authors' released training)
   dot_divisor: float = 8.0
+  adapter_init: str = "flax"    # g_mu / g_Sigma init: 'flax' (lecun-normal kernel, zero bias)
+                                # or 'torch' (nn.Linear's default, U(+-1/sqrt(fan_in)) for
+                                # kernel and bias: the authors' release)
+  background_init: str = "small"  # learnable background vector: 'small' N(0, 0.01^2) or 'unit'
+                                # N(0, 1/E), norm ~1 like a CLIP text feature (the release's
+                                # background is a CLIP-encoded token; it matters for raw 'dot')
   dot_text_norm: bool = True    # 'dot': L2-normalise the class / background vectors (ours) or
                                 # use them raw (the authors' release)
 
@@ -97,8 +103,14 @@ class PVLRModel(nn.Module):
                              self.attn_dropout, name="trunk")(
         batch["feat_BxTxD"], mask_BxT, train=train)
     x = nn.Dropout(self.dropout, deterministic=not train)(out["base_BxTxF"])
-    mu = nn.Dense(self.embed_dim, name="g_mu")(x)
-    pre_var = nn.Dense(self.embed_dim, name="g_sigma")(x)
+    dense = {}
+    if self.adapter_init == "torch":   # torch.nn.Linear: kaiming_uniform(a=sqrt(5)) + U bias
+      bound = 1.0 / math.sqrt(x.shape[-1])
+      dense = {"kernel_init": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+               "bias_init": lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                   key, shape, dtype, -bound, bound)}
+    mu = nn.Dense(self.embed_dim, name="g_mu", **dense)(x)
+    pre_var = nn.Dense(self.embed_dim, name="g_sigma", **dense)(x)
     if self.var_param == "softplus":
       # softplus(h + b) with softplus(b) = var_init: smooth, never dead, and sqrt(var) has a
       # bounded gradient; the samples start close to their mean (review finding 3).
@@ -117,7 +129,8 @@ class PVLRModel(nn.Module):
     else:
       text_CxE = PrecomputedClassText(name="text")(consts["text_CxE"])
     out["text_CxE"] = text_CxE
-    bg_E = self.param("background", nn.initializers.normal(0.01), (text_CxE.shape[-1],))
+    bg_std = (1.0 / math.sqrt(text_CxE.shape[-1]) if self.background_init == "unit" else 0.01)
+    bg_E = self.param("background", nn.initializers.normal(bg_std), (text_CxE.shape[-1],))
     raw_C1xE = jnp.concatenate([text_CxE, bg_E[None]], axis=0)
     out["classes_C1xE"] = raw_C1xE
     classes_C1xE = l2_normalize(raw_C1xE)
