@@ -5,6 +5,7 @@ hand-made inputs, padding invariance, switches, gradients, and a short jitted ov
 Every model call is jitted and each configuration is built once (`build`): on a shared CPU
 eager dispatch and repeated compilation dominate the runtime.
 """
+import dataclasses
 import math
 
 import jax
@@ -240,10 +241,16 @@ def test_dsp_and_l_vl_hand():
   batch = {"mask_BxT": mask, "label_BxC": y, "valid_B": np.ones(1, np.float32)}
   st = vlpo.LossSettings.from_config(vlpo.default_config(), topk_divisor=4,
                                      **{**OFF, "use_vl": True, "use_dsp": True},
-                                     vl_logit_scale=1.0)
+                                     vl_logit_scale=1.0, dsp_pass1_term=False)
   loss, aux = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st))(outputs, batch)
   np.testing.assert_allclose(aux["l_vl"], math.log(1 + math.exp(-2.0)), rtol=1e-5)
   np.testing.assert_allclose(loss, aux["l_base"] + 0.1 * aux["l_vl"], rtol=1e-6)
+  # With the pass-1 term (the default): also the CE at the all-classes A^, where class 1 is
+  # read at t=0 ((0.5 + 0.9) / 2 is its largest) and pools z = 5: logits [3, 5].
+  st1 = dataclasses.replace(st, dsp_pass1_term=True)
+  _, aux1 = fast_jit(lambda o, b: vlpo.vlpo_loss(o, b, st1))(outputs, batch)
+  np.testing.assert_allclose(aux1["l_vl"], 0.5 * (math.log(1 + math.exp(-2.0))
+                                                   + math.log(1 + math.exp(2.0))), rtol=1e-5)
 
 
 def test_temporal_minmax_hand():
