@@ -71,17 +71,17 @@ ROWS = {
     "pvlr": ("configs/pvlr.py", [], "PVLR full (Table 3 row 5, + L_ortho)"),
     "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],
                  "PVLR Table 4: deterministic CAS (K = 0)"),
-    "pvlr_learnable_scale": ("configs/pvlr.py", ["--config.pvlr.logit_scale=learnable"],
-                             "PVLR, learnable P-CAS logit scale (issue 20)"),
     # (Row 1, the CO2-Net base, is the same under both readings: pvlr_exp1.)
     "pvlr_code_exp2": ("configs/pvlr.py:exp=2,reading=code", [], "PVLR code reading: row 2"),
     "pvlr_code_exp3": ("configs/pvlr.py:exp=3,reading=code", [], "PVLR code reading: row 3"),
     "pvlr_code_exp4": ("configs/pvlr.py:exp=4,reading=code", [], "PVLR code reading: row 4"),
     "pvlr_code": ("configs/pvlr.py:reading=code", [], "PVLR code reading: row 5 (full)"),
-    "pvlr_review": ("configs/pvlr.py", ["--config.pvlr.logit_scale=learnable",
-                                        "--config.pvlr.var_param=softplus",
-                                        "--config.pvlr.divergence_scale=mean"],
-                    "PVLR, learnable scale + softplus variances + per-dim D (issue 20)"),
+    "pvlr_first_reading": ("configs/pvlr.py", ["--config.pvlr.logit_scale=fixed",
+                                               "--config.pvlr.var_param=relu",
+                                               "--config.pvlr.divergence_scale=sum",
+                                               "--config.pvlr.w_intra=0.005",
+                                               "--config.pvlr.w_inter=0.005"],
+                           "PVLR with the readings before review (issue 20)"),
 }
 
 

@@ -315,6 +315,10 @@ def test_method_config_errors():
   with pytest.raises(ValueError, match="rows 1..5"):
     _config("exp=7")
   assert _config("exp=1").method == "co2net"
+  with pytest.raises(WstalError, match="config.pvlr.logit_scale"):
+    _method(train_similarity="dot", logit_scale="learnable")
+  with pytest.raises(WstalError, match="config.pvlr.metric"):
+    _method(intra_form="log_mean", metric="bhattacharyya")
   for field, value in (("logit_scale", "free"), ("var_param", "exp"),
                        ("divergence_scale", "max"), ("var_init", 0.0),
                        ("train_similarity", "l1")):
@@ -356,7 +360,7 @@ def test_pvlr_review_options():
                            batch, consts, train=False)
   assert float(jnp.min(out_r["var_BxTxE"][0])) == 0.0
   # The authors' training P-CAS: mu . x_c / 8 (unit class vectors), evaluation still cos / tau.
-  dot = _method(train_similarity="dot", num_samples=0)
+  dot = _method(train_similarity="dot", num_samples=0, logit_scale="fixed")
   params_d = dot.init(jax.random.key(0), batch, consts)["params"]
   tr = dot.model.apply({"params": params_d}, batch, consts, train=True,
                        rngs={"dropout": jax.random.key(2)})
@@ -567,7 +571,7 @@ def test_code_sampling_std_is_exp_half_v_and_dot_uses_raw_class_vectors():
   batch = _batch()
   consts = {"text_CxE": np.random.default_rng(3).normal(size=(3, 6)).astype(np.float32)}
   method = _method(var_param="code", eps_std=0.0, train_similarity="dot", dot_text_norm=False,
-                   num_samples=2)
+                   num_samples=2, logit_scale="fixed")
   params = method.init(jax.random.key(0), batch, consts)["params"]
   out = method.model.apply({"params": params}, batch, consts, train=True,
                            rngs={"dropout": jax.random.key(2), "sample": jax.random.key(5)})
@@ -577,7 +581,7 @@ def test_code_sampling_std_is_exp_half_v_and_dot_uses_raw_class_vectors():
   assert not np.allclose(np.linalg.norm(raw, axis=-1), 1.0)
   np.testing.assert_allclose(np.asarray(out["pcas_BxTxC1"])[0], mu[0] @ raw.T / 8.0,
                              rtol=1e-4, atol=1e-5)
-  normed = _method(eps_std=0.0, train_similarity="dot", num_samples=2)
+  normed = _method(eps_std=0.0, train_similarity="dot", num_samples=2, logit_scale="fixed")
   out_n = normed.model.apply({"params": params}, batch, consts, train=True,
                              rngs={"dropout": jax.random.key(2), "sample": jax.random.key(5)})
   unit = raw / np.linalg.norm(raw, axis=-1, keepdims=True)

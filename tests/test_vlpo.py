@@ -756,6 +756,10 @@ def test_oic_score_mil_is_asl_score_supp():
     np.testing.assert_allclose(got["oic_scores_BxC"][b], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(WstalError, match="oic_score"):
     methods.get_method(make_config(oic_score="p"), C, DIMS)
+  assert methods.get_method(make_config("base", oic_score="mil"), C, {"feat": D}).oic_score \
+      == "video"   # the baseline's predict has no such output
+  with pytest.raises(WstalError, match="apr_topk_divisor"):
+    methods.get_method(make_config(apr_topk_divisor=0.5), C, DIMS)
 
 
 # ------------------------------------------------------------------------------------------

@@ -156,6 +156,10 @@ class Evaluator:
                                "seconds_per_snippet": video_sps}
           if act_T is not None:
             scores[info.name]["actionness"] = act_T
+    if oic_scores and len(oic_scores) != len(index_V):
+      raise WstalError(f"{type(self.run.method).__name__}.predict returned oic_scores_BxC for "
+                       f"{len(oic_scores)} of {len(index_V)} videos: it must return it for "
+                       "every batch or for none")
     missing = [int(i) for i in self.video_indices if int(i) not in video_scores]
     if missing:
       raise WstalError(f"{self.run.data_dir}: split {self.split!r}: evaluation saw no output for "

@@ -171,6 +171,12 @@ def validate_config(cfg) -> None:
       bad(field, f"must be one of {choices}")
   if not cfg.var_init > 0:
     bad("var_init", "must be > 0")
+  if cfg.train_similarity == "dot" and cfg.logit_scale == "learnable":
+    bad("logit_scale", "a learnable P-CAS scale gets no gradient from the dot-product "
+        "training P-CAS (train_similarity='dot'); use logit_scale='fixed'")
+  if cfg.metric != "kl" and (cfg.intra_form == "log_mean" or cfg.inter_form == "code"):
+    bad("metric", "the released code's L_intra / L_inter forms (intra_form='log_mean', "
+        "inter_form='code') use the one-directional KL; use metric='kl' with them")
   if cfg.text_mode not in ("auto",) + pvlr_model.TEXT_MODES:
     bad("text_mode", f"must be 'auto' or one of {pvlr_model.TEXT_MODES}")
   if int(cfg.num_samples) < 0:

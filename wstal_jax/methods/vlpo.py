@@ -235,8 +235,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                          ("video_score", ("p_hat", "mil"))):
     if cfg[field] not in choices:
       bad(field, f"must be one of {choices}")
-  if cfg.apr_topk_divisor < 0:
-    bad("apr_topk_divisor", "must be 0 (use topk_divisor) or > 0")
+  if cfg.apr_topk_divisor != 0 and cfg.apr_topk_divisor < 1:
+    bad("apr_topk_divisor", "must be 0 (use topk_divisor) or >= 1")
   if cfg.mut_weight < 0:
     bad("mut_weight", "must be >= 0")
 
@@ -599,7 +599,7 @@ class VLPO:
     self.video_score = str(cfg.video_score)
     self.infer_class_threshold = float(cfg.infer_class_threshold)
     self.infer_labels = str(cfg.infer_labels)
-    self.oic_score = str(cfg.oic_score)
+    self.oic_score = "video" if baseline else str(cfg.oic_score)
     # config.eval.oracle_labels: a diagnostic (DSP's inference labels = the ground truth).
     self.oracle_labels = bool(config.eval.get("oracle_labels", False)) if "eval" in config \
         else False
@@ -707,8 +707,10 @@ class VLPO:
       all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
       cas_BxTxC = hybrid_cas(prob_BxTxC, scores, all_BxC, equal)
       mil_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
-      if s.use_vl:
-        z_BxTxC = s.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+      if s.use_vl:   # p^'s logits: the preference logits L_vl trains (scale 1 for the
+                     # code's two-cosine CEs, whose pooled mean is this z's pooling)
+        scale = 1.0 if s.vl_form == "two_cosines" else s.vl_logit_scale
+        z_BxTxC = scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
       if s.use_dsp and (s.use_vl or s.dsp_pools_cas):
         if self.oracle_labels:   # diagnostic: test-time ground truth (marked in the outputs)
           y_BxC = batch["label_BxC"]

@@ -47,7 +47,9 @@ def sample_std(var, var_param: str):
   """The standard deviation of a sample around mu: sqrt(var) (Eq. 8 with Eq. 7's covariance),
   or exp(var / 2) with var_param='code' (the authors' release reads the ReLU output as a
   log-variance when sampling, and as the variance in the divergences)."""
-  return jnp.exp(0.5 * var) if var_param == "code" else jnp.sqrt(var + 1e-8)
+  if var_param == "code":   # clamped: exp of an unbounded ReLU output overflows past ~177
+    return jnp.exp(0.5 * jnp.minimum(var, 20.0))
+  return jnp.sqrt(var + 1e-8)
 
 
 class PrecomputedClassText(nn.Module):
