@@ -344,29 +344,26 @@ def _loop_video_proposals(vs, cas, act, sps, duration, cfg, ambiguous):
     seq = seq_oic if cfg.threshold_sequence == "cas" else _loop_upsample(
         act.astype(np.float64), u)
     rows = []
-    src = cfg.get("cas_source")
-    if src is not None and src.enabled:   # PVLR's release: the normalised column first
-      col = [float(x) for x in cas[:, c]]
-      lo, hi = min(col), max(col)
-      norm = _loop_upsample([(x - lo) / (hi - lo) if hi > lo else 0.0 for x in col], u)
-      for thr in src.action_thresholds:
-        for s, e in _loop_runs(norm, thr, src.threshold_strict):
-          score = _loop_oic(norm, s, e, src.oic_lambda) + src.oic_gamma * float(vs[c])
+
+    def add_regions(thresholds, strict, seq_thr, seq_score, lam, gamma):
+      for thr in thresholds:
+        for s, e in _loop_runs(seq_thr, thr, strict):
+          score = _loop_oic(seq_score, s, e, lam) + gamma * float(vs[c])
           step = float(sps) / float(u)
           start, end = s * step, (e + 1.0) * step
           if duration is not None and duration > 0:
             start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)
           if end - start > 0 and (cfg.min_length_s <= 0 or end - start >= cfg.min_length_s):
             rows.append([len(rows), score, start, end])
-    for thr in cfg.action_thresholds:
-      for s, e in _loop_runs(seq, thr, cfg.threshold_strict):
-        score = _loop_oic(seq_oic, s, e, cfg.oic_lambda) + cfg.oic_gamma * float(vs[c])
-        step = float(sps) / float(u)
-        start, end = s * step, (e + 1.0) * step
-        if duration is not None and duration > 0:
-          start, end = min(max(start, 0.0), duration), min(max(end, 0.0), duration)
-        if end - start > 0 and (cfg.min_length_s <= 0 or end - start >= cfg.min_length_s):
-          rows.append([len(rows), score, start, end])
+    src = cfg.get("cas_source")
+    if src is not None and src.enabled:   # PVLR's release: the normalised column first
+      col = [float(x) for x in cas[:, c]]
+      lo, hi = min(col), max(col)
+      norm = _loop_upsample([(x - lo) / (hi - lo) if hi > lo else 0.0 for x in col], u)
+      add_regions(src.action_thresholds, src.threshold_strict, norm, norm, src.oic_lambda,
+                  src.oic_gamma)
+    add_regions(cfg.action_thresholds, cfg.threshold_strict, seq, seq_oic, cfg.oic_lambda,
+                cfg.oic_gamma)
     out += [(c, r[1], r[2], r[3]) for r in _loop_nms(rows, cfg)]
   if cfg.filter_ambiguous and ambiguous is not None:
     out = [r for r in out
