@@ -330,18 +330,19 @@ def intra_loss(mu_BxTxE, var_BxTxE, picks, metric: str, scale: str = "sum"):
   return total
 
 
-def _mean_similarity(q, k, mu, var, reverse: bool, scale: str):
-  """Mean over real (query, key) pairs of 1 / (1 + KL) per video, KL(q || k) or KL(k || q)
-  (the released code's similarity, one-directional): -> (sim_B, has_pairs_B)."""
+def _mean_similarity(q, k, mu, var, scale: str):
+  """The released code's symmetrised similarity per video: the mean over real (query, key)
+  pairs of 1 / (1 + KL(q || k)) and of 1 / (1 + KL(k || q)), averaged (each KL
+  one-directional): -> (sim_B, has_pairs_B)."""
   (qi, qok), (ki, kok) = q, k
   mq, vq = _gather(mu, qi)[:, :, None], _gather(var, qi)[:, :, None]
   mk, vk = _gather(mu, ki)[:, None], _gather(var, ki)[:, None]
-  kl = kl_gauss(mk, vk, mq, vq) if reverse else kl_gauss(mq, vq, mk, vk)
-  if scale == "mean":
-    kl = kl / mu.shape[-1]
+  per = mu.shape[-1] if scale == "mean" else 1.0
+  p = 0.5 * (1.0 / (1.0 + kl_gauss(mq, vq, mk, vk) / per)
+             + 1.0 / (1.0 + kl_gauss(mk, vk, mq, vq) / per))
   w = (qok[:, :, None] & kok[:, None, :]).astype(mu.dtype)
   n = jnp.sum(w, axis=(1, 2))
-  return jnp.sum(w / (1.0 + kl), axis=(1, 2)) / jnp.maximum(n, 1.0), n > 0
+  return jnp.sum(w * p, axis=(1, 2)) / jnp.maximum(n, 1.0), n > 0
 
 
 def intra_loss_code(mu_BxTxE, var_BxTxE, picks, scale: str = "sum"):
@@ -352,12 +353,9 @@ def intra_loss_code(mu_BxTxE, var_BxTxE, picks, scale: str = "sum"):
   total = 0.0
   for hard, pos, neg in (("hard_act", "easy_act", "easy_bkg"),
                          ("hard_bkg", "easy_bkg", "easy_act")):
-    sims = []
-    for key in (pos, neg):
-      a, ok_a = _mean_similarity(picks[hard], picks[key], mu_BxTxE, var_BxTxE, False, scale)
-      b, _ = _mean_similarity(picks[hard], picks[key], mu_BxTxE, var_BxTxE, True, scale)
-      sims.append((jnp.clip(0.5 * (a + b), 1e-6, 1.0 - 1e-6), ok_a))
-    (sp, okp), (sn, okn) = sims
+    sp, okp = _mean_similarity(picks[hard], picks[pos], mu_BxTxE, var_BxTxE, scale)
+    sn, okn = _mean_similarity(picks[hard], picks[neg], mu_BxTxE, var_BxTxE, scale)
+    sp, sn = jnp.clip(sp, 1e-6, 1.0 - 1e-6), jnp.clip(sn, 1e-6, 1.0 - 1e-6)
     total = total + jnp.where(okp, -jnp.log(sp), 0.0) + jnp.where(okn, -jnp.log1p(-sn), 0.0)
   return total
 
@@ -368,11 +366,8 @@ def inter_loss_code(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B,
   the valid snippets (mean a mu, mean a (mu^2 + var) - mean^2), p_ij = 1 / (1 + KL(N_i||N_j))
   over all pairs of valid videos (the diagonal included), and the mean of -log p over
   same-label pairs plus the mean of -log(1 - p) over different-label pairs."""
-  m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
-  w = attn_BxT * m / jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1.0)
-  mean = jnp.einsum("bt,bte->be", w, mu_BxTxE)
-  var = jnp.einsum("bt,bte->be", w, var_BxTxE + mu_BxTxE * mu_BxTxE) - mean * mean
-  var = jnp.maximum(var, 0.0) + var_floor
+  mean, var = video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, normalise=False)
+  var = var + var_floor
   kl = kl_gauss(mean[:, None], var[:, None], mean[None], var[None])
   if scale == "mean":
     kl = kl / mu_BxTxE.shape[-1]
@@ -384,10 +379,15 @@ def inter_loss_code(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, label_BxC, valid_B,
           + jnp.sum(-jnp.log1p(-p) * diff) / jnp.maximum(jnp.sum(diff), 1.0))
 
 
-def video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT):
-  """Moment-matched Gaussian of each video's attention-weighted GMM (Eq. 18): (mu, var)."""
-  w = attn_BxT * (mask_BxT > 0)
-  w = w / jnp.maximum(jnp.sum(w, axis=1, keepdims=True), 1e-8)
+def video_gaussians(attn_BxT, mu_BxTxE, var_BxTxE, mask_BxT, normalise: bool = True):
+  """Moment-matched Gaussian of each video's attention-weighted GMM (Eq. 18): (mu, var).
+
+  normalise: mixture weights a / sum(a) over the valid snippets (Eq. 18), or the released
+  code's raw weights a / n_valid (they need not sum to 1)."""
+  m = (mask_BxT > 0).astype(mu_BxTxE.dtype)
+  w = attn_BxT * m
+  w = w / jnp.maximum(jnp.sum(w if normalise else m, axis=1, keepdims=True),
+                      1e-8 if normalise else 1.0)
   mean = jnp.einsum("bt,bte->be", w, mu_BxTxE)
   second = jnp.einsum("bt,bte->be", w, var_BxTxE + mu_BxTxE * mu_BxTxE)
   return mean, jnp.maximum(second - mean * mean, 0.0)
