@@ -8,8 +8,9 @@ as well as a new initialisation) into `--root/<row>-seed<S>`. A finished run is 
 (re-running the command only re-reads its metrics.json). The table (markdown) gives mean ± std
 over seeds of average mAP@0.1:0.7, mAP@0.5 and video ACC, and is also written as JSON.
 `--shares` adds a second table: each weighted loss term's share of the total in the first and
-the last log window of training (mean over seeds, read from each run's log), so a term that
-never acts is visible.
+the last log window of training, and its share of the summed per-term gradient norms averaged
+over the log windows (mean over seeds, read from each run's log), so a term that never acts
+is visible.
 """
 import argparse
 import concurrent.futures
@@ -111,12 +112,19 @@ def run_one(row, seed, root, extra, cpu):
     return row, seed, json.load(f), None
 
 
-_SHARES = re.compile(r"step (\d+)/\d+ .*\(share of the loss: (.*)\)")
+_SHARES = re.compile(r"step (\d+)/\d+ .*\(share of the loss: ([^)]*)\)"
+                     r"(?:\s+\(share of the gradient norm: ([^)]*)\))?")
+
+
+def _percentages(text):
+  return {k: float(v.rstrip("%")) for k, v in (item.rsplit(" ", 1) for item in text.split(", "))}
 
 
 def log_shares(workdir):
-  """{'first': {term: share}, 'last': {...}} from a run's log.txt (None if not found)."""
-  windows = []
+  """From a run's log.txt (None if not found): {'first': {term: loss share %}, 'last': {...},
+  'grad_mean': {term: gradient-norm share % averaged over the log windows}, 'grad_min':
+  {term: its smallest window}} (the 'grad_*' entries only when the run logged them)."""
+  loss_windows, grad_windows = [], []
   path = os.path.join(workdir, "log.txt")
   if not os.path.exists(path):
     return None
@@ -124,27 +132,40 @@ def log_shares(workdir):
     for line in f:
       m = _SHARES.search(line)
       if m:
-        windows.append({k: float(v.rstrip("%")) for k, v in
-                        (item.rsplit(" ", 1) for item in m.group(2).split(", "))})
-  return {"first": windows[0], "last": windows[-1]} if windows else None
+        loss_windows.append(_percentages(m.group(2)))
+        if m.group(3):
+          grad_windows.append(_percentages(m.group(3)))
+  if not loss_windows:
+    return None
+  out = {"first": loss_windows[0], "last": loss_windows[-1]}
+  if grad_windows:
+    out["grad_mean"] = {t: float(np.mean([w[t] for w in grad_windows])) for t in grad_windows[0]}
+    out["grad_min"] = {t: float(np.min([w[t] for w in grad_windows])) for t in grad_windows[0]}
+  return out
 
 
 def shares_table(rows, seeds, root):
-  lines = ["| row | first log window: share % per term | last log window | smallest first |",
-           "|---|---|---|---|"]
+  """Loss shares (first / last log window) and gradient-norm shares (mean over the windows,
+  and the term with the smallest mean): the criterion for "every term acts" is a gradient
+  share (README, "Every term acts")."""
+  lines = ["| row | loss share %, first log window | last log window | gradient-norm share %, "
+           "mean over windows | smallest gradient share |", "|---|---|---|---|---|"]
   out = {}
   for r in rows:
     got = [log_shares(os.path.join(root, f"{r}-seed{s}")) for s in seeds]
     got = [g for g in got if g]
     if not got:
       continue
-    mean = {w: {t: float(np.mean([g[w][t] for g in got])) for t in got[0][w]}
-            for w in ("first", "last")}
+    keys = [w for w in ("first", "last", "grad_mean", "grad_min") if all(w in g for g in got)]
+    mean = {w: {t: float(np.mean([g[w][t] for g in got])) for t in got[0][w]} for w in keys}
     out[r] = mean
     fmt = lambda d: ", ".join(f"{t} {v:.1f}" for t, v in d.items())
-    low = min(mean["first"], key=mean["first"].get)
-    lines.append(f"| {r} | {fmt(mean['first'])} | {fmt(mean['last'])} | {low} "
-                 f"{mean['first'][low]:.1f} |")
+    if "grad_mean" in mean:
+      low = min(mean["grad_mean"], key=mean["grad_mean"].get)
+      grad, lowest = fmt(mean["grad_mean"]), f"{low} {mean['grad_mean'][low]:.1f}"
+    else:
+      grad, lowest = "(not logged)", ""
+    lines.append(f"| {r} | {fmt(mean['first'])} | {fmt(mean['last'])} | {grad} | {lowest} |")
   return "\n".join(lines), out
 
 
@@ -157,7 +178,7 @@ def main():
   p.add_argument("--jobs", type=int, default=1, help="runs in parallel (one CPU core each)")
   p.add_argument("--json", default=None, help="write the aggregated table here")
   p.add_argument("--shares", action="store_true",
-                 help="also print each loss term's share (first / last log window)")
+                 help="also print each loss term's loss and gradient shares")
   p.add_argument("extra", nargs="*", help="extra overrides passed to every run (after --)")
   args = p.parse_args()
   rows = [r for r in args.rows.split(",") if r]

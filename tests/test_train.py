@@ -51,9 +51,11 @@ class TinyMethod:
   """
   postprocess_preset = "vlpo"
 
-  def __init__(self, num_classes=NUM_CLASSES, nan_at_step=None, phase_starts=(0,)):
+  def __init__(self, num_classes=NUM_CLASSES, nan_at_step=None, phase_starts=(0,),
+               l2_weight=0.0):
     self.model = _Classifier(num_classes)
     self.nan_at_step = nan_at_step
+    self.l2_weight = l2_weight   # > 0: a second term, weight decay on `head` only
     self.phase_starts = tuple(phase_starts)
 
   def init(self, rng, batch, consts):
@@ -78,6 +80,9 @@ class TinyMethod:
     l_mil = (ce_B * valid_B).sum() / jnp.maximum(valid_B.sum(), 1)
     aux = {"l_mil": l_mil}
     total = l_mil
+    if self.l2_weight:
+      aux["l_l2"] = jnp.sum(params["head"]["kernel"] ** 2)
+      total = total + self.l2_weight * aux["l_l2"]
     if self.nan_at_step is not None:
       aux["l_bad"] = jnp.where(step >= self.nan_at_step, jnp.nan, 0.0)
       total = total + aux["l_bad"]
@@ -93,7 +98,8 @@ class TinyMethod:
     return {}
 
   def loss_weights(self):
-    return {"l_mil": 1.0, **({"l_bad": 1.0} if self.nan_at_step is not None else {})}
+    return {"l_mil": 1.0, **({"l_bad": 1.0} if self.nan_at_step is not None else {}),
+            **({"l_l2": self.l2_weight} if self.l2_weight else {})}
 
   def param_labels(self, params, step):
     if len(self.phase_starts) == 1:
@@ -337,6 +343,22 @@ def test_phases_freeze_and_switch(tiny_data, tmp_path):
   assert not np.allclose(p6["head"]["kernel"], p3["head"]["kernel"])
 
 
+def test_gradient_shares_follow_the_trained_parameters(tiny_data, tmp_path):
+  """train/grad_share/<term>: each weighted term's gradient-norm share on the parameters the
+  phase trains. l_l2 reaches only `head`, which phase 0 (steps 0-2) freezes: share 0 there,
+  > 0 in phase 1; the shares sum to 1."""
+  method = TinyMethod(phase_starts=(0, 3), l2_weight=0.5)
+  train.train_and_evaluate(tiny_config(tiny_data, num_steps=6), str(tmp_path), method=method)
+  mil = tb_scalars(str(tmp_path), "train/grad_share/l_mil")
+  l2 = tb_scalars(str(tmp_path), "train/grad_share/l_l2")
+  assert sorted(mil) == sorted(l2) == [2, 4, 6]
+  assert l2[2] == 0.0 and mil[2] == pytest.approx(1.0)
+  for step in (4, 6):
+    assert 0.0 < l2[step] < 1.0
+    assert mil[step] + l2[step] == pytest.approx(1.0, abs=1e-6)
+  assert tb_scalars(str(tmp_path), "train/share/l_l2")[4] > 0   # its loss share too
+
+
 def test_heldout_selection(tiny_data, tmp_path):
   config = tiny_config(tiny_data, **{"eval.select_on": "heldout",
                                      "eval.heldout_fraction": 0.25})
@@ -420,6 +442,27 @@ def test_weight_decay_styles_differ():
   # l2: Adam-normalised decay gradient -> step of -lr; decoupled: -lr * wd * w = -0.1.
   np.testing.assert_allclose(out["l2"]["w"], [-0.1], rtol=1e-4)
   np.testing.assert_allclose(out["decoupled"]["w"], [-0.1 * 0.5 * 4.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("style", ["l2", "decoupled"])
+def test_no_decay_names_are_not_decayed(style):
+  """config.optim.no_decay (default: PVLR's learnable 'log_logit_scale', as CLIP) leaves those
+  leaves out of weight decay wherever they sit in the tree; every other leaf decays."""
+  config = config_common.base_config(name="x", method="x")
+  config.optim.lr, config.optim.weight_decay = 0.1, 0.5
+  config.optim.weight_decay_style = style
+  assert tuple(config.optim.no_decay) == ("log_logit_scale",)
+  params = {"head": {"log_logit_scale": jnp.array([4.0]), "kernel": jnp.array([4.0])}}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  labels = jax.tree.map(lambda _: "train", params)
+  tx = train.make_optimizer(config, labels)
+  out, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_array_equal(out["head"]["log_logit_scale"], [0.0])
+  assert float(out["head"]["kernel"][0]) < -0.05
+  config.optim.no_decay = ()   # the old behaviour: everything decays
+  tx = train.make_optimizer(config, labels)
+  out, _ = tx.update(grads, tx.init(params), params)
+  assert float(out["head"]["log_logit_scale"][0]) < -0.05
 
 
 _RUNNER = """

@@ -709,6 +709,39 @@ def test_infer_labels_mil_takes_pass1_labels_from_the_mil_score():
     methods.get_method(make_config(infer_labels="oracle"), C, DIMS)
 
 
+def test_infer_labels_all_classes_pool_takes_pass1_labels_from_the_pooled_cas():
+  """infer_labels='all_classes_pool' (the code reading): pass-1 labels from softmax of A
+  pooled at each class's top-k of the all-classes A^ (numpy: argsort per class), then p^ is
+  Eq. 6 on A^ of those labels. (Seed 1 and threshold 0.22: a case where those labels
+  differ from the own-top-k MIL score's, checked below.)"""
+  method, params = build(infer_labels="all_classes_pool", infer_class_threshold=0.22, seed=1)
+  batch, consts = make_batch(n_valid=[24, 17]), make_consts()
+  got = method.predict(params, batch, consts)
+  out = jax.tree.map(np.asarray, method.apply(params, batch, consts))
+  st, mask = method.settings, batch["mask_BxT"]
+  prob = _softmax_np(out["cas_BxTxC"])
+  all_hybrid = (prob + out["s_a_BxT"][..., None] + out["s_v_BxT"][..., None]) / 3 \
+      if st.dsp_weights == "equal" else \
+      (prob + ((out["s_a_BxT"] + out["s_v_BxT"]) / 2)[..., None]) / 2
+  pooled = np.zeros((2, C), np.float32)
+  for i in range(2):
+    n = int(mask[i].sum())
+    k = max(n // st.topk_divisor, 1)
+    for c in range(C):
+      idx = np.argsort(-all_hybrid[i, :n, c], kind="stable")[:k]
+      pooled[i, c] = out["cas_BxTxC"][i, idx, c].mean()
+  y = np.asarray(vlpo.predicted_labels(jnp.asarray(_softmax_np(pooled)), 0.22))
+  k = layers.topk_count(jnp.asarray(mask), st.topk_divisor)
+  mil = jax.nn.softmax(layers.masked_topk_mean(jnp.asarray(out["cas_BxTxC"]), mask, k), -1)
+  assert np.any(np.asarray(vlpo.predicted_labels(mil, 0.22)) != y)
+  scores = [jnp.asarray(out["s_a_BxT"]), jnp.asarray(out["s_v_BxT"])]
+  hybrid = vlpo.hybrid_cas(jnp.asarray(prob), scores, jnp.asarray(y), st.dsp_weights == "equal")
+  z = st.vl_logit_scale * (out["sim_t_BxTxC"] + out["sim_v_BxTxC"]) / 2
+  want = jax.nn.softmax(vlpo.vl_video_logits(jnp.asarray(z), mask, k, hybrid_cas_BxTxC=hybrid),
+                        -1)
+  np.testing.assert_allclose(got["video_scores_BxC"], want, rtol=1e-5, atol=1e-7)
+
+
 def test_oracle_labels_take_dsp_labels_from_the_ground_truth():
   """config.eval.oracle_labels (a diagnostic): DSP's inference labels are the batch's
   ground-truth labels instead of pass 1's."""

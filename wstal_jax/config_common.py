@@ -111,6 +111,7 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.train.eval_every = 100           # each evaluation saves a checkpoint ranked by its mAP
   c.train.checkpoint_every = 0       # extra unevaluated checkpoints (0: only at evaluations)
   c.train.sync_every = 4             # wait for the device at least this often (see train.py)
+  c.train.grad_shares = True         # log each loss term's share of the gradient norm too
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -122,6 +123,9 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   # gradient before Adam's scaling. 'decoupled': AdamW.
   c.optim.weight_decay_style = "l2"
   c.optim.grad_clip_norm = 0.0       # 0: no clipping
+  # Parameters (by name, anywhere in the tree) that weight decay never touches: a learnable
+  # logit scale is a temperature, not a weight (CLIP excludes it; PVLR's learnable scale).
+  c.optim.no_decay = ("log_logit_scale",)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"

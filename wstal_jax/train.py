@@ -72,17 +72,28 @@ def make_optimizer(config, labels) -> optax.GradientTransformation:
   added to the gradient before Adam normalises it; 'decoupled' is AdamW.
   """
   o = config.optim
+  decay_mask = weight_decay_mask(labels, tuple(o.get("no_decay", ())))
   parts = []
   if o.grad_clip_norm:
     parts.append(optax.clip_by_global_norm(o.grad_clip_norm))
   if o.weight_decay_style == "l2":
     if o.weight_decay:
-      parts.append(optax.add_decayed_weights(o.weight_decay))
+      parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
     parts.append(optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps))
   else:
-    parts.append(optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    parts.append(optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             mask=decay_mask))
   return optax.multi_transform({"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
                                labels)
+
+
+def weight_decay_mask(tree, no_decay: tuple[str, ...]):
+  """Pytree of bools like `tree`: False for a leaf whose path names one of `no_decay`
+  (config.optim.no_decay; CLIP does not decay its logit scale, PVLR's `log_logit_scale`)."""
+  def keep(path, _):
+    names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+    return not names & set(no_decay)
+  return jax.tree_util.tree_map_with_path(keep, tree)
 
 
 def phase_starts(method) -> tuple[int, ...]:
@@ -137,14 +148,48 @@ def make_train_step(run: run_setup.Setup, tx):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
+def term_grad_norms_fn(method, labels):
+  """-> fn(params, batch, consts, rng, step) -> [K] float32: for each weighted loss term k
+  of `method.loss_weights()` (in that order), the global norm of the gradient of
+  weight_k * term_k over the parameters `labels` marks 'train'.
+
+  The trainer logs these as each term's gradient share (norm_k / sum_j norm_j): a term
+  whose loss share is small can still be the one that trains some parameters (VLPO's L_kl and
+  L_vl alone train the VLM projections), and a term with zero gradient does not act at all.
+  One forward pass and K backward passes (jax.jacrev), at log steps only.
+  """
+  names = tuple(method.loss_weights())
+  weights = jnp.asarray([method.loss_weights()[k] for k in names], jnp.float32)
+  train_leaves = [l == "train" for l in jax.tree.leaves(labels)]
+
+  def fn(params, batch, consts, rng, step):
+    def weighted_terms(p):
+      _, aux = method.loss(p, batch, consts, rng, step)
+      return weights * jnp.stack([jnp.asarray(aux[k], jnp.float32) for k in names])
+
+    jac = jax.jacrev(weighted_terms)(params)   # leaves [K, *leaf.shape]
+    sq = jnp.zeros((len(names),), jnp.float32)
+    for g, trained in zip(jax.tree.leaves(jac), train_leaves):
+      if trained:
+        sq = sq + jnp.sum(jnp.reshape(g, (len(names), -1)).astype(jnp.float32) ** 2, axis=1)
+    return jnp.sqrt(sq)
+
+  return names, fn
+
+
 class _Phase:
-  """The optimizer and compiled step of one phase."""
+  """The optimizer and compiled step of one phase, and its per-term gradient norms."""
 
   def __init__(self, run, config, starts, index, params):
     self.index = index
     self.start = starts[index]
-    self.tx = make_optimizer(config, _labels(run.method, params, self.start))
+    labels = _labels(run.method, params, self.start)
+    self.tx = make_optimizer(config, labels)
     self.step_fn = make_train_step(run, self.tx)
+    self.grad_names, grad_norms = term_grad_norms_fn(run.method, labels)
+    repl, data = run.replicated, run.data_sharding
+    self.grad_norms_fn = jax.jit(grad_norms, in_shardings=(repl, data, repl, repl, repl),
+                                 out_shardings=repl)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -279,6 +324,7 @@ class _Loop:
     self.num_steps = config.train.num_steps
     self.state = None
     self.phase = None
+    self.train_key = None
     self.last_eval = None    # (step, EvalResult) of the most recent selection evaluation
     self.window = {}         # loss term name -> floats since the last log line
     self.first_tick = None   # start time of the first step of this process, until synced
@@ -331,19 +377,32 @@ class _Loop:
                    f" ({self.selection.name} average mAP {metrics['average_mAP']})"
                    if metrics else "")
 
-  def log(self, step: int):
-    """The mean of every loss term since the last log line, and each weighted term's share
-    of the total (method.loss_weights): log line + TensorBoard (train/<term>,
-    train/share/<term>)."""
+  def log(self, step: int, batch):
+    """The mean of every loss term since the last log line, each weighted term's share of
+    the total (method.loss_weights) and, with config.train.grad_shares, each weighted term's
+    share of the summed gradient norms on this step's batch (`term_grad_norms_fn`): log line
+    + TensorBoard (train/<term>, train/share/<term>, train/grad_share/<term>)."""
     means = {k: float(np.mean(v)) for k, v in self.window.items()}
     total = means.get("loss", 0.0)
     shares = {k: w * means[k] / total for k, w in self.loss_weights.items()
               if k in means and total}
-    logging.info("step %d/%d  %s  (share of the loss: %s)", step, self.num_steps,
+    grad_shares = {}
+    if self.config.train.grad_shares and len(self.loss_weights) > 1:
+      norms = np.asarray(jax.device_get(self.phase.grad_norms_fn(
+          self.state["params"], batch, self.run_.consts,
+          jax.random.fold_in(self.train_key, step - 1), jnp.int32(step - 1))))
+      norm_sum = float(norms.sum())
+      grad_shares = {k: float(n) / norm_sum if norm_sum else 0.0
+                     for k, n in zip(self.phase.grad_names, norms)}
+    logging.info("step %d/%d  %s  (share of the loss: %s)%s", step, self.num_steps,
                  "  ".join(f"{k} {v:.4f}" for k, v in means.items()),
-                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()))
+                 ", ".join(f"{k} {100 * v:.1f}%" for k, v in shares.items()),
+                 f"  (share of the gradient norm: "
+                 f"{', '.join(f'{k} {100 * v:.1f}%' for k, v in grad_shares.items())})"
+                 if grad_shares else "")
     scalars = {f"train/{k}": v for k, v in means.items()}
     scalars.update({f"train/share/{k}": v for k, v in shares.items()})
+    scalars.update({f"train/grad_share/{k}": v for k, v in grad_shares.items()})
     self.writer.write_scalars(step, scalars)
     self.window = {}
 
@@ -366,9 +425,10 @@ class _Loop:
     ranked["selected_on"] = name
     self.save(step, ranked)
 
-  def sync(self, step: int, pending, stop) -> bool:
+  def sync(self, step: int, pending, stop, batch) -> bool:
     """A sync point: fetch and check the pending terms, log, evaluate or save; True when a
-    signal asks the run to stop (a checkpoint of `step` was saved)."""
+    signal asks the run to stop (a checkpoint of `step` was saved). `batch`: the batch of
+    `step` (the log line's gradient shares are measured on it)."""
     config = self.config
     host_terms = jax.device_get(pending)
     if self.first_tick is not None:   # the first step includes compilation
@@ -380,7 +440,7 @@ class _Loop:
       for k, v in t.items():
         self.window.setdefault(k, []).append(float(v))
     if step % config.train.log_every == 0 or step == self.num_steps:
-      self.log(step)
+      self.log(step, batch)
     if step % config.train.eval_every == 0 or step == self.num_steps:
       self.eval_and_rank(step)
     elif config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
@@ -416,7 +476,7 @@ class _Loop:
         process_count=jax.process_count())
     batch = run.put_batch(next(batches))
     self.restore_or_init(batch, start_step)
-    train_key = jax.random.split(jax.random.key(config.seed))[1]
+    train_key = self.train_key = jax.random.split(jax.random.key(config.seed))[1]
 
     pending = []   # (step, device terms) not yet fetched
     step = start_step
@@ -429,7 +489,7 @@ class _Loop:
         if step in self.starts:   # the update that ends a phase: switch to the next one now
           self.switch_phase(step)
         if self.is_sync_point(step, start_step):
-          stopped = self.sync(step, pending, stop)
+          stopped = self.sync(step, pending, stop, batch)
           pending = []
           if stopped:
             return None

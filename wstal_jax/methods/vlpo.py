@@ -165,7 +165,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.act_target = "actionness" # tau_p (Eq. 1) / A_p (Eq. 9) = top-k of S ('actionness', the
                               # paper) or of the labelled classes' CAS ('labelled_cas', ASL)
   c.infer_labels = "all_classes"  # DSP pass-1 labels at inference: every class labelled
-                              # ('all_classes') or the MIL score p's classes ('mil')
+                              # ('all_classes'), the MIL score p's classes ('mil'), or the
+                              # classes of A pooled at the all-classes A^'s top-k
+                              # ('all_classes_pool': what L_mil trains with dsp_pools_cas)
   c.dsp_pass1_term = True     # review finding 4's training-side remedy: L_vl also pools at
                               # the top-k of the all-classes A^ (what inference pass 1 reads),
                               # so a non-target class is penalised on the action snippets where
@@ -225,7 +227,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for field, choices in (("proj_init", ("default", "identity")),
                          ("dsp_weights", ("equal", "halved")),
                          ("act_target", ("actionness", "labelled_cas")),
-                         ("infer_labels", ("all_classes", "mil")),
+                         ("infer_labels", ("all_classes", "mil", "all_classes_pool")),
                          ("oic_score", ("video", "mil")),
                          ("m_norm", ("softmax", "temporal_minmax")),
                          ("kl_form", ("symmetric", "detached")),
@@ -681,7 +683,10 @@ class VLPO:
        actionness_BxT: S in [0, 1] ((S^a + S^v) / 2 with APR, else S^a).
     oic_scores_BxC (only with oic_score='mil'): ASL's MIL score for the OIC gamma term.
     Pass-1 labels of DSP (`infer_labels`): 'all_classes' treats every class as labelled;
-    'mil' takes the classes of the MIL score p (trained by L_mil, label-free at inference).
+    'mil' takes the classes of the MIL score p (trained by L_mil, label-free at inference);
+    'all_classes_pool' the classes of softmax(A pooled at each class's top-k of the
+    all-classes A^) — with dsp_pools_cas that pooling is the one L_mil trains (at the
+    labelled A^), so the pass-1 score is a trained one (the code reading's choice).
     Zero-shot: video_scores = softmax(top-k mean of vl_logit_scale * cos(X^v, X^t)),
     cas = softmax_C(vl_logit_scale * cos) per snippet (CLIP zero-shot classification of each
     snippet), actionness = sum_c video_score_c * cas_c.
@@ -707,6 +712,9 @@ class VLPO:
       all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
       cas_BxTxC = hybrid_cas(prob_BxTxC, scores, all_BxC, equal)
       mil_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
+      # ASL's score_supp: softmax of A pooled at each class's top-k of the all-classes A^.
+      all_pool_BxC = jax.nn.softmax(pool_selected(
+          out["cas_BxTxC"], topk_select(cas_BxTxC, mask_BxT, k_B)), axis=-1)
       if s.use_vl:   # p^'s logits: the preference logits L_vl trains (scale 1 for the
                      # code's two-cosine CEs, whose pooled mean is this z's pooling)
         scale = 1.0 if s.vl_form == "two_cosines" else s.vl_logit_scale
@@ -716,6 +724,8 @@ class VLPO:
           y_BxC = batch["label_BxC"]
         elif self.infer_labels == "mil":
           y_BxC = predicted_labels(mil_BxC, self.infer_class_threshold)
+        elif self.infer_labels == "all_classes_pool":
+          y_BxC = predicted_labels(all_pool_BxC, self.infer_class_threshold)
         elif s.use_vl:
           p0_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B,
                                                   hybrid_cas_BxTxC=cas_BxTxC), axis=-1)
@@ -738,9 +748,7 @@ class VLPO:
                   "cas_BxTxC": jnp.where(valid_BxT[:, :, None], cas_BxTxC, 0.0),
                   "actionness_BxT": jnp.where(valid_BxT, act_BxT, 0.0)}
     if self.oic_score == "mil" and not self.zero_shot:
-      # ASL's score_supp: softmax of A pooled at each class's top-k of the all-classes A^.
-      out_scores["oic_scores_BxC"] = jax.nn.softmax(pool_selected(
-          out["cas_BxTxC"], topk_select(cas_BxTxC, mask_BxT, k_B)), axis=-1)
+      out_scores["oic_scores_BxC"] = all_pool_BxC
     return out_scores
 
   def param_labels(self, params, step):
