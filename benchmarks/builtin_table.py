@@ -72,6 +72,12 @@ ROWS = {
     "pvlr": ("configs/pvlr.py", [], "PVLR full (Table 3 row 5, + L_ortho)"),
     "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],
                  "PVLR Table 4: deterministic CAS (K = 0)"),
+    "pvlr_maha": ("configs/pvlr.py", ["--config.pvlr.metric=mahalanobis"],
+                  "PVLR Table 4: Mahalanobis distance"),
+    "pvlr_bhatt": ("configs/pvlr.py", ["--config.pvlr.metric=bhattacharyya"],
+                   "PVLR Table 4: Bhattacharyya distance"),
+    "pvlr_k5": ("configs/pvlr.py", ["--config.pvlr.num_samples=5"], "PVLR Table 5: K = 5"),
+    "pvlr_k10": ("configs/pvlr.py", ["--config.pvlr.num_samples=10"], "PVLR Table 5: K = 10"),
     # (Row 1, the CO2-Net base, is the same under both readings: pvlr_exp1.)
     "pvlr_code_exp2": ("configs/pvlr.py:exp=2,reading=code", [], "PVLR code reading: row 2"),
     "pvlr_code_exp3": ("configs/pvlr.py:exp=3,reading=code", [], "PVLR code reading: row 3"),

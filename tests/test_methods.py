@@ -65,7 +65,8 @@ def test_method_contract_on_a_tiny_batch(name):
   text = rng.normal(size=(C, DIMS["text"])).astype(np.float32)
   method = methods.get_method(config, C, DIMS, class_names=[f"Class{c}" for c in range(C)])
   assert isinstance(method, methods.Method)
-  assert method.postprocess_preset in ("vlpo", "co2net")
+  from wstal_jax import postprocess
+  assert method.postprocess_preset in postprocess.PRESETS
   starts = tuple(method.phase_starts)
   assert starts[0] == 0 and all(b > a for a, b in zip(starts, starts[1:]))
   extra = method.extra_consts()

@@ -197,6 +197,11 @@ def test_presets():
   assert (co2.oic_lambda, co2.oic_gamma, co2.nms.method, co2.nms.sigma) == (0.25, 0.2, "soft",
                                                                             0.3)
   assert not vlpo.cas_source.enabled and not co2.cas_source.enabled
+  ju = pp.get_preset("ju2023")   # Ju et al. Sec. 3.4 / 4.1
+  assert (ju.class_threshold, tuple(ju.action_thresholds), ju.score_mode) == (0.85, (0.45,),
+                                                                              "max")
+  assert ju.threshold_sequence == "cas" and ju.nms.method == "soft"
+  assert pp.get_preset("co2net").score_mode == "oic"
   pv = pp.get_preset("pvlr")   # PVLR's released evaluation
   assert pv.cas_source.enabled and pv.threshold_sequence == "actionness"
   np.testing.assert_allclose(pv.action_thresholds, np.linspace(0.1, 0.95, 10))
@@ -348,7 +353,10 @@ def _loop_video_proposals(vs, cas, act, sps, duration, cfg, ambiguous):
     def add_regions(thresholds, strict, seq_thr, seq_score, lam, gamma):
       for thr in thresholds:
         for s, e in _loop_runs(seq_thr, thr, strict):
-          score = _loop_oic(seq_score, s, e, lam) + gamma * float(vs[c])
+          if cfg.get("score_mode", "oic") == "max":
+            score = max(float(x) for x in seq_score[s:e + 1])
+          else:
+            score = _loop_oic(seq_score, s, e, lam) + gamma * float(vs[c])
           step = float(sps) / float(u)
           start, end = s * step, (e + 1.0) * step
           if duration is not None and duration > 0:
@@ -408,12 +416,15 @@ def _assert_same_rows(got, want_rows, what):
 @pytest.mark.parametrize("preset,quantize,method", [
     ("co2net", False, None), ("co2net", True, None), ("vlpo", False, None),
     ("vlpo", True, None), ("co2net", True, "hard"), ("pvlr", False, None),
-    ("pvlr", True, None)])
+    ("pvlr", True, None), ("ju2023", False, None), ("ju2023", True, None)])
 def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, method):
   rng = np.random.default_rng(7 + quantize)
   cfg = pp.get_preset(preset)
   if method is not None:
     cfg.nms.method = method
+  if preset == "ju2023":   # its 'max' scores on the coverage below (one theta_loc = 0.45 and
+    cfg.action_thresholds = tuple(np.linspace(0.1, 0.9, 10).tolist())   # theta_cls 0.85
+    cfg.class_threshold = 0.2                                            # make few groups)
   max_t = 60 if preset == "vlpo" else 300   # vlpo upsamples x24
   videos = [_random_video(rng, 5, max_t, quantize) for _ in range(40)]
   flat = np.full((30, 5), 0.05)

@@ -8,11 +8,12 @@ The pipeline, every step a field of the config (see `get_preset`):
    `cas_TxC`, or the class-agnostic `actionness_T` shared by all kept classes) at each of
    `action_thresholds`; every run of consecutive snippets above a threshold is a region.
    Optionally the sequences are first upsampled linearly by `upsample` (ASL family: x24).
-3. scores: outer-inner contrast (OIC) on the class's column of `cas_TxC`:
-   mean(inside) - mean(outside) + gamma * video_score[c] (or the method's own `oic_scores`
-   for this term, e.g. ASL's MIL score beside VLPO's p^), where "outside" is
+3. scores (`score_mode`): 'oic', the outer-inner contrast on the class's column of
+   `cas_TxC`: mean(inside) - mean(outside) + gamma * video_score[c] (or the method's own
+   `oic_scores` for this term, e.g. ASL's MIL score beside VLPO's p^), where "outside" is
    floor(lambda * length) snippets on each side, clipped to the video (an empty outside
-   counts as 0).
+   counts as 0); or 'max', the maximum of the class's column inside the region (Ju et al.
+   Sec. 3.4).
 4. seconds: region [s, e] (inclusive indices of the possibly upsampled sequence) covers
    [s / u * sps, (e + 1) / u * sps], clipped to [0, duration]; regions shorter than
    `min_length_s` are dropped.
@@ -84,7 +85,8 @@ FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D features
 
 THRESHOLD_SEQUENCES = ("cas", "actionness")
-PRESETS = ("vlpo", "co2net", "pvlr")
+PRESETS = ("vlpo", "co2net", "pvlr", "ju2023")
+SCORE_MODES = ("oic", "max")
 
 
 @dataclasses.dataclass
@@ -165,6 +167,20 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     nms.sigma = 0.35                 # ASL code --nms_alpha
     nms.length_offset_s = 1.0        # ASL code: areas = x2 - x1 + 1 on seconds
     cfg.filter_ambiguous = False     # ASL evaluates without the ambiguous list
+  elif name == "ju2023":             # Ju et al. Sec. 3.4, 4.1 (no public code)
+    cfg.class_threshold = 0.85       # theta_cls ("greater than"; argmax if none passes)
+    cfg.threshold_sequence = "cas"   # each kept class's frame-level score column
+    cfg.action_thresholds = (0.45,)  # theta_loc, one threshold
+    cfg.threshold_strict = True      # "threshold detection scores with theta_loc": > 0.45
+    cfg.upsample = 1
+    cfg.oic_lambda = 0.0             # unused with score_mode='max'
+    cfg.oic_gamma = 0.0
+    cfg.min_length_s = 0.0
+    nms.method = "soft"              # "soft non-maximum suppression"; the paper gives no
+    nms.iou_threshold = 0.7          # numbers: the Gaussian soft-NMS of the CO2-Net family
+    nms.sigma = 0.3                  # (sigma 0.3) with the plain tIoU
+    nms.length_offset_s = 0.0
+    cfg.filter_ambiguous = False     # the official ActivityNet algorithm, no filtering
   elif name in ("co2net", "pvlr"):
     cfg.class_threshold = 0.2        # CO2-Net code: pred_vid_score >= 0.2
     cfg.threshold_sequence = "actionness"  # CO2-Net code: thresholds the attention
@@ -187,6 +203,7 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
       cas.enabled = True
   else:
     raise WstalError(f"unknown post-processing preset {name!r}; choose one of {PRESETS}")
+  cfg.score_mode = "max" if name == "ju2023" else "oic"   # step 3
   cfg.nms = nms
   cfg.cas_source = cas
   return cfg
@@ -204,6 +221,8 @@ def _check_config(config):
        f"upsample must be an integer >= 1, got {config.upsample!r}")
   need(len(config.action_thresholds) > 0, "action_thresholds is empty")
   need(config.oic_lambda >= 0, f"oic_lambda must be >= 0, got {config.oic_lambda}")
+  need(config.get("score_mode", "oic") in SCORE_MODES,
+       f"score_mode {config.get('score_mode')!r} not in {SCORE_MODES}")
   if config.nms.method in ("soft", "append_decayed"):
     need(config.nms.sigma > 0, f"nms.sigma must be > 0, got {config.nms.sigma}")
   if config.nms.method in ("hard", "append_decayed"):
@@ -357,6 +376,7 @@ class _Settings:
   length_offset_s: float
   filter_ambiguous: bool
   cas_source: "_Settings | None" = None   # the min-max normalised CAS source, if enabled
+  score_mode: str = "oic"
 
   @classmethod
   def of(cls, config) -> "_Settings":
@@ -367,7 +387,7 @@ class _Settings:
                int(config.upsample), float(config.oic_lambda), float(config.oic_gamma),
                float(config.min_length_s), str(nms_cfg.method), float(nms_cfg.iou_threshold),
                float(nms_cfg.sigma), float(nms_cfg.length_offset_s),
-               bool(config.filter_ambiguous))
+               bool(config.filter_ambiguous), score_mode=str(config.get("score_mode", "oic")))
     cas = config.get("cas_source")
     if cas is not None and bool(cas.enabled):
       if len(cas.action_thresholds) == 0:
@@ -379,7 +399,7 @@ class _Settings:
           main, threshold_sequence="cas",
           action_thresholds=np.asarray(cas.action_thresholds, np.float64),
           threshold_strict=bool(cas.threshold_strict), oic_lambda=float(cas.oic_lambda),
-          oic_gamma=float(cas.oic_gamma)))
+          oic_gamma=float(cas.oic_gamma), score_mode="oic"))
     return main
 
 
@@ -435,6 +455,8 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
   u = cfg.upsample
   seqs, seg_video, seg_class = [], [], []     # thresholded sequences
   sums, sum_at, seq_len = [], [], []          # OIC prefix sums, (video, class) columns
+  cols, col_at = [], []                       # the raw columns ('max' scores)
+  col_base = 0
   classes, class_at, vid_score = [], [], []
   class_base = sum_base = 0
   for v, (scores_c, cas_tc) in enumerate(zip(video_scores, cas)):
@@ -466,6 +488,10 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
     sum_at.append(sum_base)
     seq_len.append(oic_tk.shape[0])
     sum_base += sums[-1].size
+    if cfg.score_mode == "max":
+      cols.append(oic_tk.T.reshape(-1))
+      col_at.append(col_base)
+      col_base += cols[-1].size
     classes.append(classes_k)
     class_at.append(class_base)
     gamma_c = scores_c if oic_scores is None else np.asarray(
@@ -496,11 +522,17 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
   video, col, s_idx, e_idx = video[order], col[order], s_idx[order], e_idx[order]
 
   t_n = seq_len[video]
-  csum_flat = np.concatenate(sums) if sums else np.zeros(0)
-  vid_score_flat = np.concatenate(vid_score) if vid_score else np.zeros(0)
-  score = (_oic_from_prefix_sums(csum_flat, sum_at[video] + col * (t_n + 1), s_idx, e_idx, t_n,
-                                 cfg.oic_lambda)
-           + cfg.oic_gamma * vid_score_flat[class_at[video] + col])
+  if cfg.score_mode == "max":   # the column's maximum inside [s, e]
+    flat = np.concatenate(cols + [np.zeros(1)]) if cols else np.zeros(1)
+    base = np.asarray(col_at, np.int64)[video] + col * t_n
+    bounds = np.stack([base + s_idx, base + e_idx + 1], axis=1).reshape(-1)
+    score = (np.maximum.reduceat(flat, bounds)[0::2] if len(bounds) else np.zeros(0))
+  else:
+    csum_flat = np.concatenate(sums) if sums else np.zeros(0)
+    vid_score_flat = np.concatenate(vid_score) if vid_score else np.zeros(0)
+    score = (_oic_from_prefix_sums(csum_flat, sum_at[video] + col * (t_n + 1), s_idx, e_idx,
+                                   t_n, cfg.oic_lambda)
+             + cfg.oic_gamma * vid_score_flat[class_at[video] + col])
   step_v = np.array([float(sps) / float(u) for sps in seconds_per_snippet])
   clip = np.array([d is not None and d > 0 for d in durations], bool)
   lo_v = np.where(clip, 0.0, -np.inf)
