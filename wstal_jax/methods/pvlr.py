@@ -49,18 +49,16 @@ Readings (the paper leaves these open; each is noted again where it is coded):
   BCE over the N^2 pairs of valid videos.
 * Sampling noise comes from the step key (rng 'sample'); the easy-snippet drop from 'mining'.
 """
-import dataclasses
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
 from wstal_jax.layers import l2_normalize, video_mean
 from wstal_jax.methods import co2net
+from wstal_jax.models import class_text
 from wstal_jax.models import pvlr as pvlr_model
 
 METRICS = ("kl", "bhattacharyya", "mahalanobis")
@@ -177,8 +175,8 @@ def validate_config(cfg) -> None:
   if cfg.metric != "kl" and (cfg.intra_form == "log_mean" or cfg.inter_form == "code"):
     bad("metric", "the released code's L_intra / L_inter forms (intra_form='log_mean', "
         "inter_form='code') use the one-directional KL; use metric='kl' with them")
-  if cfg.text_mode not in ("auto",) + pvlr_model.TEXT_MODES:
-    bad("text_mode", f"must be 'auto' or one of {pvlr_model.TEXT_MODES}")
+  if cfg.text_mode not in ("auto",) + class_text.TEXT_MODES:
+    bad("text_mode", f"must be 'auto' or one of {class_text.TEXT_MODES}")
   if int(cfg.num_samples) < 0:
     bad("num_samples", "must be >= 0")
   if cfg.temperature <= 0:
@@ -503,23 +501,9 @@ class PVLR:
     if not e_img:
       raise WstalError("pvlr: needs CLIP image features per snippet (Eq. 12): set "
                        "config.data.vlm_feature to the dataset's CLIP feature (e.g. 'clip')")
-    self.text_mode = cfg.text_mode
-    if self.text_mode == "auto":
-      self.text_mode = "clip" if cfg.clip_checkpoint else "precomputed"
-    self._consts = {}
-    clip_config = None
-    if self.text_mode == "clip":
-      clip_config, e_text = self._setup_clip(cfg, class_names, num_classes)
-    else:
-      logging.info("pvlr: no CLIP checkpoint (config.pvlr.clip_checkpoint): class text = the "
-                   "dataset's class text embeddings + a learnable offset per class "
-                   "(models/pvlr.py, 'precomputed')")
-      e_text = dims.get("text")
-      if not e_text:
-        raise WstalError(
-            "pvlr: text_mode='precomputed' needs class text embeddings in the CLIP image "
-            "space (the dataset's text_embeddings_<feature>.npy or text_embeddings.npy); "
-            "or set config.pvlr.clip_checkpoint to encode the class names with CLIP")
+    self.text = class_text.resolve("pvlr", cfg, class_names, num_classes, dims, ("text",))
+    self.text_mode, self.class_texts = self.text.mode, self.text.names
+    self._consts, clip_config, e_text = self.text.consts, self.text.clip_config, self.text.dim
     if e_text != e_img:
       raise WstalError(f"pvlr: class text embeddings are {e_text}-d but the CLIP image "
                        f"features ({config.data.vlm_feature}) are {e_img}-d; P-CAS (Eq. 10) "
@@ -534,40 +518,6 @@ class PVLR:
         train_similarity=str(cfg.train_similarity), dot_divisor=float(cfg.dot_divisor),
         dot_text_norm=bool(cfg.dot_text_norm), adapter_init=str(cfg.adapter_init),
         background_init=str(cfg.background_init))
-
-  def _setup_clip(self, cfg, class_names, num_classes):
-    # pylint: disable=import-outside-toplevel
-    from wstal_jax.models import clip_convert, clip_text, clip_tokenizer
-    params, clip_config = clip_convert.load_clip_text(cfg.clip_checkpoint)
-    if cfg.class_names:
-      names = [n.strip() for n in str(cfg.class_names).split(",")]
-    elif class_names:
-      names = [clip_text.split_camel_case(n) for n in class_names]
-    else:
-      raise WstalError("pvlr: text_mode='clip' needs class names (the dataset's, or "
-                       "config.pvlr.class_names)")
-    if len(names) != num_classes:
-      raise WstalError(f"config.pvlr.class_names has {len(names)} names; the dataset has "
-                       f"{num_classes} classes")
-    tok = clip_tokenizer.ClipTokenizer(cfg.clip_bpe_vocab) if cfg.clip_bpe_vocab \
-        else clip_tokenizer.ClipTokenizer()
-    ids, lens = clip_text.tokenize_class_names(
-        names, tok, n_pre=int(cfg.n_ctx_pre), n_post=int(cfg.n_ctx_post),
-        context_length=clip_config.context_length)
-    # Causal attention: the pooled EOT state never sees later positions, so the prompts are
-    # encoded in the shortest context that holds them (identical outputs; 77 / ~16 less work).
-    needed = 1 + int(cfg.n_ctx_pre) + int(np.max(lens)) + int(cfg.n_ctx_post) + 1
-    clip_config = dataclasses.replace(clip_config, context_length=needed)
-    params = dict(params)
-    params["positional_embedding"] = np.asarray(params["positional_embedding"])[:needed]
-    self._consts = {"class_name_ids_CxM": np.asarray(ids), "class_name_len_C": np.asarray(lens),
-                    "clip_text_params": params}
-    self.class_texts = names
-    logging.info("pvlr: class text from the CLIP text encoder %s (%s, %d layers, %d-d), "
-                 "tokenizer %s, prompts %r", cfg.clip_checkpoint, clip_config.activation,
-                 clip_config.layers, clip_config.output_dim, tok.backend,
-                 [f"X*{cfg.n_ctx_pre} {n} X*{cfg.n_ctx_post}" for n in names[:3]])
-    return clip_config, clip_config.output_dim
 
   def extra_consts(self):
     """Constants the method needs besides the dataset's (CLIP weights, class token ids)."""
@@ -585,22 +535,14 @@ class PVLR:
     return weights
 
   def _variables(self, params, consts):
-    if self.text_mode != "clip":
-      return {"params": params}
-    text = dict(params["text"])
-    text["clip"] = consts["clip_text_params"]
-    return {"params": {**params, "text": text}}
+    return self.text.variables(params, consts)
 
   def init(self, rng, batch, consts):
     params_rng, dropout_rng = jax.random.split(rng)
     variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch, consts,
                                 train=False)
-    params = dict(variables["params"])
-    if self.text_mode == "clip":  # the frozen encoder lives in consts, not in params
-      text = dict(params["text"])
-      text.pop("clip", None)
-      params["text"] = text
-    return {"params": params}
+    # The frozen encoder lives in consts, not in params.
+    return {"params": self.text.strip_frozen(dict(variables["params"]))}
 
   def loss(self, params, batch, consts, rng, step):
     del step

@@ -1,0 +1,132 @@
+"""Flax Linen modules of Ju et al. 2023 (ju2023_distill_vlp.txt Sec. 3.2): the two branches.
+
+`Ju2023Model` holds the CBP branch (scope 'cbp') and the VLP branch (scope 'vlp'); the
+method freezes one scope while the other trains (Sec. 3.3). Outputs:
+
+  cbp_logits_BxTxC1  CBP frame logits over the C classes + a background column
+  cbp_emb_BxTxF      CBP frame features (the f of Eq. 7 in F steps)
+  vlp_logits_BxTxC   logit_scale * cos(F_vid, F_txt) (Eq. 3 before its softmax)
+  vlp_emb_BxTxE      F_vid (the f of Eq. 7 in B steps)
+
+CBP branch (Sec. 3.2, 4.1: "Transformer architectures (multi-head self-attention, layer norm,
+and MLPs)"; sizes not given): a masked temporal conv (kernel 3) embeds the I3D RGB || flow
+features (it also gives the otherwise permutation-invariant attention the order of the
+snippets), then `num_layers` pre-LN Transformer blocks with padding masked out of the
+attention, a final layer norm and a linear head over C + 1 classes. The background column
+is our reading (documented in methods/ju2023.py): a softmax over the C classes alone cannot
+say "background" at a frame, and Eq. 4 needs frame scores below delta_l.
+
+VLP branch: the frozen CLIP image features F_vis -> `vlp_layers` (2, Sec. 4.1) pre-LN
+Transformer blocks whose output projections start at zero, so F_vid = F_vis at init and the
+untrained branch is exactly vanilla CLIP (the "VLP zero-shot" row); class text F_txt from
+the frozen CLIP text encoder over [SOS; 16 learnable vectors; name; 16 learnable vectors;
+EOT] (`models/clip_text.PromptedClassEncoder`, N(0, 0.01^2) init), or, without a CLIP
+checkpoint, the dataset's class text embeddings + a learnable offset per class
+(`models/pvlr.PrecomputedClassText`, the same fallback as PVLR's).
+"""
+import flax.linen as nn
+import jax.numpy as jnp
+
+from wstal_jax.layers import MaskedTemporalConv, l2_normalize, zero_padding
+from wstal_jax.models.pvlr import PrecomputedClassText
+
+TEXT_MODES = ("precomputed", "clip")
+
+
+class TransformerBlock(nn.Module):
+  """Pre-LN block: x + MHSA(LN(x)) with padded keys masked, then x + MLP(LN(x)).
+
+  zero_init_out: the attention's and the MLP's output projections start at zero (the block
+  is the identity at init).
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  zero_init_out: bool = False
+
+  @nn.compact
+  def __call__(self, x_BxTxF, mask_BxT, *, train: bool):
+    valid_BxT = mask_BxT > 0
+    out_init = (nn.initializers.zeros if self.zero_init_out
+                else nn.initializers.lecun_normal())
+    attn_mask = nn.make_attention_mask(valid_BxT, valid_BxT)   # [B, 1, T, T]
+    y = nn.LayerNorm(name="ln_attn")(x_BxTxF)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
+        out_kernel_init=out_init, name="attn")(y, y, mask=attn_mask)
+    x_BxTxF = x_BxTxF + nn.Dropout(self.dropout, deterministic=not train)(y)
+    y = nn.LayerNorm(name="ln_mlp")(x_BxTxF)
+    y = nn.gelu(nn.Dense(self.mlp_dim, name="mlp_in")(y))
+    y = nn.Dense(x_BxTxF.shape[-1], kernel_init=out_init, name="mlp_out")(y)
+    x_BxTxF = x_BxTxF + nn.Dropout(self.dropout, deterministic=not train)(y)
+    return zero_padding(x_BxTxF, mask_BxT)
+
+
+class CBPBranch(nn.Module):
+  """I3D features -> frame logits over C + 1 and frame features (module docstring)."""
+  num_classes: int
+  width: int = 256
+  num_layers: int = 2
+  num_heads: int = 4
+  mlp_dim: int = 512
+  dropout: float = 0.5
+
+  @nn.compact
+  def __call__(self, feat_BxTxD, mask_BxT, *, train: bool):
+    x = nn.Dropout(self.dropout, deterministic=not train)(feat_BxTxD)
+    x = nn.relu(MaskedTemporalConv(self.width, 3, name="embed")(x, mask_BxT))
+    for i in range(self.num_layers):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+                           name=f"block{i}")(x, mask_BxT, train=train)
+    emb = zero_padding(nn.LayerNorm(name="ln_out")(x), mask_BxT)
+    h = nn.Dropout(self.dropout, deterministic=not train)(emb)
+    logits = nn.Dense(self.num_classes + 1, name="head")(h)
+    return {"cbp_logits_BxTxC1": zero_padding(logits, mask_BxT), "cbp_emb_BxTxF": emb}
+
+
+class VLPBranch(nn.Module):
+  """CLIP image features + class text -> scaled cosines (module docstring)."""
+  num_layers: int = 2
+  num_heads: int = 8
+  mlp_dim: int = 1024
+  dropout: float = 0.1
+  logit_scale: float = 100.0
+  text_mode: str = "precomputed"
+  clip_config: object = None
+  n_pre: int = 16
+  n_post: int = 16
+  prompt_init_std: float = 0.01
+
+  @nn.compact
+  def __call__(self, vis_BxTxE, mask_BxT, consts, *, train: bool):
+    x = zero_padding(vis_BxTxE, mask_BxT)
+    for i in range(self.num_layers):
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, zero_init_out=True,
+                           name=f"temporal{i}")(x, mask_BxT, train=train)
+    if self.text_mode == "clip":
+      from wstal_jax.models import clip_text  # pylint: disable=import-outside-toplevel
+      text_CxE = clip_text.PromptedClassEncoder(
+          self.clip_config, n_pre=self.n_pre, n_post=self.n_post,
+          ctx_init_std=self.prompt_init_std, name="text")(
+              consts["class_name_ids_CxM"], consts["class_name_len_C"])
+    else:
+      text_CxE = PrecomputedClassText(self.prompt_init_std, name="text")(consts["text_CxE"])
+    sim = jnp.einsum("bte,ce->btc", l2_normalize(x), l2_normalize(text_CxE))
+    return {"vlp_logits_BxTxC": zero_padding(self.logit_scale * sim, mask_BxT),
+            "vlp_emb_BxTxE": x, "text_CxE": text_CxE}
+
+
+class Ju2023Model(nn.Module):
+  """Both branches; `consts` carries the class text inputs (and frozen CLIP weights)."""
+  num_classes: int
+  cbp: dict
+  vlp: dict
+
+  @nn.compact
+  def __call__(self, batch, consts, *, train: bool):
+    mask_BxT = batch["mask_BxT"]
+    out = CBPBranch(self.num_classes, name="cbp", **self.cbp)(
+        batch["feat_BxTxD"], mask_BxT, train=train)
+    out.update(VLPBranch(name="vlp", **self.vlp)(batch["vlm_BxTxE"], mask_BxT, consts,
+                                                 train=train))
+    return out
