@@ -110,8 +110,9 @@ def test_method_contract_on_a_tiny_batch(name):
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
 def test_every_weighted_term_has_a_gradient_at_init(name):
   """The "every term acts" criterion at init (README, "Every term acts"): on a tiny batch,
-  each weighted term of the recipe has a non-zero gradient on the parameters the first phase
-  trains, and train.term_grad_norms_fn agrees with one jax.grad per term."""
+  each weighted term of the recipe has a non-zero gradient on the parameters some phase
+  trains (at that phase's first step; a multi-phase method gates its terms by phase), and
+  train.term_grad_norms_fn agrees with one jax.grad per term (first phase)."""
   from wstal_jax import train
   config = recipe(name)
   text = np.random.default_rng(1).normal(size=(C, DIMS["text"])).astype(np.float32)
@@ -121,19 +122,34 @@ def test_every_weighted_term_has_a_gradient_at_init(name):
   batch["label_BxC"][0, 1] = 1.0   # the two videos share class 1 (pair terms: L_oppo, ...)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   params = method.init(jax.random.key(0), batch, consts)["params"]
-  labels = method.param_labels(params, 0)
-  names, fn = train.term_grad_norms_fn(method, labels)
-  assert names == tuple(method.loss_weights())
-  rng, step = jax.random.key(2), jnp.int32(0)
-  # Op by op, like the per-term reference below (the check is of the weights, the 'train'
-  # mask and the norms; a compiled program may round the forward pass differently).
-  norms = np.asarray(fn(params, batch, consts, rng, step))
   weights = method.loss_weights()
-  trained = [l == "train" for l in jax.tree.leaves(labels)]
-  for k, got in zip(names, norms):
-    g = jax.grad(lambda p: weights[k] * method.loss(p, batch, consts, rng, step)[1][k])(params)
-    want = np.sqrt(sum(float(np.sum(np.square(np.asarray(x))))
-                       for x, t in zip(jax.tree.leaves(g), trained) if t))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8, err_msg=k)
-    if weights[k]:
-      assert got > 0, f"{name}: weighted term {k} has no gradient at init"
+  rng = jax.random.key(2)
+  best = dict.fromkeys(weights, 0.0)
+  seen = set()
+  for start in method.phase_starts:
+    labels = method.param_labels(params, start)
+    key = tuple(jax.tree.leaves(labels))
+    if key in seen:
+      continue
+    seen.add(key)
+    names, fn = train.term_grad_norms_fn(method, labels)
+    assert names == tuple(weights)
+    step = jnp.int32(start)
+    if start == 0:
+      # Op by op, like the per-term reference below (the check is of the weights, the
+      # 'train' mask and the norms; a compiled program may round the forward differently).
+      norms = np.asarray(fn(params, batch, consts, rng, step))
+      trained = [l == "train" for l in jax.tree.leaves(labels)]
+      for k, got in zip(names, norms):
+        g = jax.grad(lambda p, k=k: weights[k] * method.loss(p, batch, consts, rng, step)[1][k])(
+            params)
+        want = np.sqrt(sum(float(np.sum(np.square(np.asarray(x))))
+                           for x, t in zip(jax.tree.leaves(g), trained) if t))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-8, err_msg=k)
+    else:
+      norms = np.asarray(jax.jit(fn)(params, batch, consts, rng, step))
+    for k, got in zip(names, norms):
+      best[k] = max(best[k], float(got))
+  for k, w in weights.items():
+    if w:
+      assert best[k] > 0, f"{name}: weighted term {k} has no gradient in any phase at init"

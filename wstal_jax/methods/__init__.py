@@ -24,6 +24,7 @@ REGISTRY = {
     "vlpo": "vlpo:VLPO",          # VLPO (vlpo.txt), the main method
     "co2net": "co2net:CO2Net",    # CO2-Net (Hong et al. 2021), PVLR's base
     "pvlr": "pvlr:PVLR",          # PVLR (pvlr.txt) on CO2-Net
+    "ju2023": "ju2023:Ju2023",    # Ju et al. 2023 (ju2023_distill_vlp.txt): CBP + VLP branches
 }
 METHODS = tuple(REGISTRY)
 

@@ -1,0 +1,404 @@
+"""Ju et al. 2023 (CVPR): distillation-collaboration of a CBP branch and a VLP branch.
+
+Paper: ju2023_distill_vlp.txt. No public code exists; every reading below is ours. The method
+object `Ju2023` wires `models.ju2023.Ju2023Model` to the pure losses of this file. Paper map:
+
+  Eq. 1     L_cls: top-k MIL of the CBP frame logits                     `cls_loss`
+  Eq. 2-3   F_vid, F_txt, P^vl = softmax_C(F_vid . F_txt^T)             models/ju2023.py
+  Eq. 4     ternary pseudo-labels (delta_h = 0.3, delta_l = 0.1)        `ternarize`
+  Eq. 5     L_all = L_kd + lambda L_fb (lambda = 0.05)                  `Ju2023.loss`
+  Eq. 6     L_kd on confident frames, / O                                `kd_loss`
+  Eq. 7     foreground-background contrast (tau = 0.07)                  `fb_loss`
+  Sec. 3.3  warm-up, then alternating B / F steps                        `schedule`
+  Sec. 3.4  inference from the CBP branch (the `ju2023` post-processing preset)
+
+Schedule (Sec. 3.3), as trainer phases (each a fresh optimizer over the phase's trainable
+scope, the other scope frozen): 'warmup' trains CBP with L_cls; 'B' freezes CBP, whose
+ternary labels H^cb supervise VLP (L_kd + lambda L_fb on VLP's F_vid); 'F' freezes VLP, whose
+labels H^vl supervise CBP (L_kd + lambda L_fb on CBP's frame features). The teacher's scores
+come from a deterministic (dropout-free) forward pass with no gradient.
+
+Readings (the paper does not say; each is a config field):
+* L_cls in F steps (`cls_in_f_step`, default True): the paper's F-step loss is Eq. 5 only. We
+  keep Eq. 1 on CBP in F steps: inference keeps the classes whose video probability (Eq. 1's
+  pooled softmax) exceeds theta_cls = 0.85, and only L_cls calibrates that score; L_kd trains
+  frames, not the pooled softmax. False is the literal reading.
+* CBP background column (`cbp_background`, default True): P^cb is a softmax over C + 1 per frame
+  (the C class columns are P^cb) and Eq. 1 pools all C + 1 columns with the background label 1
+  for every video (BaS-Net / W-TALC's base branch, as CO2-Net's L_base). A softmax over the C
+  classes alone has no way to say "background" at a frame of a one-class video, so Eq. 4's
+  "p < delta_l" would rarely hold for the labelled class and CBP could not be the background
+  teacher the paper describes (high background mIoU). False: Eq. 1 literally, softmax over C.
+* Confident frames (Eq. 6): h is per (t, c); a frame is confident when its entry is not
+  uncertain for every class of the video's label (non-label classes are always confident
+  background). L_kd sums the Bernoulli KL(h || p) = BCE over the C classes of the confident
+  frames of the batch and divides by their number O; uncertain frames get exactly zero
+  gradient.
+* L_fb (Eq. 7) is computed within each video: anchors i are the confident foreground (frame,
+  class) pairs, positives the other foreground frames of that class in the video, negatives
+  the video's confident background frames (background for every labelled class); f is the
+  L2-normalised frame feature of the trained branch. Within-video keeps memory O(B T^2) (a
+  batch-wide contrast is O(B^2 T^2): 16 x 1000 frames is 1 GB per similarity matrix) and
+  contrasts an action with its own video's look-alike background, the case the paper
+  motivates it with. Anchors without a positive are skipped; the loss is the mean over
+  anchors (Eq. 7's sum would tie lambda to the batch size and T).
+* VLP logit scale (`vlp_logit_scale`, 100): CLIP's learned scale, fixed (only prompts and the
+  temporal layers train, Sec. 3.2).
+* The VLP temporal layers start as the identity (zero output projections), so the untrained
+  branch is vanilla CLIP (Table 3's "VLP" and Table 4's "only F step" pseudo-labels).
+* Table 4's fusion (`fusion`: 'cbp' | 'average' | 'weighted'): the frame scores that inference
+  thresholds, P^cb, (P^cb + P^vl) / 2, or w P^cb + (1 - w) P^vl with w = `fusion_weight`
+  (0.7: the paper gives no weights; CBP sees optical flow, VLP does not). Video scores stay
+  CBP's.
+
+Frame-level pseudo-label quality (Table 3): `predict` also returns frame_cbp_BxTxC and
+frame_vlp_BxTxC; the Evaluator turns every frame_<name>_BxTxC into fg_mIoU_<name> /
+bg_mIoU_<name> at `frame_threshold` (delta_h) against the ground truth (metrics.frame_miou).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from wstal_jax import methods
+from wstal_jax.errors import WstalError
+from wstal_jax.layers import l2_normalize, masked_topk_mean, topk_count
+from wstal_jax.methods import co2net
+from wstal_jax.models import class_text
+from wstal_jax.models import ju2023 as ju_model
+
+MODES = ("full", "cbp", "only_f", "only_b")
+FUSIONS = ("cbp", "average", "weighted")
+KINDS = ("warmup", "B", "F")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.ju2023` block (Sec. 4.1 where the paper gives a value)."""
+  c = ml_collections.ConfigDict()
+  c.mode = "full"              # 'full' (alternating B / F), 'cbp' (warm-up only, all steps),
+                               # 'only_f' / 'only_b' (Table 4)
+  # CBP branch (sizes not given: ~1.9 M parameters on 2048-d I3D, near CO2-Net's ~2.5 M)
+  c.cbp_width = 256
+  c.cbp_layers = 2
+  c.cbp_heads = 4
+  c.cbp_mlp_dim = 512
+  c.cbp_dropout = 0.3
+  c.cbp_background = True      # softmax over C + 1 with a background column (docstring)
+  c.topk_divisor = 8           # Eq. 1: k = max(1, n // 8)
+  # VLP branch (Sec. 4.1: 2-layer temporal Transformer, 16 + 16 prompts, N(0, 0.01))
+  c.vlp_layers = 2
+  c.vlp_heads = 8
+  c.vlp_mlp_ratio = 2
+  c.vlp_dropout = 0.1
+  c.vlp_logit_scale = 100.0
+  c.text_mode = "auto"         # 'clip' with a checkpoint, else 'precomputed' (PVLR's fallback)
+  c.clip_checkpoint = ml_collections.config_dict.placeholder(str)
+  c.clip_bpe_vocab = ml_collections.config_dict.placeholder(str)
+  c.class_names = ml_collections.config_dict.placeholder(str)
+  c.n_ctx_pre = 16
+  c.n_ctx_post = 16
+  c.prompt_init_std = 0.01
+  # Eq. 4-7 (Sec. 4.1)
+  c.delta_h = 0.3
+  c.delta_l = 0.1
+  c.lam = 0.05                 # lambda of Eq. 5
+  c.tau = 0.07                 # Eq. 7
+  c.use_kd = True              # Table 5
+  c.use_fb = True
+  c.cls_in_f_step = True       # L_cls keeps training CBP in F steps (docstring)
+  # Schedule (Sec. 3.3; lengths not given)
+  c.warmup_steps = 400
+  c.b_steps = 100
+  c.f_steps = 100
+  c.num_alternations = 3
+  # Inference (Sec. 3.4; Table 4 fusion)
+  c.fusion = "cbp"
+  c.fusion_weight = 0.7
+  c.eval_topk_divisor = 8
+  return c
+
+
+def validate_config(cfg) -> None:
+  def bad(field, why):
+    raise WstalError(f"config.ju2023.{field}={cfg.get(field)!r}: {why}")
+  if cfg.mode not in MODES:
+    bad("mode", f"choose one of {MODES}")
+  if cfg.fusion not in FUSIONS:
+    bad("fusion", f"choose one of {FUSIONS}")
+  for field in ("cbp_width", "cbp_layers", "cbp_heads", "cbp_mlp_dim", "topk_divisor",
+                "vlp_heads", "vlp_mlp_ratio", "eval_topk_divisor", "warmup_steps"):
+    if int(cfg[field]) < 1:
+      bad(field, "must be >= 1")
+  for field in ("vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations", "b_steps",
+                "f_steps"):
+    if int(cfg[field]) < 0:
+      bad(field, "must be >= 0")
+  if int(cfg.cbp_width) % int(cfg.cbp_heads):
+    bad("cbp_width", f"must be divisible by cbp_heads={cfg.cbp_heads}")
+  if not 0.0 <= cfg.delta_l < cfg.delta_h <= 1.0:
+    bad("delta_h", f"need 0 <= delta_l ({cfg.delta_l}) < delta_h <= 1")
+  for field in ("cbp_dropout", "vlp_dropout"):
+    if not 0.0 <= cfg[field] < 1.0:
+      bad(field, "must be in [0, 1)")
+  if cfg.tau <= 0 or cfg.vlp_logit_scale <= 0:
+    bad("tau", "tau and vlp_logit_scale must be > 0")
+  if cfg.lam < 0:
+    bad("lam", "must be >= 0")
+  if not 0.0 <= cfg.fusion_weight <= 1.0:
+    bad("fusion_weight", "must be in [0, 1]")
+  if not (cfg.use_kd or cfg.use_fb):
+    bad("use_kd", "use_kd and use_fb are both off: B / F steps would train nothing")
+  if cfg.mode in ("full", "only_b") and int(cfg.b_steps) < 1:
+    bad("b_steps", f"mode={cfg.mode!r} needs B steps")
+  if cfg.mode in ("full", "only_f") and int(cfg.f_steps) < 1:
+    bad("f_steps", f"mode={cfg.mode!r} needs F steps")
+  if cfg.mode in ("full",) and int(cfg.num_alternations) < 1:
+    bad("num_alternations", "mode='full' needs at least one B / F alternation")
+
+
+def schedule(cfg) -> list[tuple[int, str]]:
+  """[(start step, kind)] of the phases (kind in KINDS), from the config block."""
+  w, b, f = int(cfg.warmup_steps), int(cfg.b_steps), int(cfg.f_steps)
+  if cfg.mode == "cbp":
+    return [(0, "warmup")]
+  if cfg.mode == "only_f":
+    return [(0, "warmup"), (w, "F")]
+  if cfg.mode == "only_b":
+    return [(0, "warmup"), (w, "B")]
+  out, step = [(0, "warmup")], w
+  for _ in range(int(cfg.num_alternations)):
+    out += [(step, "B"), (step + b, "F")]
+    step += b + f
+  return out
+
+
+def schedule_length(cfg) -> int:
+  """The steps the schedule needs (mode 'full': warm-up + alternations x (B + F))."""
+  if cfg.mode == "full":
+    return int(cfg.warmup_steps) + int(cfg.num_alternations) * (int(cfg.b_steps)
+                                                                + int(cfg.f_steps))
+  return int(cfg.warmup_steps) + (1 if cfg.mode != "cbp" else 0)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def cbp_frame_probs(logits_BxTxC1, background: bool):
+  """P^cb [B, T, C]: softmax over C + 1 without the background column, or over C."""
+  if background:
+    return jax.nn.softmax(logits_BxTxC1, axis=-1)[..., :-1]
+  return jax.nn.softmax(logits_BxTxC1, axis=-1)
+
+
+def cls_loss(logits_BxTxC1, label_BxC, mask_BxT, valid_B, k_B, background: bool):
+  """Eq. 1 (per batch): CE of softmax(top-k mean of the frame logits) with y / sum y; with
+  the background column, over C + 1 with the background label 1 (docstring)."""
+  if background:
+    l_B = co2net.mil_loss(logits_BxTxC1, label_BxC, mask_BxT, k_B, 1.0)
+  else:
+    logits_BxC = masked_topk_mean(logits_BxTxC1, mask_BxT, k_B)
+    y_BxC = label_BxC / jnp.maximum(jnp.sum(label_BxC, -1, keepdims=True), 1e-6)
+    l_B = -jnp.sum(y_BxC * jax.nn.log_softmax(logits_BxC, axis=-1), axis=-1)
+  return jnp.sum(l_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
+
+
+def ternarize(p_BxTxC, label_BxC, mask_BxT, delta_h: float, delta_l: float):
+  """Eq. 4 -> int32 [B, T, C]: 1 (p > delta_h and c in the label), 0 (p < delta_l or c not in
+  the label), -1 (otherwise, and every padded frame)."""
+  in_label = label_BxC[:, None, :] > 0
+  h = jnp.where(~in_label, 0, jnp.where(p_BxTxC > delta_h, 1,
+                                        jnp.where(p_BxTxC < delta_l, 0, -1)))
+  return jnp.where(mask_BxT[:, :, None] > 0, h, -1).astype(jnp.int32)
+
+
+def confident_frames(h_BxTxC, label_BxC, mask_BxT):
+  """[B, T] bool: valid frames whose entries are confident for every labelled class."""
+  uncertain = jnp.any((h_BxTxC < 0) & (label_BxC[:, None, :] > 0), axis=-1)
+  return (mask_BxT > 0) & ~uncertain
+
+
+def kd_loss(h_BxTxC, p_BxTxC, label_BxC, mask_BxT, valid_B, eps: float = 1e-6):
+  """Eq. 6: sum over classes of KL(h || p) (Bernoulli; hard h: the BCE) over the confident
+  frames of valid videos, / their number O -> (loss, O)."""
+  conf_BxT = confident_frames(h_BxTxC, label_BxC, mask_BxT) & (valid_B[:, None] > 0)
+  p = jnp.clip(p_BxTxC, eps, 1.0 - eps)
+  h = (h_BxTxC == 1).astype(p.dtype)
+  bce_BxT = -jnp.sum(h * jnp.log(p) + (1.0 - h) * jnp.log1p(-p), axis=-1)
+  count = jnp.sum(conf_BxT)
+  return jnp.sum(jnp.where(conf_BxT, bce_BxT, 0.0)) / jnp.maximum(count, 1), count
+
+
+def fb_loss(feat_BxTxF, h_BxTxC, label_BxC, mask_BxT, valid_B, tau: float):
+  """Eq. 7 within each video (docstring) -> (mean over anchors, number of anchors)."""
+  valid_BxT = (mask_BxT > 0) & (valid_B[:, None] > 0)
+  f = l2_normalize(feat_BxTxF)
+  # exp((cos - 1) / tau) <= 1: the same ratios as exp(cos / tau), no overflow.
+  e_BxTxT = jnp.exp((jnp.einsum("btf,bsf->bts", f, f) - 1.0) / tau)
+  fg_BxTxC = ((h_BxTxC == 1) & valid_BxT[:, :, None]).astype(f.dtype)
+  labelled = label_BxC[:, None, :] > 0
+  bg_BxT = (valid_BxT & jnp.all((h_BxTxC == 0) | ~labelled, axis=-1)).astype(f.dtype)
+  self_BxT = jnp.exp((jnp.sum(f * f, -1) - 1.0) / tau)   # e_tt (1 on unit rows)
+  pos_BxTxC = jnp.einsum("bts,bsc->btc", e_BxTxT, fg_BxTxC) - self_BxT[:, :, None] * fg_BxTxC
+  neg_BxT = jnp.einsum("bts,bs->bt", e_BxTxT, bg_BxT)
+  n_pos_BxC = jnp.sum(fg_BxTxC, axis=1)
+  anchor = (fg_BxTxC > 0) & (n_pos_BxC[:, None, :] >= 2)
+  pos = jnp.maximum(pos_BxTxC, 1e-30)
+  term = -(jnp.log(pos) - jnp.log(pos + neg_BxT[:, :, None]))
+  count = jnp.sum(anchor)
+  return jnp.sum(jnp.where(anchor, term, 0.0)) / jnp.maximum(count, 1), count
+
+
+# ----------------------------------------------------------------------------- method
+
+
+class Ju2023:
+  """Ju et al. 2023 on I3D (CBP) + CLIP (VLP) features (module docstring)."""
+  postprocess_preset = "ju2023"
+
+  def __init__(self, config, num_classes: int, dims: dict[str, int], class_names=None):
+    cfg = methods.config_block(config, "ju2023", default_config)
+    validate_config(cfg)
+    self.cfg = cfg
+    self.num_classes = int(num_classes)
+    num_steps = int(config.train.num_steps) if "train" in config else None
+    if num_steps is not None and num_steps < schedule_length(cfg):
+      raise WstalError(
+          f"config.train.num_steps={num_steps} is shorter than config.ju2023's schedule "
+          f"({schedule_length(cfg)} steps: warmup_steps {cfg.warmup_steps} + "
+          f"num_alternations {cfg.num_alternations} x (b_steps {cfg.b_steps} + f_steps "
+          f"{cfg.f_steps}) for mode {cfg.mode!r})")
+    e_img = dims.get("vlm")
+    if not e_img:
+      raise WstalError("ju2023: the VLP branch needs CLIP image features per snippet: set "
+                       "config.data.vlm_feature to the dataset's CLIP feature (e.g. 'clip')")
+    self.text = class_text.resolve("ju2023", cfg, class_names, num_classes, dims,
+                                   ("vlp", "text"))
+    if self.text.dim != e_img:
+      raise WstalError(f"ju2023: class text embeddings are {self.text.dim}-d but the CLIP "
+                       f"image features ({config.data.vlm_feature}) are {e_img}-d; Eq. 3 "
+                       "compares them in one space")
+    if int(e_img) % int(cfg.vlp_heads):
+      raise WstalError(f"config.ju2023.vlp_heads={cfg.vlp_heads}: must divide the CLIP "
+                       f"feature size {e_img}")
+    self.phases = schedule(cfg)
+    self.phase_starts = tuple(s for s, _ in self.phases)
+    self.frame_threshold = float(cfg.delta_h)
+    self.model = ju_model.Ju2023Model(
+        num_classes=self.num_classes,
+        cbp=dict(width=int(cfg.cbp_width), num_layers=int(cfg.cbp_layers),
+                 num_heads=int(cfg.cbp_heads), mlp_dim=int(cfg.cbp_mlp_dim),
+                 dropout=float(cfg.cbp_dropout)),
+        vlp=dict(num_layers=int(cfg.vlp_layers), num_heads=int(cfg.vlp_heads),
+                 mlp_dim=int(cfg.vlp_mlp_ratio) * int(e_img), dropout=float(cfg.vlp_dropout),
+                 logit_scale=float(cfg.vlp_logit_scale), text_mode=self.text.mode,
+                 clip_config=self.text.clip_config, n_pre=int(cfg.n_ctx_pre),
+                 n_post=int(cfg.n_ctx_post), prompt_init_std=float(cfg.prompt_init_std)))
+
+  # ------------------------------------------------------------------------ contract
+
+  def extra_consts(self):
+    return dict(self.text.consts)
+
+  def init(self, rng, batch, consts):
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = self.model.init({"params": params_rng, "dropout": dropout_rng}, batch, consts,
+                                train=False)
+    return {"params": self.text.strip_frozen(dict(variables["params"]))}
+
+  def apply(self, params, batch, consts, *, train: bool, rng=None):
+    rngs = {"dropout": rng} if train else None
+    return self.model.apply(self.text.variables(params, consts), batch, consts, train=train,
+                            rngs=rngs)
+
+  def param_labels(self, params, step: int):
+    """The phase at `step` trains one scope: 'cbp' in warm-up and F steps, 'vlp' in B."""
+    kind = self.kind_at(step)
+    trained = "vlp" if kind == "B" else "cbp"
+    return {scope: jax.tree.map(lambda _, s=scope: "train" if s == trained else "freeze", sub)
+            for scope, sub in params.items()}
+
+  def kind_at(self, step: int) -> str:
+    idx = int(np.searchsorted(np.asarray(self.phase_starts), int(step), side="right")) - 1
+    return self.phases[idx][1]
+
+  def loss_weights(self):
+    """loss = l_cls + l_kd + lam * l_fb, each term already gated by the phase (so the
+    weights are constant and the trainer's shares read the phase's terms)."""
+    weights = {"l_cls": 1.0}
+    if self.cfg.use_kd:
+      weights["l_kd"] = 1.0
+    if self.cfg.use_fb:
+      weights["l_fb"] = float(self.cfg.lam)
+    return weights
+
+  def loss(self, params, batch, consts, rng, step):
+    cfg = self.cfg
+    mask_BxT, label_BxC, valid_B = batch["mask_BxT"], batch["label_BxC"], batch["valid_B"]
+    starts = jnp.asarray(self.phase_starts, jnp.int32)
+    kinds = jnp.asarray([KINDS.index(k) for _, k in self.phases], jnp.int32)
+    kind = kinds[jnp.sum(starts <= step) - 1]
+    is_warm, is_b, is_f = (kind == 0), (kind == 1), (kind == 2)
+    gate = lambda on: on.astype(jnp.float32)
+
+    out = self.apply(params, batch, consts, train=True, rng=rng)
+    teacher = jax.lax.stop_gradient(self.apply(params, batch, consts, train=False))
+    k_B = topk_count(mask_BxT, int(cfg.topk_divisor))
+    bg = bool(cfg.cbp_background)
+
+    l_cls = cls_loss(out["cbp_logits_BxTxC1"], label_BxC, mask_BxT, valid_B, k_B, bg)
+    cls_on = is_warm | (is_f & bool(cfg.cls_in_f_step))
+    # B step: CBP (teacher) -> VLP; F step: VLP (teacher) -> CBP.
+    p_cb_teacher = cbp_frame_probs(teacher["cbp_logits_BxTxC1"], bg)
+    p_vl_teacher = jax.nn.softmax(teacher["vlp_logits_BxTxC"], axis=-1)
+    h_cb = ternarize(p_cb_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
+    h_vl = ternarize(p_vl_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
+    h = jnp.where(is_b, h_cb, h_vl)
+    p_student = jnp.where(is_b, jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1),
+                          cbp_frame_probs(out["cbp_logits_BxTxC1"], bg))
+    aux = {"l_cls": gate(cls_on) * l_cls}
+    distill = gate(is_b | is_f)
+    kd, num_conf = kd_loss(h, p_student, label_BxC, mask_BxT, valid_B)
+    if cfg.use_kd:
+      aux["l_kd"] = distill * kd
+    if cfg.use_fb:
+      # B: F_vid; F: the CBP frame features (different widths: two calls, one gated).
+      fb_vlp, n_vlp = fb_loss(out["vlp_emb_BxTxE"], h, label_BxC, mask_BxT, valid_B,
+                              cfg.tau)
+      fb_cbp, n_cbp = fb_loss(out["cbp_emb_BxTxF"], h, label_BxC, mask_BxT, valid_B,
+                              cfg.tau)
+      aux["l_fb"] = gate(is_b) * fb_vlp + gate(is_f) * fb_cbp
+      aux["stat_anchors"] = jnp.where(is_b, n_vlp, n_cbp).astype(jnp.float32)
+    total = sum(w * aux[k] for k, w in self.loss_weights().items())
+    n_valid = jnp.maximum(jnp.sum(mask_BxT * valid_B[:, None]), 1.0)
+    fg = jnp.sum((h == 1) & (label_BxC[:, None, :] > 0))
+    aux["stat_confident"] = distill * num_conf / n_valid   # share of frames supervised
+    aux["stat_fg"] = distill * fg / n_valid                 # foreground (frame, class) pairs
+    aux["stat_phase"] = kind.astype(jnp.float32)
+    return total, aux
+
+  def predict(self, params, batch, consts):
+    """video_scores_BxC: CBP's softmax over C of the top-k mean of its class logits (Eq. 1
+    at inference, k = n // eval_topk_divisor); cas_BxTxC: the frame scores inference
+    thresholds (P^cb, or fused with P^vl per `fusion`); frame_cbp_BxTxC / frame_vlp_BxTxC:
+    each branch's frame probabilities (Table 3's mIoU)."""
+    cfg = self.cfg
+    out = self.apply(params, batch, consts, train=False)
+    mask_BxT = batch["mask_BxT"]
+    valid = mask_BxT[:, :, None] > 0
+    logits = out["cbp_logits_BxTxC1"]
+    class_logits = logits[..., :-1] if cfg.cbp_background else logits
+    k_B = topk_count(mask_BxT, int(cfg.eval_topk_divisor))
+    video = jax.nn.softmax(masked_topk_mean(class_logits, mask_BxT, k_B), axis=-1)
+    p_cb = cbp_frame_probs(logits, bool(cfg.cbp_background))
+    p_vl = jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1)
+    if cfg.fusion == "average":
+      cas = 0.5 * (p_cb + p_vl)
+    elif cfg.fusion == "weighted":
+      cas = cfg.fusion_weight * p_cb + (1.0 - cfg.fusion_weight) * p_vl
+    else:
+      cas = p_cb
+    zero = lambda x: jnp.where(valid, x, 0.0)
+    return {"video_scores_BxC": video, "cas_BxTxC": zero(cas),
+            "frame_cbp_BxTxC": zero(p_cb), "frame_vlp_BxTxC": zero(p_vl)}
