@@ -388,9 +388,11 @@ class _Loop:
               if k in means and total}
     grad_shares = {}
     if self.config.train.grad_shares and len(self.loss_weights) > 1:
+      # The terms of the phase that takes the next step (`step`: a method may gate its
+      # terms by phase), at the current parameters, on the batch just used.
       norms = np.asarray(jax.device_get(self.phase.grad_norms_fn(
           self.state["params"], batch, self.run_.consts,
-          jax.random.fold_in(self.train_key, step - 1), jnp.int32(step - 1))))
+          jax.random.fold_in(self.train_key, step), jnp.int32(step))))
       norm_sum = float(norms.sum())
       grad_shares = {k: float(n) / norm_sum if norm_sum else 0.0
                      for k, n in zip(self.phase.grad_names, norms)}
