@@ -7,7 +7,9 @@ Evaluator: `method.predict` jitted over `input_pipeline.eval_batches` (whole vid
 first, padded to length buckets with masked dummy videos so every process runs the same
 batches), then on the host one `postprocess.proposals_for_videos` call for all videos with the
 method's preset (fields in `config.eval.postprocess` replace the preset's),
-`metrics.detection_map` at `config.eval.tiou`, classification mAP and top-1 accuracy. Every
+`metrics.detection_map` at `config.eval.tiou`, classification mAP and top-1 accuracy (and, for
+every optional frame_<name>_BxTxC a method returns, the foreground / background mIoU of its
+frame scores at the method's `frame_threshold`: `metrics.FrameIoU`). Every
 process receives the whole global batch's outputs and computes the same metrics. Metric values
 are percentages.
 """
@@ -127,6 +129,8 @@ class Evaluator:
     # all videos after the loop: the same proposals as video_proposals per video, faster).
     index_V, cas, actionness, sps, durations, ambiguous = [], [], [], [], [], []
     oic_scores = []   # predict's optional oic_scores_BxC (the OIC gamma term's scores)
+    frame_ious = {}   # name -> metrics.FrameIoU for predict's optional frame_<name>_BxTxC
+    frame_threshold = float(getattr(self.run.method, "frame_threshold", 0.5))
     for batch in self.batches():
       out = self._predict(params, self.run.put_batch(batch), self.run.consts)
       out = jax.device_get(out)   # replicated: every process holds the whole global batch
@@ -143,6 +147,14 @@ class Evaluator:
         if "oic_scores_BxC" in out:
           oic_scores.append(np.asarray(out["oic_scores_BxC"][b], np.float32))
         video_sps = self.sps * float(scale_B[b])
+        frame_keys = [k for k in out if k.startswith("frame_") and k.endswith("_BxTxC")]
+        if frame_keys:
+          gt_TxC = metrics_lib.snippet_labels(info.segments, info.segment_labels, num_t,
+                                              video_sps, num_c)
+          for key in frame_keys:
+            name = key[len("frame_"):-len("_BxTxC")]
+            frame_ious.setdefault(name, metrics_lib.FrameIoU(num_c, frame_threshold)).add(
+                out[key][b, :num_t], info.label, gt_TxC)
         index_V.append(idx)
         cas.append(cas_TxC)
         actionness.append(act_T)
@@ -170,6 +182,9 @@ class Evaluator:
         oic_scores=oic_scores or None)
     proposals = {self.infos[i].name: p for i, p in zip(index_V, found)}
     metrics = self._metrics(video_scores, proposals, num_c)
+    for name, acc in sorted(frame_ious.items()):   # Ju et al. Table 3's pseudo-label quality
+      fg, bg = acc.result()
+      metrics[f"fg_mIoU_{name}"], metrics[f"bg_mIoU_{name}"] = _pct(fg), _pct(bg)
     if self.run.config.eval.get("oracle_labels", False):
       metrics["oracle_labels"] = True   # ground-truth labels entered the predictions
     ordered = {self.infos[i].name: proposals[self.infos[i].name] for i in self.video_indices}

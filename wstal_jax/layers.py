@@ -37,19 +37,24 @@ def topk_select(x_BxTxC, mask_BxT, k_B):
 
   Padded snippets are never selected; if a video has fewer than k valid snippets all of them
   are. Ties at the k-th value go to the earlier snippets, so exactly min(k, n_valid) entries
-  are selected (one value sort + a cumsum; half the cost of a double argsort). Indices carry
-  no gradient.
+  are selected. The selection is read off the sort permutation (one (value, position) sort +
+  a scatter) rather than by comparing x with its sorted k-th value: under jit XLA may recompute
+  x in each fusion with different FMA contraction, so x == kth can miss by 1 ulp. Indices
+  carry no gradient.
   """
   valid_BxTx1 = mask_BxT[:, :, None] > 0
   x_BxTxC = jnp.where(valid_BxTx1, jax.lax.stop_gradient(x_BxTxC), -jnp.inf)
-  sorted_BxTxC = -jnp.sort(-x_BxTxC, axis=1)
-  kth_index_Bx1xC = jnp.broadcast_to((k_B - 1)[:, None, None], x_BxTxC.shape[:1] + (1,)
-                                     + x_BxTxC.shape[2:])
-  kth_Bx1xC = jnp.take_along_axis(sorted_BxTxC, kth_index_Bx1xC, axis=1)
-  above_BxTxC = x_BxTxC > kth_Bx1xC
-  tie_BxTxC = (x_BxTxC == kth_Bx1xC) & valid_BxTx1
-  room_Bx1xC = k_B[:, None, None] - jnp.sum(above_BxTxC, axis=1, keepdims=True)
-  return above_BxTxC | (tie_BxTxC & (jnp.cumsum(tie_BxTxC, axis=1) <= room_Bx1xC))
+  pos_BxTxC = jax.lax.broadcasted_iota(jnp.int32, x_BxTxC.shape, 1)
+  # Stable descending sort; ties keep time order, so they go to the earlier snippets.
+  _, order_BxTxC = jax.lax.sort((-x_BxTxC, pos_BxTxC), dimension=1, num_keys=1,
+                                is_stable=True)
+  valid_sorted_BxTxC = jnp.take_along_axis(jnp.broadcast_to(valid_BxTx1, x_BxTxC.shape),
+                                           order_BxTxC, axis=1)
+  sel_sorted_BxTxC = (pos_BxTxC < k_B[:, None, None]) & valid_sorted_BxTxC
+  b_BxTxC = jax.lax.broadcasted_iota(jnp.int32, x_BxTxC.shape, 0)
+  c_BxTxC = jax.lax.broadcasted_iota(jnp.int32, x_BxTxC.shape, 2)
+  return jnp.zeros(x_BxTxC.shape, bool).at[b_BxTxC, order_BxTxC, c_BxTxC].set(
+      sel_sorted_BxTxC, unique_indices=True)
 
 
 def pool_selected(x_BxTxC, sel_BxTxC):

@@ -283,3 +283,52 @@ def top1_accuracy(scores_NxC, labels_NxC) -> float:
   top_N = scores_NxC.argmax(axis=1)
   correct_N = pos_NxC[np.arange(len(top_N)), top_N]
   return float(correct_N[labelled_N].mean())
+
+
+# ----------------------------------------------------------------------------- frame mIoU
+# Pseudo-label quality (Ju et al. 2023, Table 3): each frame of a branch's frame-level
+# scores is foreground of class c when its score is above a threshold and c is one of the
+# video's ground-truth classes (as the pseudo-labels of Eq. 4 are made), else background; the
+# IoU of each class's frame set with the ground truth's, over all evaluated frames, is
+# averaged over the classes (foreground mIoU), and the background frames' IoU is the
+# background mIoU.
+
+
+def snippet_labels(segments_Gx2, labels_G, num_t: int, seconds_per_snippet: float,
+                   num_classes: int) -> np.ndarray:
+  """bool [T, C]: snippet t (covering [t, t + 1) x seconds_per_snippet) is of class c when its
+  centre lies in a ground-truth segment [start, end] of class c."""
+  centre_T = (np.arange(num_t) + 0.5) * float(seconds_per_snippet)
+  segments_Gx2 = np.asarray(segments_Gx2, np.float64).reshape(-1, 2)
+  inside_GxT = ((centre_T[None] >= segments_Gx2[:, :1]) & (centre_T[None] <= segments_Gx2[:, 1:]))
+  out = np.zeros((num_t, num_classes), bool)
+  for g, c in enumerate(np.asarray(labels_G, np.int64).reshape(-1)):
+    out[:, c] |= inside_GxT[g]
+  return out
+
+
+class FrameIoU:
+  """Accumulates frame-level intersections and unions over videos (see above)."""
+
+  def __init__(self, num_classes: int, threshold: float):
+    self.threshold = float(threshold)
+    self.inter_C = np.zeros(num_classes, np.int64)
+    self.union_C = np.zeros(num_classes, np.int64)
+    self.inter_bg = self.union_bg = 0
+
+  def add(self, score_TxC, video_label_C, gt_TxC):
+    pred = (np.asarray(score_TxC) > self.threshold) & (np.asarray(video_label_C)[None] > 0)
+    gt = np.asarray(gt_TxC, bool)
+    self.inter_C += np.sum(pred & gt, axis=0)
+    self.union_C += np.sum(pred | gt, axis=0)
+    pred_bg, gt_bg = ~pred.any(axis=1), ~gt.any(axis=1)
+    self.inter_bg += int(np.sum(pred_bg & gt_bg))
+    self.union_bg += int(np.sum(pred_bg | gt_bg))
+
+  def result(self) -> tuple[float, float]:
+    """(foreground mIoU over the classes with a non-empty union, background IoU); NaN when
+    there is nothing to average."""
+    seen = self.union_C > 0
+    fg = float(np.mean(self.inter_C[seen] / self.union_C[seen])) if seen.any() else float("nan")
+    bg = self.inter_bg / self.union_bg if self.union_bg else float("nan")
+    return fg, bg

@@ -239,8 +239,11 @@ def fb_loss(feat_BxTxF, h_BxTxC, label_BxC, mask_BxT, valid_B, tau: float):
   fg_BxTxC = ((h_BxTxC == 1) & valid_BxT[:, :, None]).astype(f.dtype)
   labelled = label_BxC[:, None, :] > 0
   bg_BxT = (valid_BxT & jnp.all((h_BxTxC == 0) | ~labelled, axis=-1)).astype(f.dtype)
-  self_BxT = jnp.exp((jnp.sum(f * f, -1) - 1.0) / tau)   # e_tt (1 on unit rows)
-  pos_BxTxC = jnp.einsum("bts,bsc->btc", e_BxTxT, fg_BxTxC) - self_BxT[:, :, None] * fg_BxTxC
+  # The anchor is not its own positive: the diagonal is masked out (subtracting e_ii = 1
+  # after the sum would cancel a small positive sum away in float32).
+  num_t = e_BxTxT.shape[1]
+  off_BxTxT = e_BxTxT * (1.0 - jnp.eye(num_t, dtype=f.dtype))[None]
+  pos_BxTxC = jnp.einsum("bts,bsc->btc", off_BxTxT, fg_BxTxC)
   neg_BxT = jnp.einsum("bts,bs->bt", e_BxTxT, bg_BxT)
   n_pos_BxC = jnp.sum(fg_BxTxC, axis=1)
   anchor = (fg_BxTxC > 0) & (n_pos_BxC[:, None, :] >= 2)

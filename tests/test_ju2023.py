@@ -1,0 +1,318 @@
+"""Ju et al. 2023 (methods/ju2023.py): Eq. 4 ternarisation, Eq. 6 / 7 losses against hand and
+loop computations, the B / F freezing, padding invariance, and a tiny run through warm-up, B
+and F with a resume in the middle of a B step."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from wstal_jax import methods
+from wstal_jax import metrics as metrics_lib
+from wstal_jax import train
+from wstal_jax.errors import WstalError
+from wstal_jax.methods import ju2023
+
+C = 3
+DIMS = {"feat": 8, "vlm": 8, "text": 8}
+
+
+def make_config(**overrides):
+  cfg = ml_collections.ConfigDict()
+  cfg.method = "ju2023"
+  block = ju2023.default_config()
+  block.cbp_width, block.cbp_mlp_dim, block.cbp_heads = 16, 16, 2
+  block.vlp_heads, block.vlp_mlp_ratio = 2, 1
+  block.cbp_dropout = block.vlp_dropout = 0.0
+  block.warmup_steps, block.b_steps, block.f_steps, block.num_alternations = 2, 2, 2, 1
+  for k, v in overrides.items():
+    block[k] = v
+  cfg.ju2023 = block
+  return cfg
+
+
+def make_batch(n_valid=(12, 9), t=12, seed=0):
+  rng = np.random.default_rng(seed)
+  b = len(n_valid)
+  mask = np.zeros((b, t), np.float32)
+  for i, n in enumerate(n_valid):
+    mask[i, :n] = 1
+  label = np.zeros((b, C), np.float32)
+  label[0, 0] = 1
+  if b > 1:
+    label[1, 1] = label[1, 2] = 1
+  return {"feat_BxTxD": (rng.normal(size=(b, t, 8)) * mask[..., None]).astype(np.float32),
+          "vlm_BxTxE": (rng.normal(size=(b, t, 8)) * mask[..., None]).astype(np.float32),
+          "mask_BxT": mask, "label_BxC": label, "valid_B": np.ones(b, np.float32)}
+
+
+def consts():
+  return {"text_CxE": jnp.asarray(np.random.default_rng(9).normal(size=(C, 8)), jnp.float32)}
+
+
+# ----------------------------------------------------------------------------- Eq. 4
+
+
+def test_ternarize_each_case_of_eq4():
+  # One video, labels {0, 2}; frames x classes.
+  p = np.array([[[0.5, 0.9, 0.05],     # c0 fg (> 0.3, labelled); c1 not labelled -> 0
+                 [0.2, 0.5, 0.35],     # c0 uncertain (0.1..0.3); c2 fg
+                 [0.05, 0.0, 0.3],     # c0 bg (< 0.1); c2 = 0.3 is not > 0.3 -> uncertain
+                 [0.1, 0.2, 0.99]]],   # c0 = 0.1 is not < 0.1 -> uncertain; padded frame
+               np.float32)
+  label = np.array([[1, 0, 1]], np.float32)
+  mask = np.array([[1, 1, 1, 0]], np.float32)
+  h = np.asarray(ju2023.ternarize(jnp.asarray(p), jnp.asarray(label), jnp.asarray(mask),
+                                  0.3, 0.1))
+  np.testing.assert_array_equal(h[0], [[1, 0, 0], [-1, 0, 1], [0, 0, -1], [-1, -1, -1]])
+  conf = np.asarray(ju2023.confident_frames(jnp.asarray(h), jnp.asarray(label),
+                                            jnp.asarray(mask)))
+  # frame 0: both labelled entries confident; 1: c0 uncertain; 2: c2 uncertain; 3: padded
+  np.testing.assert_array_equal(conf[0], [True, False, False, False])
+
+
+# ----------------------------------------------------------------------------- Eq. 6
+
+
+def test_kd_loss_value_and_zero_gradient_on_uncertain_frames():
+  rng = np.random.default_rng(1)
+  p = rng.uniform(0.05, 0.95, (2, 6, C)).astype(np.float32)
+  label = np.array([[1, 0, 0], [0, 1, 1]], np.float32)
+  mask = np.ones((2, 6), np.float32)
+  mask[1, 4:] = 0
+  h = ju2023.ternarize(jnp.asarray(p), jnp.asarray(label), jnp.asarray(mask), 0.3, 0.1)
+  valid = jnp.ones(2)
+  loss, count = ju2023.kd_loss(h, jnp.asarray(p), jnp.asarray(label), jnp.asarray(mask), valid)
+  conf = np.asarray(ju2023.confident_frames(h, jnp.asarray(label), jnp.asarray(mask)))
+  hn = np.asarray(h)
+  want = 0.0
+  for b in range(2):
+    for t in range(6):
+      if conf[b, t]:
+        for c in range(C):
+          y = float(hn[b, t, c] == 1)
+          want -= y * np.log(p[b, t, c]) + (1 - y) * np.log(1 - p[b, t, c])
+  assert int(count) == conf.sum() > 0 and (~conf & (mask > 0)).any()
+  np.testing.assert_allclose(float(loss), want / conf.sum(), rtol=1e-5)
+  g = np.asarray(jax.grad(lambda q: ju2023.kd_loss(h, q, jnp.asarray(label), jnp.asarray(mask),
+                                                   valid)[0])(jnp.asarray(p)))
+  assert np.all(g[~conf] == 0.0)                      # uncertain and padded frames: exactly 0
+  assert np.all(np.abs(g[conf]).sum(-1) > 0)
+
+
+# ----------------------------------------------------------------------------- Eq. 7
+
+
+def _fb_loop(f, h, label, mask, tau):
+  """Eq. 7 within each video, anchor by anchor."""
+  terms = []
+  for b in range(f.shape[0]):
+    n = int(mask[b].sum())
+    x = f[b, :n] / np.linalg.norm(f[b, :n], axis=1, keepdims=True)
+    lab = [c for c in range(C) if label[b, c] > 0]
+    bg = [t for t in range(n) if all(h[b, t, c] == 0 for c in lab)]
+    for c in range(C):
+      fg = [t for t in range(n) if h[b, t, c] == 1]
+      for i in fg:
+        pos = [m for m in fg if m != i]
+        if not pos:
+          continue
+        num = sum(np.exp(x[i] @ x[m] / tau) for m in pos)
+        den = num + sum(np.exp(x[i] @ x[j] / tau) for j in bg)
+        terms.append(-np.log(num / den))
+  return np.mean(terms), len(terms)
+
+
+def test_fb_loss_matches_the_anchor_loop():
+  rng = np.random.default_rng(2)
+  f = rng.normal(size=(2, 10, 5)).astype(np.float32)
+  label = np.array([[1, 0, 0], [0, 1, 1]], np.float32)
+  mask = np.ones((2, 10), np.float32)
+  mask[0, 8:] = 0
+  h = rng.choice([-1, 0, 1], size=(2, 10, C), p=[0.2, 0.4, 0.4]).astype(np.int32)
+  h[label[:, None, :].repeat(10, 1) == 0] = 0
+  h[mask == 0] = -1
+  got, count = ju2023.fb_loss(jnp.asarray(f), jnp.asarray(h), jnp.asarray(label),
+                              jnp.asarray(mask), jnp.ones(2), 0.07)
+  want, n = _fb_loop(f.astype(np.float64), h, label, mask, 0.07)
+  assert int(count) == n > 3
+  np.testing.assert_allclose(float(got), want, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_schedule_and_phase_freezing():
+  method = methods.get_method(make_config(), C, DIMS)
+  assert method.phase_starts == (0, 2, 4)
+  assert [method.kind_at(s) for s in range(6)] == ["warmup"] * 2 + ["B"] * 2 + ["F"] * 2
+  batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+  params = method.init(jax.random.key(0), batch, consts())["params"]
+  assert set(params) == {"cbp", "vlp"}
+  cfg = ml_collections.ConfigDict({"optim": {"lr": 0.1, "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                                             "weight_decay": 0.0, "weight_decay_style": "l2",
+                                             "grad_clip_norm": 0.0, "no_decay": ()}})
+  for step, frozen, trained in ((0, "vlp", "cbp"), (2, "cbp", "vlp"), (4, "vlp", "cbp")):
+    labels = method.param_labels(params, step)
+    tx = train.make_optimizer(cfg, labels)
+    grads = jax.grad(lambda p: method.loss(p, batch, consts(), jax.random.key(1),
+                                           jnp.int32(step))[0])(params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    new = jax.tree.map(lambda p, u: p + u, params, updates)
+    jax.tree.map(np.testing.assert_array_equal, new[frozen], params[frozen])   # bit-identical
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), new[trained],
+                                         params[trained]))
+    assert any(moved), (step, trained)
+
+
+def test_terms_are_gated_by_phase():
+  method = methods.get_method(make_config(), C, DIMS)
+  batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+  params = method.init(jax.random.key(0), batch, consts())["params"]
+  aux = {s: method.loss(params, batch, consts(), jax.random.key(1), jnp.int32(s))[1]
+         for s in (0, 2, 4)}
+  assert float(aux[0]["l_cls"]) > 0 and float(aux[0]["l_kd"]) == 0 == float(aux[0]["l_fb"])
+  assert float(aux[2]["l_cls"]) == 0 and float(aux[2]["l_kd"]) > 0       # B: no L_cls
+  assert float(aux[4]["l_cls"]) > 0 and float(aux[4]["l_kd"]) > 0        # F: cls_in_f_step
+  literal = methods.get_method(make_config(cls_in_f_step=False), C, DIMS)
+  assert float(literal.loss(params, batch, consts(), jax.random.key(1),
+                            jnp.int32(4))[1]["l_cls"]) == 0
+
+
+def test_predict_is_padding_invariant_and_vlp_starts_as_vanilla_clip():
+  method = methods.get_method(make_config(), C, DIMS)
+  short = make_batch(n_valid=(9,), t=9)
+  long = {k: v.copy() for k, v in short.items()}
+  for k in ("feat_BxTxD", "vlm_BxTxE", "mask_BxT"):
+    pad = [(0, 0), (0, 7)] + [(0, 0)] * (long[k].ndim - 2)
+    long[k] = np.pad(long[k], pad)
+  params = method.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in short.items()},
+                       consts())["params"]
+  a = method.predict(params, short, consts())
+  b = method.predict(params, long, consts())
+  for key in ("video_scores_BxC",):
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+  for key in ("cas_BxTxC", "frame_cbp_BxTxC", "frame_vlp_BxTxC"):
+    np.testing.assert_allclose(a[key], b[key][:, :9], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(b[key])[:, 9:] == 0)
+  # Zero-initialised output projections: F_vid = F_vis, so P^vl is CLIP's zero-shot softmax
+  # of 100 x cos(frame, text + offset).
+  out = method.apply(params, short, consts(), train=False)
+  text = np.asarray(out["text_CxE"])
+  x = short["vlm_BxTxE"][0]
+  cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (
+      text / np.linalg.norm(text, axis=1, keepdims=True)).T
+  want = np.exp(100 * cos - (100 * cos).max(1, keepdims=True))
+  np.testing.assert_allclose(a["frame_vlp_BxTxC"][0], want / want.sum(1, keepdims=True),
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_bad_settings_are_one_clear_error():
+  with pytest.raises(WstalError, match="delta_h"):
+    methods.get_method(make_config(delta_h=0.05), C, DIMS)
+  with pytest.raises(WstalError, match="mode"):
+    methods.get_method(make_config(mode="nope"), C, DIMS)
+  with pytest.raises(WstalError, match="vlm_feature"):
+    methods.get_method(make_config(), C, {"feat": 8, "vlm": None, "text": 8})
+  config = make_config()
+  config.train = ml_collections.ConfigDict({"num_steps": 5})
+  with pytest.raises(WstalError, match="shorter than config.ju2023's schedule"):
+    methods.get_method(config, C, DIMS)
+
+
+# ----------------------------------------------------------------------------- frame mIoU
+
+
+def test_frame_miou_by_hand():
+  gt = metrics_lib.snippet_labels([[0.0, 1.9], [3.0, 4.0]], [0, 1], num_t=6,
+                                  seconds_per_snippet=0.64, num_classes=2)
+  # centres 0.32 0.96 1.6 2.24 2.88 3.52: class 0 at t 0-2, class 1 at t 5
+  np.testing.assert_array_equal(gt.nonzero(), ([0, 1, 2, 5], [0, 0, 0, 1]))
+  acc = metrics_lib.FrameIoU(2, threshold=0.3)
+  score = np.array([[0.9, 0.9], [0.1, 0.0], [0.5, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.8]])
+  acc.add(score, np.array([1.0, 1.0]), gt)
+  fg, bg = acc.result()
+  # class 0: pred {0, 2, 3}, gt {0, 1, 2}: 2 / 4; class 1: pred {0, 5}, gt {5}: 1 / 2
+  # bg: pred {1, 4}, gt {3, 4}: 1 / 3
+  assert fg == pytest.approx((0.5 + 0.5) / 2) and bg == pytest.approx(1 / 3)
+  acc2 = metrics_lib.FrameIoU(2, threshold=0.3)
+  acc2.add(score, np.array([1.0, 0.0]), gt)   # class 1 not in the video label: never predicted
+  assert acc2.inter_C[1] == 0 and acc2.union_C[1] == 1
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _write_dataset(out_dir):
+  from wstal_jax.data import format as data_format
+  rng = np.random.default_rng(1)
+  text = rng.normal(size=(C, 8)).astype(np.float32)
+  splits = {}
+  for split, n in (("train", 6), ("test", 3)):
+    videos = []
+    for i in range(n):
+      num_t, cls = int(rng.integers(12, 24)), i % C
+      i3d = rng.uniform(0, 1, size=(num_t, 8)).astype(np.float32)
+      i3d[2:8, cls] += 2.0
+      clip = rng.normal(size=(num_t, 8)).astype(np.float32)
+      clip[2:10] += 2 * text[cls]
+      videos.append(data_format.VideoRecord(
+          name=f"{split}_{i}", duration=num_t * 0.64, features={"i3d": i3d, "clip": clip},
+          label=np.eye(C, dtype=np.float32)[cls],
+          segments=np.array([[2 * 0.64, 8 * 0.64]], np.float32),
+          segment_labels=np.array([cls], np.int32)))
+    splits[split] = videos
+  data_format.write_dataset(str(out_dir), dataset="tiny", classes=["a", "b", "c"],
+                            feature_dims={"i3d": 8, "clip": 8}, splits=splits, num_shards=1,
+                            feature_text_embeddings={"clip": text})
+  return str(out_dir)
+
+
+def _tiny_run_config(data_dir):
+  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("ju_recipe", os.path.join(root, "configs",
+                                                                          "ju2023.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.dir = data_dir
+  config.data.num_snippets = 16
+  config.train.batch_size = 2
+  config.mesh.num_devices = 1
+  config.train.num_steps = 12
+  config.train.log_every = 2
+  config.train.eval_every = 6
+  config.train.checkpoint_every = 2
+  config.checkpoint.keep_latest = 20
+  config.checkpoint.async_save = False
+  config.eval.batch_size = 2
+  config.eval.num_plots = 0
+  b = config.ju2023
+  b.cbp_width, b.cbp_mlp_dim, b.cbp_heads, b.vlp_heads, b.vlp_mlp_ratio = 16, 16, 2, 2, 1
+  b.warmup_steps, b.b_steps, b.f_steps, b.num_alternations = 4, 4, 4, 1
+  return config
+
+
+def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path):
+  data = _write_dataset(tmp_path / "data")
+  config = _tiny_run_config(data)
+  full = str(tmp_path / "full")
+  metrics = train.train_and_evaluate(config, full)
+  for key in ("average_mAP", "fg_mIoU_cbp", "bg_mIoU_cbp", "fg_mIoU_vlp", "bg_mIoU_vlp"):
+    assert key in metrics and metrics[key] is not None and np.isfinite(metrics[key]), key
+  # A copy of the run as it stood after step 6 (the middle of the B phase, steps 4-7).
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
+                                                               "results.json", "plots"))
+  ckpt_dir = os.path.join(resumed, "checkpoints")
+  for name in os.listdir(ckpt_dir):
+    if name.isdigit() and int(name) > 6:
+      shutil.rmtree(os.path.join(ckpt_dir, name))
+  again = train.train_and_evaluate(config, resumed)
+  with open(os.path.join(full, "metrics.json")) as f:
+    assert json.load(f) == again
