@@ -23,12 +23,19 @@ Readings (the paper does not say; each is a config field):
   keep Eq. 1 on CBP in F steps: inference keeps the classes whose video probability (Eq. 1's
   pooled softmax) exceeds theta_cls = 0.85, and only L_cls calibrates that score; L_kd trains
   frames, not the pooled softmax. False is the literal reading.
-* CBP background column (`cbp_background`, default True): P^cb is a softmax over C + 1 per frame
-  (the C class columns are P^cb) and Eq. 1 pools all C + 1 columns with the background label 1
-  for every video (BaS-Net / W-TALC's base branch, as CO2-Net's L_base). A softmax over the C
-  classes alone has no way to say "background" at a frame of a one-class video, so Eq. 4's
-  "p < delta_l" would rarely hold for the labelled class and CBP could not be the background
-  teacher the paper describes (high background mIoU). False: Eq. 1 literally, softmax over C.
+* P^cb, CBP's "frame-level action probabilities" (`cbp_probs`). Eq. 1 pools P^cb's top-k and
+  applies a softmax, so what it pools are class logits A [T, C]; the paper does not say how
+  A becomes a probability per frame. Default 'minmax': P^cb = A min-max normalised over the
+  video's frames per class (the normalised CAS WS-TAL thresholds; high only at the
+  discriminative frames Eq. 1 trains, low elsewhere: the "high true negatives, serious false
+  negatives" the paper describes for CBP). 'softmax': a softmax over the C classes per frame
+  (it cannot say "background" at a frame of a one-class video: the labelled class wins every
+  frame). 'softmax_bg': a softmax over C + 1 with a background column, Eq. 1 pooling all
+  C + 1 with the background label 1 (BaS-Net's base branch). Measured on the built-in data
+  (seed 0, before the top-k fix, 250-500 steps of warm-up): 'softmax_bg' gave P^cb > 0.3 for
+  the labelled class at nearly every frame (no background pseudo-labels, L_fb = 0 in B
+  steps, one proposal per video: 3.8 avg mAP), so neither softmax is the background teacher
+  the paper needs.
 * Confident frames (Eq. 6): h is per (t, c); a frame is confident when its entry is not
   uncertain for every class of the video's label (non-label classes are always confident
   background). L_kd sums the Bernoulli KL(h || p) = BCE over the C classes of the confident
@@ -64,12 +71,13 @@ import numpy as np
 
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
-from wstal_jax.layers import l2_normalize, masked_topk_mean, topk_count
+from wstal_jax.layers import l2_normalize, masked_topk_mean, temporal_minmax, topk_count
 from wstal_jax.methods import co2net
 from wstal_jax.models import class_text
 from wstal_jax.models import ju2023 as ju_model
 
 MODES = ("full", "cbp", "only_f", "only_b")
+CBP_PROBS = ("minmax", "softmax", "softmax_bg")
 FUSIONS = ("cbp", "average", "weighted")
 KINDS = ("warmup", "B", "F")
 
@@ -85,7 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.cbp_heads = 4
   c.cbp_mlp_dim = 512
   c.cbp_dropout = 0.3
-  c.cbp_background = True      # softmax over C + 1 with a background column (docstring)
+  c.cbp_probs = "minmax"       # P^cb from the logits: 'minmax' | 'softmax' | 'softmax_bg'
+                               # (docstring)
   c.topk_divisor = 8           # Eq. 1: k = max(1, n // 8)
   # VLP branch (Sec. 4.1: 2-layer temporal Transformer, 16 + 16 prompts, N(0, 0.01))
   c.vlp_layers = 2
@@ -127,6 +136,8 @@ def validate_config(cfg) -> None:
     bad("mode", f"choose one of {MODES}")
   if cfg.fusion not in FUSIONS:
     bad("fusion", f"choose one of {FUSIONS}")
+  if cfg.cbp_probs not in CBP_PROBS:
+    bad("cbp_probs", f"choose one of {CBP_PROBS}")
   for field in ("cbp_width", "cbp_layers", "cbp_heads", "cbp_mlp_dim", "topk_divisor",
                 "vlp_heads", "vlp_mlp_ratio", "eval_topk_divisor", "warmup_steps"):
     if int(cfg[field]) < 1:
@@ -185,20 +196,24 @@ def schedule_length(cfg) -> int:
 # ----------------------------------------------------------------------------- losses
 
 
-def cbp_frame_probs(logits_BxTxC1, background: bool):
-  """P^cb [B, T, C]: softmax over C + 1 without the background column, or over C."""
-  if background:
-    return jax.nn.softmax(logits_BxTxC1, axis=-1)[..., :-1]
-  return jax.nn.softmax(logits_BxTxC1, axis=-1)
+def cbp_frame_probs(logits_BxTxK, mask_BxT, mode: str):
+  """P^cb [B, T, C] (`cbp_probs`, docstring): 'minmax' (the logits min-max normalised over
+  each video's valid frames per class), 'softmax' (over C), 'softmax_bg' (over C + 1, the
+  background column dropped)."""
+  if mode == "minmax":
+    return temporal_minmax(logits_BxTxK, mask_BxT)
+  if mode == "softmax_bg":
+    return jax.nn.softmax(logits_BxTxK, axis=-1)[..., :-1]
+  return jax.nn.softmax(logits_BxTxK, axis=-1)
 
 
-def cls_loss(logits_BxTxC1, label_BxC, mask_BxT, valid_B, k_B, background: bool):
+def cls_loss(logits_BxTxK, label_BxC, mask_BxT, valid_B, k_B, background: bool):
   """Eq. 1 (per batch): CE of softmax(top-k mean of the frame logits) with y / sum y; with
   the background column, over C + 1 with the background label 1 (docstring)."""
   if background:
-    l_B = co2net.mil_loss(logits_BxTxC1, label_BxC, mask_BxT, k_B, 1.0)
+    l_B = co2net.mil_loss(logits_BxTxK, label_BxC, mask_BxT, k_B, 1.0)
   else:
-    logits_BxC = masked_topk_mean(logits_BxTxC1, mask_BxT, k_B)
+    logits_BxC = masked_topk_mean(logits_BxTxK, mask_BxT, k_B)
     y_BxC = label_BxC / jnp.maximum(jnp.sum(label_BxC, -1, keepdims=True), 1e-6)
     l_B = -jnp.sum(y_BxC * jax.nn.log_softmax(logits_BxC, axis=-1), axis=-1)
   return jnp.sum(l_B * valid_B) / jnp.maximum(jnp.sum(valid_B), 1.0)
@@ -292,7 +307,8 @@ class Ju2023:
         num_classes=self.num_classes,
         cbp=dict(width=int(cfg.cbp_width), num_layers=int(cfg.cbp_layers),
                  num_heads=int(cfg.cbp_heads), mlp_dim=int(cfg.cbp_mlp_dim),
-                 dropout=float(cfg.cbp_dropout)),
+                 dropout=float(cfg.cbp_dropout),
+                 background=cfg.cbp_probs == "softmax_bg"),
         vlp=dict(num_layers=int(cfg.vlp_layers), num_heads=int(cfg.vlp_heads),
                  mlp_dim=int(cfg.vlp_mlp_ratio) * int(e_img), dropout=float(cfg.vlp_dropout),
                  logit_scale=float(cfg.vlp_logit_scale), text_mode=self.text.mode,
@@ -348,18 +364,18 @@ class Ju2023:
     out = self.apply(params, batch, consts, train=True, rng=rng)
     teacher = jax.lax.stop_gradient(self.apply(params, batch, consts, train=False))
     k_B = topk_count(mask_BxT, int(cfg.topk_divisor))
-    bg = bool(cfg.cbp_background)
+    bg, probs = cfg.cbp_probs == "softmax_bg", str(cfg.cbp_probs)
 
-    l_cls = cls_loss(out["cbp_logits_BxTxC1"], label_BxC, mask_BxT, valid_B, k_B, bg)
+    l_cls = cls_loss(out["cbp_logits_BxTxK"], label_BxC, mask_BxT, valid_B, k_B, bg)
     cls_on = is_warm | (is_f & bool(cfg.cls_in_f_step))
     # B step: CBP (teacher) -> VLP; F step: VLP (teacher) -> CBP.
-    p_cb_teacher = cbp_frame_probs(teacher["cbp_logits_BxTxC1"], bg)
+    p_cb_teacher = cbp_frame_probs(teacher["cbp_logits_BxTxK"], mask_BxT, probs)
     p_vl_teacher = jax.nn.softmax(teacher["vlp_logits_BxTxC"], axis=-1)
     h_cb = ternarize(p_cb_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
     h_vl = ternarize(p_vl_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
     h = jnp.where(is_b, h_cb, h_vl)
     p_student = jnp.where(is_b, jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1),
-                          cbp_frame_probs(out["cbp_logits_BxTxC1"], bg))
+                          cbp_frame_probs(out["cbp_logits_BxTxK"], mask_BxT, probs))
     aux = {"l_cls": gate(cls_on) * l_cls}
     distill = gate(is_b | is_f)
     kd, num_conf = kd_loss(h, p_student, label_BxC, mask_BxT, valid_B)
@@ -390,11 +406,11 @@ class Ju2023:
     out = self.apply(params, batch, consts, train=False)
     mask_BxT = batch["mask_BxT"]
     valid = mask_BxT[:, :, None] > 0
-    logits = out["cbp_logits_BxTxC1"]
-    class_logits = logits[..., :-1] if cfg.cbp_background else logits
+    logits = out["cbp_logits_BxTxK"]
+    class_logits = logits[..., :-1] if cfg.cbp_probs == "softmax_bg" else logits
     k_B = topk_count(mask_BxT, int(cfg.eval_topk_divisor))
     video = jax.nn.softmax(masked_topk_mean(class_logits, mask_BxT, k_B), axis=-1)
-    p_cb = cbp_frame_probs(logits, bool(cfg.cbp_background))
+    p_cb = cbp_frame_probs(logits, mask_BxT, str(cfg.cbp_probs))
     p_vl = jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1)
     if cfg.fusion == "average":
       cas = 0.5 * (p_cb + p_vl)

@@ -3,7 +3,8 @@
 `Ju2023Model` holds the CBP branch (scope 'cbp') and the VLP branch (scope 'vlp'); the
 method freezes one scope while the other trains (Sec. 3.3). Outputs:
 
-  cbp_logits_BxTxC1  CBP frame logits over the C classes + a background column
+  cbp_logits_BxTxK   CBP frame logits over the C classes (+ a background column: K = C + 1
+                     with the 'softmax_bg' reading)
   cbp_emb_BxTxF      CBP frame features (the f of Eq. 7 in F steps)
   vlp_logits_BxTxC   logit_scale * cos(F_vid, F_txt) (Eq. 3 before its softmax)
   vlp_emb_BxTxE      F_vid (the f of Eq. 7 in B steps)
@@ -12,9 +13,8 @@ CBP branch (Sec. 3.2, 4.1: "Transformer architectures (multi-head self-attention
 and MLPs)"; sizes not given): a masked temporal conv (kernel 3) embeds the I3D RGB || flow
 features (it also gives the otherwise permutation-invariant attention the order of the
 snippets), then `num_layers` pre-LN Transformer blocks with padding masked out of the
-attention, a final layer norm and a linear head over C + 1 classes. The background column
-is our reading (documented in methods/ju2023.py): a softmax over the C classes alone cannot
-say "background" at a frame, and Eq. 4 needs frame scores below delta_l.
+attention, a final layer norm and a linear head over the C classes (Eq. 1), or C + 1 with a
+background column (an option, documented in methods/ju2023.py).
 
 VLP branch: the frozen CLIP image features F_vis -> `vlp_layers` (2, Sec. 4.1) pre-LN
 Transformer blocks whose output projections start at zero, so F_vid = F_vis at init and the
@@ -63,13 +63,14 @@ class TransformerBlock(nn.Module):
 
 
 class CBPBranch(nn.Module):
-  """I3D features -> frame logits over C + 1 and frame features (module docstring)."""
+  """I3D features -> frame logits and frame features (module docstring)."""
   num_classes: int
   width: int = 256
   num_layers: int = 2
   num_heads: int = 4
   mlp_dim: int = 512
   dropout: float = 0.5
+  background: bool = False
 
   @nn.compact
   def __call__(self, feat_BxTxD, mask_BxT, *, train: bool):
@@ -80,8 +81,8 @@ class CBPBranch(nn.Module):
                            name=f"block{i}")(x, mask_BxT, train=train)
     emb = zero_padding(nn.LayerNorm(name="ln_out")(x), mask_BxT)
     h = nn.Dropout(self.dropout, deterministic=not train)(emb)
-    logits = nn.Dense(self.num_classes + 1, name="head")(h)
-    return {"cbp_logits_BxTxC1": zero_padding(logits, mask_BxT), "cbp_emb_BxTxF": emb}
+    logits = nn.Dense(self.num_classes + int(self.background), name="head")(h)
+    return {"cbp_logits_BxTxK": zero_padding(logits, mask_BxT), "cbp_emb_BxTxF": emb}
 
 
 class VLPBranch(nn.Module):
