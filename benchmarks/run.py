@@ -180,6 +180,13 @@ SHAPES_CO2NET = {
     "small": Shapes("small", 10, 128, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
+# Ju et al. 2023 (configs/ju2023.py): T consecutive snippets, T = 1000 on THUMOS14 (Sec. 4.1),
+# batch 16, CLIP ViT-B/16 image features (512-d) for the VLP branch; built-in: T = 256.
+SHAPES_JU = {
+    "thumos14": Shapes("thumos14", 16, 1000, 2048, 512, "dataset=thumos14"),
+    "small": Shapes("small", 16, 256, 128, 64, "dataset=builtin"),
+    "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
+}
 # One row per method (a new method adds its row): its train-step shapes, and whether its
 # batches carry the second feature stream (VLM / CLIP) with class text embeddings in its space.
 BENCH_METHODS = {
@@ -187,6 +194,7 @@ BENCH_METHODS = {
     "vlpo": (SHAPES, True),
     "co2net": (SHAPES_CO2NET, False),
     "pvlr": (SHAPES_CO2NET, True),
+    "ju2023": (SHAPES_JU, True),
 }
 TRAIN_METHODS = tuple(BENCH_METHODS)
 
@@ -365,7 +373,7 @@ def run_train(args, result):
   all_threads = ((tr.torch.get_num_threads(), 1) if tr else ())
   all_threads = tuple(dict.fromkeys(all_threads))
   if args.tiny:
-    plan = [("tiny", 1, 3, ("vlpo", "co2net", "pvlr"), (1,))]
+    plan = [("tiny", 1, 3, ("vlpo", "co2net", "pvlr", "ju2023"), (1,))]
   elif args.quick:
     # Compilation dominates --quick (per shape on 2 loaded cores: base 5-7 s, VLPO 10-20 s,
     # CO2-Net 11-16 s, PVLR 16-30 s, plus 4-9 s for the jitted init) and a THUMOS14-shape
@@ -374,8 +382,8 @@ def run_train(args, result):
     # other methods and the small shapes are left to the full run.
     plan = [("thumos14", 1, 1, (), all_threads[:1])]
   else:
-    plan = [("thumos14", 1, 5, ("vlpo", "co2net", "pvlr"), all_threads),
-            ("small", 3, 30, ("vlpo", "co2net", "pvlr"), all_threads)]
+    plan = [("thumos14", 1, 5, ("vlpo", "co2net", "pvlr", "ju2023"), all_threads),
+            ("small", 3, 30, ("vlpo", "co2net", "pvlr", "ju2023"), all_threads)]
   rows = []
   if args.quick:
     rows += [{"impl": "jax", "method": m, "shapes": "small",
@@ -466,9 +474,11 @@ def run_train(args, result):
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
   result["notes"].append(
-      "train_*_{vlpo,co2net,pvlr}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + 768-d; "
-      "co2net / pvlr T=320, batch 10, 2048-d + 1024-d CLIP); *_small: built-in small shapes "
-      "(vlpo T=128, batch 16; co2net / pvlr T=128, batch 10; 128-d + 64-d)")
+      "train_*_{vlpo,co2net,pvlr,ju2023}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
+      "768-d; co2net / pvlr T=320, batch 10, 2048-d + 1024-d CLIP; ju2023 T=1000, batch 16, "
+      "2048-d + 512-d CLIP, its warm-up phase's step: both branches' forward passes); *_small: "
+      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr T=128, batch 10; ju2023 "
+      "T=256, batch 16; 128-d + 64-d)")
 
 
 # --------------------------------------------------------------------------------------- eval

@@ -161,7 +161,7 @@ def test_train_shapes_follow_the_configs():
   assert bench.method_shapes("vlpo", "thumos14").vlm_dim == 768
 
 
-@pytest.mark.parametrize("method", ["co2net", "pvlr"])
+@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023"])
 def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   """The benchmark's set-up (dims, constants, batch keys) fits the method: the trainer's step
   traces (jax.eval_shape: no compilation, which costs 15-40 s for these two)."""
@@ -172,7 +172,7 @@ def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   shapes = bench.method_shapes(method, "tiny")
   config, run = bench._setup(method, shapes)  # pylint: disable=protected-access
   batch = bench.make_train_batch(shapes, with_vlm=method != "co2net")
-  assert ("vlm_BxTxE" in batch) == (method == "pvlr")
+  assert ("vlm_BxTxE" in batch) == (method != "co2net")
   init = run._init_params  # pylint: disable=protected-access
   params = jax.eval_shape(init, jax.random.key(0), batch, run.consts)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0))
