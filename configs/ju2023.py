@@ -22,7 +22,8 @@ checkpoint for the text encoder with 16 + 16 learnable prompts):
 
 Sizes. The paper gives none for the CBP Transformer. Ours: a kernel-3 temporal conv embedding
 to 256 (THUMOS14 / ActivityNet; 128 on the built-in data, whose I3D stream is 128-d), two
-pre-LN blocks (4 heads, MLP 512), a linear head over C + 1: about 1.9 M parameters on 2048-d
+pre-LN blocks (4 heads, MLP 512), a linear head over C (C + 1 with
+`--config.ju2023.cbp_probs=softmax_bg`): about 1.9 M parameters on 2048-d
 I3D, near CO2-Net's ~2.5 M and ASL's ~1.6 M. VLP: 2 blocks of width 512 (CLIP ViT-B/16),
 8 heads, MLP 1024, 16 + 16 prompt vectors (Sec. 4.1).
 

@@ -86,22 +86,65 @@ def test_kd_loss_value_and_zero_gradient_on_uncertain_frames():
   mask[1, 4:] = 0
   h = ju2023.ternarize(jnp.asarray(p), jnp.asarray(label), jnp.asarray(mask), 0.3, 0.1)
   valid = jnp.ones(2)
-  loss, count = ju2023.kd_loss(h, jnp.asarray(p), jnp.asarray(label), jnp.asarray(mask), valid)
+
+  def kd(q, labelled_only=False):
+    return ju2023.kd_loss(h, *ju2023.prob_log_probs(q), jnp.asarray(label),
+                          jnp.asarray(mask), valid, labelled_only)
+  loss, count = kd(jnp.asarray(p))
   conf = np.asarray(ju2023.confident_frames(h, jnp.asarray(label), jnp.asarray(mask)))
   hn = np.asarray(h)
-  want = 0.0
+  want = want_lab = 0.0
   for b in range(2):
     for t in range(6):
       if conf[b, t]:
         for c in range(C):
           y = float(hn[b, t, c] == 1)
-          want -= y * np.log(p[b, t, c]) + (1 - y) * np.log(1 - p[b, t, c])
+          term = -(y * np.log(p[b, t, c]) + (1 - y) * np.log(1 - p[b, t, c]))
+          want += term
+          want_lab += term if label[b, c] else 0.0
   assert int(count) == conf.sum() > 0 and (~conf & (mask > 0)).any()
   np.testing.assert_allclose(float(loss), want / conf.sum(), rtol=1e-5)
-  g = np.asarray(jax.grad(lambda q: ju2023.kd_loss(h, q, jnp.asarray(label), jnp.asarray(mask),
-                                                   valid)[0])(jnp.asarray(p)))
+  np.testing.assert_allclose(float(kd(jnp.asarray(p), True)[0]), want_lab / conf.sum(),
+                             rtol=1e-5)
+  g = np.asarray(jax.grad(lambda q: kd(q)[0])(jnp.asarray(p)))
   assert np.all(g[~conf] == 0.0)                      # uncertain and padded frames: exactly 0
   assert np.all(np.abs(g[conf]).sum(-1) > 0)
+
+
+def test_softmax_kd_keeps_its_gradient_at_saturation():
+  """The B step's VLP student at logit scale 100: a confident false positive (p ~ 1 on a
+  background frame) must still get a gradient (a clipped probability gave exactly 0)."""
+  z = jnp.asarray([[[40.0, 0.0, 0.0]]])          # p_0 = 1 - 4e-18 in float32: saturated
+  h = jnp.asarray([[[0, 0, 0]]], jnp.int32)      # background for its labelled class 0
+  label = jnp.asarray([[1.0, 0.0, 0.0]])
+  mask = jnp.ones((1, 1))
+  lp, l1mp = ju2023.softmax_log_probs(z)
+  np.testing.assert_allclose(np.exp(np.asarray(lp)), np.asarray(jax.nn.softmax(z)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(l1mp)[0, 0, 1:],
+                             np.log1p(-np.asarray(jax.nn.softmax(z))[0, 0, 1:]), rtol=1e-5,
+                             atol=1e-12)
+  g = jax.grad(lambda x: ju2023.kd_loss(h, *ju2023.softmax_log_probs(x), label, mask,
+                                        jnp.ones(1), False)[0])(z)
+  assert float(g[0, 0, 0]) > 0.5                 # pushes the false positive's logit down
+
+
+def test_f_step_kd_with_minmax_cbp_never_raises_a_non_label_peak():
+  """F step, P^cb 'minmax': Eq. 6 over the labelled classes only, so no KD gradient reaches
+  a class outside the label (its min-max column peaks at 1 whatever the logits)."""
+  method = methods.get_method(make_config(), C, DIMS)
+  batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+  params = method.init(jax.random.key(0), batch, consts())["params"]
+
+  def kd_logit_grad(logits):
+    h = jnp.asarray(np.random.default_rng(3).choice([0, 1], size=logits.shape), jnp.int32)
+    p = ju2023.cbp_frame_probs(logits, batch["mask_BxT"], "minmax")
+    return jax.grad(lambda l: ju2023.kd_loss(
+        h, *ju2023.prob_log_probs(ju2023.cbp_frame_probs(l, batch["mask_BxT"], "minmax")),
+        batch["label_BxC"], batch["mask_BxT"], batch["valid_B"], True)[0])(logits), p
+  logits = method.apply(params, batch, consts(), train=False)["cbp_logits_BxTxK"]
+  g, _ = kd_logit_grad(logits)
+  outside = np.asarray(batch["label_BxC"])[:, None, :].repeat(g.shape[1], 1) == 0
+  assert np.all(np.asarray(g)[outside] == 0.0) and np.any(np.asarray(g)[~outside] != 0.0)
 
 
 # ----------------------------------------------------------------------------- Eq. 7
@@ -216,6 +259,8 @@ def test_bad_settings_are_one_clear_error():
     methods.get_method(make_config(delta_h=0.05), C, DIMS)
   with pytest.raises(WstalError, match="mode"):
     methods.get_method(make_config(mode="nope"), C, DIMS)
+  with pytest.raises(WstalError, match="only_b"):
+    methods.get_method(make_config(mode="only_b"), C, DIMS)   # fusion 'cbp' would be warm-up
   with pytest.raises(WstalError, match="vlm_feature"):
     methods.get_method(make_config(), C, {"feat": 8, "vlm": None, "text": 8})
   config = make_config()
@@ -235,10 +280,11 @@ def test_frame_miou_by_hand():
   acc = metrics_lib.FrameIoU(2, threshold=0.3)
   score = np.array([[0.9, 0.9], [0.1, 0.0], [0.5, 0.0], [0.5, 0.0], [0.0, 0.0], [0.0, 0.8]])
   acc.add(score, np.array([1.0, 1.0]), gt)
-  fg, bg = acc.result()
+  fg, bg, both = acc.result()
   # class 0: pred {0, 2, 3}, gt {0, 1, 2}: 2 / 4; class 1: pred {0, 5}, gt {5}: 1 / 2
   # bg: pred {1, 4}, gt {3, 4}: 1 / 3
   assert fg == pytest.approx((0.5 + 0.5) / 2) and bg == pytest.approx(1 / 3)
+  assert both == pytest.approx((0.5 + 0.5 + 1 / 3) / 3)
   acc2 = metrics_lib.FrameIoU(2, threshold=0.3)
   acc2.add(score, np.array([1.0, 0.0]), gt)   # class 1 not in the video label: never predicted
   assert acc2.inter_C[1] == 0 and acc2.union_C[1] == 1
@@ -303,7 +349,8 @@ def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path):
   config = _tiny_run_config(data)
   full = str(tmp_path / "full")
   metrics = train.train_and_evaluate(config, full)
-  for key in ("average_mAP", "fg_mIoU_cbp", "bg_mIoU_cbp", "fg_mIoU_vlp", "bg_mIoU_vlp"):
+  for key in ("average_mAP", "fg_mIoU_cbp", "bg_mIoU_cbp", "fg_mIoU_vlp", "bg_mIoU_vlp",
+              "mIoU_cbp", "mIoU_vlp"):
     assert key in metrics and metrics[key] is not None and np.isfinite(metrics[key]), key
   # A copy of the run as it stood after step 6 (the middle of the B phase, steps 4-7).
   resumed = str(tmp_path / "resumed")

@@ -199,7 +199,7 @@ def test_presets():
   assert not vlpo.cas_source.enabled and not co2.cas_source.enabled
   ju = pp.get_preset("ju2023")   # Ju et al. Sec. 3.4 / 4.1
   assert (ju.class_threshold, tuple(ju.action_thresholds), ju.score_mode) == (0.85, (0.45,),
-                                                                              "max")
+                                                                              "max_video")
   assert ju.threshold_sequence == "cas" and ju.nms.method == "soft"
   assert pp.get_preset("co2net").score_mode == "oic"
   pv = pp.get_preset("pvlr")   # PVLR's released evaluation
@@ -353,8 +353,11 @@ def _loop_video_proposals(vs, cas, act, sps, duration, cfg, ambiguous):
     def add_regions(thresholds, strict, seq_thr, seq_score, lam, gamma):
       for thr in thresholds:
         for s, e in _loop_runs(seq_thr, thr, strict):
-          if cfg.get("score_mode", "oic") == "max":
+          mode = cfg.get("score_mode", "oic")
+          if mode in ("max", "max_video"):
             score = max(float(x) for x in seq_score[s:e + 1])
+            if mode == "max_video":
+              score *= float(vs[c])
           else:
             score = _loop_oic(seq_score, s, e, lam) + gamma * float(vs[c])
           step = float(sps) / float(u)
@@ -416,10 +419,13 @@ def _assert_same_rows(got, want_rows, what):
 @pytest.mark.parametrize("preset,quantize,method", [
     ("co2net", False, None), ("co2net", True, None), ("vlpo", False, None),
     ("vlpo", True, None), ("co2net", True, "hard"), ("pvlr", False, None),
-    ("pvlr", True, None), ("ju2023", False, None), ("ju2023", True, None)])
+    ("pvlr", True, None), ("ju2023", False, None), ("ju2023", True, None),
+    ("ju2023", True, "max")])
 def test_pipeline_matches_straightforward_loops_on_many_videos(preset, quantize, method):
   rng = np.random.default_rng(7 + quantize)
   cfg = pp.get_preset(preset)
+  if method == "max":   # the plain maximum (score_mode 'max')
+    cfg.score_mode, method = "max", None
   if method is not None:
     cfg.nms.method = method
   if preset == "ju2023":   # its 'max' scores on the coverage below (one theta_loc = 0.45 and

@@ -183,8 +183,9 @@ class Evaluator:
     proposals = {self.infos[i].name: p for i, p in zip(index_V, found)}
     metrics = self._metrics(video_scores, proposals, num_c)
     for name, acc in sorted(frame_ious.items()):   # Ju et al. Table 3's pseudo-label quality
-      fg, bg = acc.result()
+      fg, bg, both = acc.result()
       metrics[f"fg_mIoU_{name}"], metrics[f"bg_mIoU_{name}"] = _pct(fg), _pct(bg)
+      metrics[f"mIoU_{name}"] = _pct(both)
     if self.run.config.eval.get("oracle_labels", False):
       metrics["oracle_labels"] = True   # ground-truth labels entered the predictions
     ordered = {self.infos[i].name: proposals[self.infos[i].name] for i in self.video_indices}

@@ -325,10 +325,12 @@ class FrameIoU:
     self.inter_bg += int(np.sum(pred_bg & gt_bg))
     self.union_bg += int(np.sum(pred_bg | gt_bg))
 
-  def result(self) -> tuple[float, float]:
-    """(foreground mIoU over the classes with a non-empty union, background IoU); NaN when
-    there is nothing to average."""
+  def result(self) -> tuple[float, float, float]:
+    """(foreground mIoU over the classes with a non-empty union, background IoU, the mean
+    over those classes and the background together); NaN when there is nothing to average."""
     seen = self.union_C > 0
-    fg = float(np.mean(self.inter_C[seen] / self.union_C[seen])) if seen.any() else float("nan")
+    ious = self.inter_C[seen] / self.union_C[seen]
+    fg = float(np.mean(ious)) if seen.any() else float("nan")
     bg = self.inter_bg / self.union_bg if self.union_bg else float("nan")
-    return fg, bg
+    both = list(ious) + ([bg] if self.union_bg else [])
+    return fg, bg, float(np.mean(both)) if both else float("nan")

@@ -12,8 +12,10 @@ The pipeline, every step a field of the config (see `get_preset`):
    `cas_TxC`: mean(inside) - mean(outside) + gamma * video_score[c] (or the method's own
    `oic_scores` for this term, e.g. ASL's MIL score beside VLPO's p^), where "outside" is
    floor(lambda * length) snippets on each side, clipped to the video (an empty outside
-   counts as 0); or 'max', the maximum of the class's column inside the region (Ju et al.
-   Sec. 3.4).
+   counts as 0); 'max', the maximum of the class's column inside the region (Ju et al.
+   Sec. 3.4); or 'max_video', that maximum times the class's video score (the 'ju2023'
+   preset: its detection column is min-max normalised per video, so every video's top
+   region has maximum 1 and the maximum alone cannot rank proposals across videos).
 4. seconds: region [s, e] (inclusive indices of the possibly upsampled sequence) covers
    [s / u * sps, (e + 1) / u * sps], clipped to [0, duration]; regions shorter than
    `min_length_s` are dropped.
@@ -86,7 +88,7 @@ SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D
 
 THRESHOLD_SEQUENCES = ("cas", "actionness")
 PRESETS = ("vlpo", "co2net", "pvlr", "ju2023")
-SCORE_MODES = ("oic", "max")
+SCORE_MODES = ("oic", "max", "max_video")
 
 
 @dataclasses.dataclass
@@ -173,12 +175,14 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     cfg.action_thresholds = (0.45,)  # theta_loc, one threshold
     cfg.threshold_strict = True      # "threshold detection scores with theta_loc": > 0.45
     cfg.upsample = 1
-    cfg.oic_lambda = 0.0             # unused with score_mode='max'
+    cfg.oic_lambda = 0.0             # unused with score_mode='max_video'
     cfg.oic_gamma = 0.0
     cfg.min_length_s = 0.0
     nms.method = "soft"              # "soft non-maximum suppression"; the paper gives no
     nms.iou_threshold = 0.7          # numbers: the Gaussian soft-NMS of the CO2-Net family
-    nms.sigma = 0.3                  # (sigma 0.3) with the plain tIoU
+    nms.sigma = 0.3                  # (sigma 0.3) with the plain tIoU. With one threshold on
+                                     # one sequence per class the regions never overlap, so
+                                     # it changes nothing unless action_thresholds grows
     nms.length_offset_s = 0.0
     cfg.filter_ambiguous = False     # the official ActivityNet algorithm, no filtering
   elif name in ("co2net", "pvlr"):
@@ -203,7 +207,7 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
       cas.enabled = True
   else:
     raise WstalError(f"unknown post-processing preset {name!r}; choose one of {PRESETS}")
-  cfg.score_mode = "max" if name == "ju2023" else "oic"   # step 3
+  cfg.score_mode = "max_video" if name == "ju2023" else "oic"   # step 3
   cfg.nms = nms
   cfg.cas_source = cas
   return cfg
@@ -488,7 +492,7 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
     sum_at.append(sum_base)
     seq_len.append(oic_tk.shape[0])
     sum_base += sums[-1].size
-    if cfg.score_mode == "max":
+    if cfg.score_mode in ("max", "max_video"):
       cols.append(oic_tk.T.reshape(-1))
       col_at.append(col_base)
       col_base += cols[-1].size
@@ -522,11 +526,14 @@ def _candidates(video_scores, cas, actionness, seconds_per_snippet, durations,
   video, col, s_idx, e_idx = video[order], col[order], s_idx[order], e_idx[order]
 
   t_n = seq_len[video]
-  if cfg.score_mode == "max":   # the column's maximum inside [s, e]
+  if cfg.score_mode in ("max", "max_video"):   # the column's maximum inside [s, e]
     flat = np.concatenate(cols + [np.zeros(1)]) if cols else np.zeros(1)
     base = np.asarray(col_at, np.int64)[video] + col * t_n
     bounds = np.stack([base + s_idx, base + e_idx + 1], axis=1).reshape(-1)
     score = (np.maximum.reduceat(flat, bounds)[0::2] if len(bounds) else np.zeros(0))
+    if cfg.score_mode == "max_video":
+      vid_score_flat = np.concatenate(vid_score) if vid_score else np.zeros(0)
+      score = score * vid_score_flat[class_at[video] + col]
   else:
     csum_flat = np.concatenate(sums) if sums else np.zeros(0)
     vid_score_flat = np.concatenate(vid_score) if vid_score else np.zeros(0)

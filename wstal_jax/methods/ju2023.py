@@ -58,9 +58,27 @@ Readings (the paper does not say; each is a config field):
   (0.7: the paper gives no weights; CBP sees optical flow, VLP does not). Video scores stay
   CBP's.
 
+Inference (Sec. 3.4, the `ju2023` post-processing preset): classes whose video probability
+(Eq. 1's pooled softmax over C) exceeds theta_cls = 0.85, else the argmax — a softmax lets at
+most one class pass 0.85, so the second class of a multi-label video is never detected (the
+paper's setting, kept); regions where the kept class's frame score exceeds theta_loc = 0.45;
+each scored by its maximum frame score times the class's video probability (`score_mode=
+'max_video'`: with the default min-max P^cb every video's top region has maximum 1, so the
+paper's "detection maximum" alone cannot rank proposals across videos; a review measured
+a fallback class with video score 0.4 tying a true one at 1.0); Gaussian soft-NMS.
+
+With a CLIP checkpoint ('clip' text mode) the untrained VLP branch is CLIP with 32 random
+N(0, 0.01) context vectors around each class name, not a hand-written zero-shot prompt; the
+'vanilla VLP' of Table 3 / Table 4's only-F pseudo-labels is exactly CLIP's zero-shot only in
+the 'precomputed' mode (the dataset's class text embeddings).
+
+Cost: every step runs both branches as student (with dropout) and as teacher, and L_fb on both
+feature sets; a `lax.switch` per phase kind would run one branch of each (not done).
+
 Frame-level pseudo-label quality (Table 3): `predict` also returns frame_cbp_BxTxC and
 frame_vlp_BxTxC; the Evaluator turns every frame_<name>_BxTxC into fg_mIoU_<name> /
-bg_mIoU_<name> at `frame_threshold` (delta_h) against the ground truth (metrics.frame_miou).
+bg_mIoU_<name> (and mIoU_<name>, classes and background together) at `frame_threshold`
+(delta_h) against the ground truth (metrics.FrameIoU).
 """
 from __future__ import annotations
 
@@ -165,6 +183,9 @@ def validate_config(cfg) -> None:
     bad("b_steps", f"mode={cfg.mode!r} needs B steps")
   if cfg.mode in ("full", "only_f") and int(cfg.f_steps) < 1:
     bad("f_steps", f"mode={cfg.mode!r} needs F steps")
+  if cfg.mode == "only_b" and cfg.fusion == "cbp":
+    bad("fusion", "mode='only_b' trains only the VLP branch after warm-up: inference from "
+        "CBP alone would be the warm-up's; use 'average' or 'weighted' (Table 4)")
   if cfg.mode in ("full",) and int(cfg.num_alternations) < 1:
     bad("num_alternations", "mode='full' needs at least one B / F alternation")
 
@@ -234,13 +255,35 @@ def confident_frames(h_BxTxC, label_BxC, mask_BxT):
   return (mask_BxT > 0) & ~uncertain
 
 
-def kd_loss(h_BxTxC, p_BxTxC, label_BxC, mask_BxT, valid_B, eps: float = 1e-6):
-  """Eq. 6: sum over classes of KL(h || p) (Bernoulli; hard h: the BCE) over the confident
-  frames of valid videos, / their number O -> (loss, O)."""
+def softmax_log_probs(z_BxTxC):
+  """(log p, log(1 - p)) of p = softmax(z) over the last axis, both from the logits: no
+  clipping, so a saturated p (a confident VLP false positive at logit scale 100) keeps its
+  gradient (log(1 - p_c) = logsumexp_{j != c} z_j - logsumexp z)."""
+  num_c = z_BxTxC.shape[-1]
+  lse = jax.nn.logsumexp(z_BxTxC, axis=-1, keepdims=True)
+  others = jnp.where(jnp.eye(num_c, dtype=bool), -jnp.inf, z_BxTxC[..., None, :])
+  return z_BxTxC - lse, jax.nn.logsumexp(others, axis=-1) - lse
+
+
+def prob_log_probs(p_BxTxC, eps: float = 1e-6):
+  """(log p, log(1 - p)) of probabilities given directly (P^cb 'minmax'), floored at eps."""
+  return jnp.log(jnp.maximum(p_BxTxC, eps)), jnp.log(jnp.maximum(1.0 - p_BxTxC, eps))
+
+
+def kd_loss(h_BxTxC, log_p, log_1mp, label_BxC, mask_BxT, valid_B, labelled_only: bool):
+  """Eq. 6: sum over classes of KL(h || p) (Bernoulli; hard h: the BCE -h log p - (1 - h)
+  log(1 - p)) over the confident frames of valid videos, / their number O -> (loss, O).
+
+  labelled_only: sum over the video's labelled classes only (the min-max P^cb student of F
+  steps: a min-max column always reaches 1 at its peak, so a target 0 for a class outside
+  the label could only be met by raising that class's peak logit, against L_cls; a review
+  measured 90 % of the F-step KD gradient going there)."""
   conf_BxT = confident_frames(h_BxTxC, label_BxC, mask_BxT) & (valid_B[:, None] > 0)
-  p = jnp.clip(p_BxTxC, eps, 1.0 - eps)
-  h = (h_BxTxC == 1).astype(p.dtype)
-  bce_BxT = -jnp.sum(h * jnp.log(p) + (1.0 - h) * jnp.log1p(-p), axis=-1)
+  h = (h_BxTxC == 1).astype(log_p.dtype)
+  bce_BxTxC = -(h * log_p + (1.0 - h) * log_1mp)
+  if labelled_only:
+    bce_BxTxC = jnp.where(label_BxC[:, None, :] > 0, bce_BxTxC, 0.0)
+  bce_BxT = jnp.sum(bce_BxTxC, axis=-1)
   count = jnp.sum(conf_BxT)
   return jnp.sum(jnp.where(conf_BxT, bce_BxT, 0.0)) / jnp.maximum(count, 1), count
 
@@ -374,13 +417,25 @@ class Ju2023:
     h_cb = ternarize(p_cb_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
     h_vl = ternarize(p_vl_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
     h = jnp.where(is_b, h_cb, h_vl)
-    p_student = jnp.where(is_b, jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1),
-                          cbp_frame_probs(out["cbp_logits_BxTxK"], mask_BxT, probs))
     aux = {"l_cls": gate(cls_on) * l_cls}
     distill = gate(is_b | is_f)
-    kd, num_conf = kd_loss(h, p_student, label_BxC, mask_BxT, valid_B)
+    # B: the VLP student's softmax (all classes: pushing a non-label class down is what the
+    # softmax can do); F: the CBP student, all classes for the softmax readings of P^cb,
+    # the labelled ones for 'minmax' (kd_loss).
+    kd_b, num_conf = kd_loss(h, *softmax_log_probs(out["vlp_logits_BxTxC"]), label_BxC,
+                             mask_BxT, valid_B, labelled_only=False)
+    cbp_logits = out["cbp_logits_BxTxK"]
+    if probs == "minmax":
+      cbp_logs = prob_log_probs(cbp_frame_probs(cbp_logits, mask_BxT, probs))
+    elif probs == "softmax_bg":
+      lp, l1mp = softmax_log_probs(cbp_logits)
+      cbp_logs = (lp[..., :-1], l1mp[..., :-1])
+    else:
+      cbp_logs = softmax_log_probs(cbp_logits)
+    kd_f, _ = kd_loss(h, *cbp_logs, label_BxC, mask_BxT, valid_B,
+                      labelled_only=probs == "minmax")
     if cfg.use_kd:
-      aux["l_kd"] = distill * kd
+      aux["l_kd"] = gate(is_b) * kd_b + gate(is_f) * kd_f
     if cfg.use_fb:
       # B: F_vid; F: the CBP frame features (different widths: two calls, one gated).
       fb_vlp, n_vlp = fb_loss(out["vlp_emb_BxTxE"], h, label_BxC, mask_BxT, valid_B,
