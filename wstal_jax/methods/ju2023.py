@@ -107,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
                                # 'only_f' / 'only_b' (Table 4)
   # CBP branch (sizes not given: ~1.9 M parameters on 2048-d I3D, near CO2-Net's ~2.5 M)
   c.cbp_width = 256
-  c.cbp_layers = 2
+  c.cbp_layers = 2              # 0: the conv embedding and the head only (no attention)
   c.cbp_heads = 4
   c.cbp_mlp_dim = 512
   c.cbp_dropout = 0.3
@@ -156,11 +156,12 @@ def validate_config(cfg) -> None:
     bad("fusion", f"choose one of {FUSIONS}")
   if cfg.cbp_probs not in CBP_PROBS:
     bad("cbp_probs", f"choose one of {CBP_PROBS}")
-  for field in ("cbp_width", "cbp_layers", "cbp_heads", "cbp_mlp_dim", "topk_divisor",
+  for field in ("cbp_width", "cbp_heads", "cbp_mlp_dim", "topk_divisor",
                 "vlp_heads", "vlp_mlp_ratio", "eval_topk_divisor", "warmup_steps"):
     if int(cfg[field]) < 1:
       bad(field, "must be >= 1")
-  for field in ("vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations", "b_steps",
+  for field in ("cbp_layers", "vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations",
+                "b_steps",
                 "f_steps"):
     if int(cfg[field]) < 0:
       bad(field, "must be >= 0")
