@@ -6,8 +6,8 @@ space; without a CLIP checkpoint the text side is 'precomputed', see models/pvlr
   python -m wstal_jax.main --config=configs/pvlr.py
 
   Expected (small, built-in v4, seeds 0-2, 2 CPU cores, ~4-7 minutes each): average
-  mAP@0.1:0.7 41.6 ± 0.9, ACC 88.1 (Table 3 row 1, the CO2-Net base with PVLR's L_vid:
-  37.0 ± 1.2, ACC 79.2; CO2-Net's own recipe, configs/co2net.py: 38.3 ± 2.3, ACC 81.0).
+  mAP@0.1:0.7 41.6 ± 1.4, ACC 88.8 (Table 3 row 1, the CO2-Net base with PVLR's L_vid:
+  37.0 ± 1.2, ACC 78.8; CO2-Net's own recipe, configs/co2net.py: 38.3 ± 2.3, ACC 81.0).
 
 THUMOS14 (shards with I3D as the primary feature and per-snippet CLIP RN50 middle-frame
 features named `clip`; the CLIP text encoder from your local checkpoint, converted once with
@@ -24,10 +24,10 @@ Table 3 rows, one argument each (`--config=configs/pvlr.py:exp=N`):
 
   exp  P-CAS+L_kd  L_intra  L_inter  L_ortho   paper AVG@0.3:0.7   built-in AVG@0.1:0.7
    1       -          -        -        -       35.7                37.0 ± 1.2 (CO2-Net with PVLR's L_vid)
-   2       x          -        -        -       38.1                35.6 ± 1.1
-   3       x          x        -        -       39.5                36.4 ± 0.8
-   4       x          x        x        -       40.1                36.1 ± 0.5
-   5       x          x        x        x       41.4                41.6 ± 0.9 (PVLR, default)
+   2       x          -        -        -       38.1                36.2 ± 0.8
+   3       x          x        -        -       39.5                36.9 ± 1.0
+   4       x          x        x        -       40.1                37.2 ± 1.4
+   5       x          x        x        x       41.4                41.6 ± 1.4 (PVLR, default)
 
 The authors' released code's readings (src/thumos of the PVLR repository; each a switch of
 config.pvlr, listed in wstal_jax/methods/pvlr.py), all at once, with any row:

@@ -5,7 +5,7 @@ Built-in benchmark (no data needed; generated once into ~/.cache/wstal_jax, then
   python -m wstal_jax.main --config=configs/vlpo.py
 
   Expected (small, seed 0, 2 CPU cores, about 3 minutes including generation):
-  average mAP@0.1:0.7 44.9, ACC 98.6 (seeds 0-2: 44.3 ± 0.5, ACC 98.6 ± 0.5).
+  average mAP@0.1:0.7 44.6, ACC 98.6 (seeds 0-2: 44.0 ± 0.6, ACC 98.7 ± 0.7).
   The baseline (configs/base.py) gets 34.9 ± 2.2 over the same seeds.
 
 THUMOS14 (shards from `python -m wstal_jax.data.convert`, with a `videoclip` feature and
