@@ -16,6 +16,7 @@ from wstal_jax import metrics as metrics_lib
 from wstal_jax import train
 from wstal_jax.errors import WstalError
 from wstal_jax.methods import ju2023
+from test_pvlr import _write_pvlr_dataset   # the tiny two-stream dataset (tests/ on sys.path)
 
 C = 3
 DIMS = {"feat": 8, "vlm": 8, "text": 8}
@@ -293,31 +294,6 @@ def test_frame_miou_by_hand():
 # ----------------------------------------------------------------------------- end to end
 
 
-def _write_dataset(out_dir):
-  from wstal_jax.data import format as data_format
-  rng = np.random.default_rng(1)
-  text = rng.normal(size=(C, 8)).astype(np.float32)
-  splits = {}
-  for split, n in (("train", 6), ("test", 3)):
-    videos = []
-    for i in range(n):
-      num_t, cls = int(rng.integers(12, 24)), i % C
-      i3d = rng.uniform(0, 1, size=(num_t, 8)).astype(np.float32)
-      i3d[2:8, cls] += 2.0
-      clip = rng.normal(size=(num_t, 8)).astype(np.float32)
-      clip[2:10] += 2 * text[cls]
-      videos.append(data_format.VideoRecord(
-          name=f"{split}_{i}", duration=num_t * 0.64, features={"i3d": i3d, "clip": clip},
-          label=np.eye(C, dtype=np.float32)[cls],
-          segments=np.array([[2 * 0.64, 8 * 0.64]], np.float32),
-          segment_labels=np.array([cls], np.int32)))
-    splits[split] = videos
-  data_format.write_dataset(str(out_dir), dataset="tiny", classes=["a", "b", "c"],
-                            feature_dims={"i3d": 8, "clip": 8}, splits=splits, num_shards=1,
-                            feature_text_embeddings={"clip": text})
-  return str(out_dir)
-
-
 def _tiny_run_config(data_dir):
   import importlib.util
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -345,7 +321,7 @@ def _tiny_run_config(data_dir):
 
 
 def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path):
-  data = _write_dataset(tmp_path / "data")
+  data = _write_pvlr_dataset(tmp_path / "data")   # I3D 8-d + CLIP 6-d, three classes
   config = _tiny_run_config(data)
   full = str(tmp_path / "full")
   metrics = train.train_and_evaluate(config, full)
