@@ -24,7 +24,7 @@ from wstal_jax.errors import WstalError
 
 # Config fields that may differ when a run is resumed: they change neither the batches, the
 # updates nor which checkpoint is selected (mesh.num_devices: only up to float tolerance).
-RESUME_SAFE = ("train.num_steps", "train.log_every", "train.sync_every",
+RESUME_SAFE = ("train.num_steps", "train.log_every", "train.sync_every", "train.grad_shares",
                "train.checkpoint_every", "eval.num_plots",
                "eval.batch_size", "data.dir", "data.cache_dir", "checkpoint.async_save",
                "checkpoint.keep_latest", "mesh.num_devices")
