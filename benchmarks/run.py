@@ -278,7 +278,7 @@ def jax_train_stepper(method_name, shapes: Shapes):
   batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name)))
   params = run.init_params(jax.random.key(0), batch)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0))
-  step_fn = train.make_train_step(run, tx)
+  step_fn = train.make_train_step(run, tx, 0)   # the phase of step 0
   holder = {"state": {"step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
                       "params": params,
                       "opt_state": jax.jit(tx.init, out_shardings=run.replicated)(params)},

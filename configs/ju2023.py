@@ -37,12 +37,16 @@ preset's 1e-3 on the built-in data, as every method there).
 from wstal_jax import config_common as common
 
 EXPS = ("full", "cbp", "only_f", "only_b")
+CBPS = ("transformer", "co2net")
 FUSIONS = ("cbp", "average", "weighted")
 LOSSES = ("both", "kd", "fb")
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, dataset="builtin", exp="full", fusion="cbp", losses="both")
+  arg = common.parse_arg(arg, dataset="builtin", exp="full", fusion="cbp", losses="both",
+                         cbp="transformer")
+  if arg.cbp not in CBPS:
+    raise ValueError(f"cbp={arg.cbp}: choose one of {', '.join(CBPS)}")
   if arg.exp not in EXPS:
     raise ValueError(f"exp={arg.exp}: choose one of {', '.join(EXPS)}")
   if arg.fusion not in FUSIONS:
@@ -51,7 +55,8 @@ def get_config(arg=None):
     raise ValueError(f"losses={arg.losses}: choose one of {', '.join(LOSSES)}")
   from wstal_jax.methods import ju2023   # pylint: disable=import-outside-toplevel
   name = "ju2023" + "".join(f"-{k}{v}" for k, v, d in (
-      ("exp", arg.exp, "full"), ("fusion", arg.fusion, "cbp"), ("losses", arg.losses, "both"))
+      ("exp", arg.exp, "full"), ("fusion", arg.fusion, "cbp"), ("losses", arg.losses, "both"),
+      ("cbp", arg.cbp, "transformer"))
       if v != d)
   config = common.base_config(name=name, method="ju2023", dataset=arg.dataset)
   config.data.vlm_feature = "clip"
@@ -62,6 +67,9 @@ def get_config(arg=None):
   block.fusion = arg.fusion
   block.use_kd = arg.losses in ("both", "kd")
   block.use_fb = arg.losses in ("both", "fb")
+  if arg.cbp == "co2net":   # Table 6: CO2-Net (its losses, its sizes) as the CBP branch
+    block.cbp_arch = block.cbp_probs = "co2net"
+    config.co2net = common.co2net_block(arg.dataset)
   if arg.dataset == "builtin":
     config.data.num_snippets = 256
     block.cbp_width = 128

@@ -79,6 +79,21 @@ def test_ternarize_each_case_of_eq4():
 # ----------------------------------------------------------------------------- Eq. 6
 
 
+def test_directional_targets_keep_one_side():
+  """distill='directional': B steps learn H^cb's background, F steps H^vl's foreground; the
+  other side becomes uncertain (so its frames get no L_kd), non-label classes stay 0."""
+  label = jnp.asarray([[1, 0, 1]], jnp.float32)
+  h = jnp.asarray([[[1, 0, 1], [0, 0, 0], [-1, 0, 0], [1, 0, 0]]], jnp.int32)
+  bg = np.asarray(ju2023.directional_targets(h, label, "background"))
+  fg = np.asarray(ju2023.directional_targets(h, label, "foreground"))
+  np.testing.assert_array_equal(bg[0], [[-1, 0, -1], [0, 0, 0], [-1, 0, 0], [-1, 0, 0]])
+  np.testing.assert_array_equal(fg[0], [[1, 0, 1], [-1, 0, -1], [-1, 0, -1], [1, 0, -1]])
+  mask = jnp.ones((1, 4))
+  conf = lambda x: np.asarray(ju2023.confident_frames(jnp.asarray(x), label, mask))[0]
+  np.testing.assert_array_equal(conf(bg), [False, True, False, False])
+  np.testing.assert_array_equal(conf(fg), [True, False, False, False])
+
+
 def test_kd_loss_value_and_zero_gradient_on_uncertain_frames():
   rng = np.random.default_rng(1)
   p = rng.uniform(0.05, 0.95, (2, 6, C)).astype(np.float32)
@@ -148,6 +163,84 @@ def test_f_step_kd_with_minmax_cbp_never_raises_a_non_label_peak():
   assert np.all(np.asarray(g)[outside] == 0.0) and np.any(np.asarray(g)[~outside] != 0.0)
 
 
+def test_sigmoid_reading_of_eq1_by_hand():
+  """cbp_probs='sigmoid': Eq. 1 as binary cross-entropy of sigmoid(top-k mean) summed over
+  the classes, P^cb = sigmoid(A) per frame, the video score sigmoid(top-k mean)."""
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 8, C)).astype(np.float32) * 3
+  mask = np.ones((2, 8), np.float32)
+  mask[1, 5:] = 0
+  label = np.array([[1, 0, 0], [0, 1, 1]], np.float32)
+  k = np.array([2, 1])
+  want = []
+  for b in range(2):
+    n = int(mask[b].sum())
+    pooled = np.sort(logits[b, :n], axis=0)[::-1][:k[b]].mean(0)
+    y_hat = 1 / (1 + np.exp(-pooled))
+    want.append(-np.sum(label[b] * np.log(y_hat) + (1 - label[b]) * np.log(1 - y_hat)))
+  got = ju2023.cls_loss(jnp.asarray(logits), jnp.asarray(label), jnp.asarray(mask),
+                        jnp.ones(2), jnp.asarray(k), False, sigmoid=True)
+  np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(ju2023.cbp_frame_probs(jnp.asarray(logits), jnp.asarray(mask), "sigmoid")),
+      1 / (1 + np.exp(-logits)), rtol=1e-5)
+  method = methods.get_method(make_config(cbp_probs="sigmoid"), C, DIMS)
+  batch = {k_: jnp.asarray(v) for k_, v in make_batch().items()}
+  params = method.init(jax.random.key(0), batch, consts())["params"]
+  out = method.predict(params, batch, consts())
+  cbp = method.apply(params, batch, consts(), train=False)["cbp_logits_BxTxK"]
+  pooled = np.sort(np.asarray(cbp)[0], axis=0)[::-1][:12 // 8].mean(0)
+  np.testing.assert_allclose(out["video_scores_BxC"][0], 1 / (1 + np.exp(-pooled)), rtol=1e-5)
+  # F step: the sigmoid student's KD reaches every class (a non-label class's target 0 is
+  # what L_cls asks too), and only confident frames.
+  aux = method.loss(params, batch, consts(), jax.random.key(1), jnp.int32(4))[1]
+  assert float(aux["l_kd"]) > 0 and float(aux["l_cls"]) > 0
+
+
+def test_local_attention_window_limits_the_receptive_field():
+  """cbp_window=w: with one block, the frame logits at t depend on snippets t - w - 1 ..
+  t + w + 1 only (the kernel-3 embedding adds 1 on each side); global attention sees all."""
+  batch = make_batch(n_valid=(12,), t=12)
+  far = {k: v.copy() for k, v in batch.items()}
+  far["feat_BxTxD"][0, 11] += 5.0
+  for window, unchanged in ((2, 8), (0, 0)):
+    method = methods.get_method(make_config(cbp_layers=1, cbp_window=window), C, DIMS)
+    params = method.init(jax.random.key(0), batch, consts())["params"]
+    a = np.asarray(method.apply(params, batch, consts(), train=False)["cbp_logits_BxTxK"])
+    b = np.asarray(method.apply(params, far, consts(), train=False)["cbp_logits_BxTxK"])
+    np.testing.assert_array_equal(a[0, :unchanged], b[0, :unchanged])
+    assert np.all(np.abs(a[0, unchanged:] - b[0, unchanged:]).max(-1) > 0), window
+
+
+def test_co2net_as_the_cbp_branch():
+  """Table 6 (cbp_arch='co2net'): CO2-Net's own losses train the CBP scope in warm-up (each
+  with a non-zero gradient), P^cb = attention x softmax over C + 1, F-step KD reaches CBP,
+  and the VLP scope is untouched by the CBP terms."""
+  with pytest.raises(WstalError, match="cbp_probs"):
+    methods.get_method(make_config(cbp_arch="co2net"), C, DIMS)
+  method = methods.get_method(make_config(cbp_arch="co2net", cbp_probs="co2net"), C, DIMS)
+  assert set(method.loss_weights()) == {"l_base", "l_supp", "l_norm", "l_guide", "l_oppo",
+                                        "l_mutual", "l_kd", "l_fb"}
+  batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
+  params = method.init(jax.random.key(0), batch, consts())["params"]
+  out = method.apply(params, batch, consts(), train=False)
+  p_cb = np.asarray(method.predict(params, batch, consts())["frame_cbp_BxTxC"])
+  cas = np.asarray(out["cas_BxTxC1"])
+  soft = np.exp(cas - cas.max(-1, keepdims=True))
+  soft /= soft.sum(-1, keepdims=True)
+  want = np.asarray(out["attn_BxT"])[..., None] * soft[..., :-1]
+  want *= np.asarray(batch["mask_BxT"])[..., None]
+  np.testing.assert_allclose(p_cb, want, rtol=1e-5, atol=1e-7)
+  for step, kind in ((0, "warmup"), (4, "F")):
+    for term in ("l_base", "l_guide") if kind == "warmup" else ("l_kd",):
+      g = jax.grad(lambda p, t=term: method.loss(p, batch, consts(), jax.random.key(1),
+                                                 jnp.int32(step))[1][t])(params)
+      norm = lambda tree: sum(float(jnp.sum(x ** 2)) for x in jax.tree.leaves(tree))
+      assert norm(g["cbp"]) > 0 and norm(g["vlp"]) == 0, (step, term)
+  aux_b = method.loss(params, batch, consts(), jax.random.key(1), jnp.int32(2))[1]
+  assert float(aux_b["l_base"]) == 0 and float(aux_b["l_kd"]) > 0
+
+
 # ----------------------------------------------------------------------------- Eq. 7
 
 
@@ -211,6 +304,17 @@ def test_schedule_and_phase_freezing():
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), new[trained],
                                          params[trained]))
     assert any(moved), (step, trained)
+  # b_lr_scale: B steps' Adam steps are that fraction of the others' (same gradients).
+  slow = methods.get_method(make_config(b_lr_scale=0.1), C, DIMS)
+  assert [slow.phase_lr_scale(s) for s in (0, 2, 4)] == [1.0, 0.1, 1.0]
+  labels = slow.param_labels(params, 2)
+  grads = jax.grad(lambda p: slow.loss(p, batch, consts(), jax.random.key(1),
+                                       jnp.int32(2))[0])(params)
+  full, scaled = (train.make_optimizer(cfg, labels, s) for s in (1.0, 0.1))
+  u_full = full.update(grads, full.init(params), params)[0]["vlp"]
+  u_scaled = scaled.update(grads, scaled.init(params), params)[0]["vlp"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, 0.1 * a, rtol=1e-5, atol=1e-12),
+               u_full, u_scaled)
 
 
 def test_terms_are_gated_by_phase():
@@ -222,6 +326,11 @@ def test_terms_are_gated_by_phase():
   assert float(aux[0]["l_cls"]) > 0 and float(aux[0]["l_kd"]) == 0 == float(aux[0]["l_fb"])
   assert float(aux[2]["l_cls"]) == 0 and float(aux[2]["l_kd"]) > 0       # B: no L_cls
   assert float(aux[4]["l_cls"]) > 0 and float(aux[4]["l_kd"]) > 0        # F: cls_in_f_step
+  # The trainer's static phase (one kind traced) gives the lax.switch path's values.
+  for phase, s in enumerate((0, 2, 4)):
+    static = method.loss(params, batch, consts(), jax.random.key(1), jnp.int32(s), phase)[1]
+    for k, v in aux[s].items():
+      np.testing.assert_allclose(float(static[k]), float(v), rtol=1e-6, err_msg=(s, k))
   literal = methods.get_method(make_config(cls_in_f_step=False), C, DIMS)
   assert float(literal.loss(params, batch, consts(), jax.random.key(1),
                             jnp.int32(4))[1]["l_cls"]) == 0

@@ -65,8 +65,9 @@ from wstal_jax.errors import WstalError
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(config, labels) -> optax.GradientTransformation:
-  """Adam for the 'train' leaves, nothing for the 'freeze' leaves.
+def make_optimizer(config, labels, lr_scale: float = 1.0) -> optax.GradientTransformation:
+  """Adam for the 'train' leaves, nothing for the 'freeze' leaves; learning rate
+  optim.lr x lr_scale (a method's `phase_lr_scale`, methods.Method).
 
   optim.weight_decay_style='l2' is torch.optim.Adam(weight_decay=wd) (ASL, VLPO): wd * w is
   added to the gradient before Adam normalises it; 'decoupled' is AdamW.
@@ -79,9 +80,9 @@ def make_optimizer(config, labels) -> optax.GradientTransformation:
   if o.weight_decay_style == "l2":
     if o.weight_decay:
       parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
-    parts.append(optax.adam(o.lr, b1=o.b1, b2=o.b2, eps=o.eps))
+    parts.append(optax.adam(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps))
   else:
-    parts.append(optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+    parts.append(optax.adamw(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=decay_mask))
   return optax.multi_transform({"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
                                labels)
@@ -120,21 +121,29 @@ def _labels(method, params, start):
 # ----------------------------------------------------------------------------- step
 
 
-def make_train_step(run: run_setup.Setup, tx):
+def _phase_kwargs(method, phase):
+  """{'phase': i} for a method with `static_phase` (methods.Method), else {}."""
+  return {"phase": int(phase)} if phase is not None and getattr(
+      method, "static_phase", False) else {}
+
+
+def make_train_step(run: run_setup.Setup, tx, phase=None):
   """The trainer's jitted training step for `run`'s method and the optax transform `tx`.
 
   Returns step(state, batch, consts, key) -> (new_state, terms): state is {'step',
   'params', 'opt_state'} (donated), the step's RNG is fold_in(key, state['step']), and terms
-  holds the float32 'loss' and every aux term of `method.loss`.
+  holds the float32 'loss' and every aux term of `method.loss`. phase: the index of the
+  phase the step belongs to (passed on to a `static_phase` method's loss).
   """
   method = run.method
+  kwargs = _phase_kwargs(method, phase)
 
   def train_step(state, batch, consts, key):
     step = state["step"]
     rng = jax.random.fold_in(key, step)
 
     def loss_fn(params):
-      return method.loss(params, batch, consts, rng, step)
+      return method.loss(params, batch, consts, rng, step, **kwargs)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -148,7 +157,7 @@ def make_train_step(run: run_setup.Setup, tx):
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-def term_grad_norms_fn(method, labels):
+def term_grad_norms_fn(method, labels, phase=None):
   """-> fn(params, batch, consts, rng, step) -> [K] float32: for each weighted loss term k
   of `method.loss_weights()` (in that order), the global norm of the gradient of
   weight_k * term_k over the parameters `labels` marks 'train'.
@@ -161,10 +170,11 @@ def term_grad_norms_fn(method, labels):
   names = tuple(method.loss_weights())
   weights = jnp.asarray([method.loss_weights()[k] for k in names], jnp.float32)
   train_leaves = [l == "train" for l in jax.tree.leaves(labels)]
+  kwargs = _phase_kwargs(method, phase)
 
   def fn(params, batch, consts, rng, step):
     def weighted_terms(p):
-      _, aux = method.loss(p, batch, consts, rng, step)
+      _, aux = method.loss(p, batch, consts, rng, step, **kwargs)
       return weights * jnp.stack([jnp.asarray(aux[k], jnp.float32) for k in names])
 
     jac = jax.jacrev(weighted_terms)(params)   # leaves [K, *leaf.shape]
@@ -184,9 +194,11 @@ class _Phase:
     self.index = index
     self.start = starts[index]
     labels = _labels(run.method, params, self.start)
-    self.tx = make_optimizer(config, labels)
-    self.step_fn = make_train_step(run, self.tx)
-    self.grad_names, grad_norms = term_grad_norms_fn(run.method, labels)
+    scale_fn = getattr(run.method, "phase_lr_scale", None)
+    self.lr_scale = float(scale_fn(self.start)) if scale_fn is not None else 1.0
+    self.tx = make_optimizer(config, labels, self.lr_scale)
+    self.step_fn = make_train_step(run, self.tx, index)
+    self.grad_names, grad_norms = term_grad_norms_fn(run.method, labels, index)
     repl, data = run.replicated, run.data_sharding
     self.grad_norms_fn = jax.jit(grad_norms, in_shardings=(repl, data, repl, repl, repl),
                                  out_shardings=repl)
@@ -367,7 +379,8 @@ class _Loop:
                         self.state["params"])
     self.state["opt_state"] = jax.jit(self.phase.tx.init, out_shardings=run.replicated)(
         self.state["params"])
-    logging.info("step %d: phase %d starts (optimizer re-initialised)", step, self.phase.index)
+    logging.info("step %d: phase %d starts (optimizer re-initialised, lr x %g)", step,
+                 self.phase.index, self.phase.lr_scale)
 
   def save(self, step: int, metrics=None):
     meta = {"phase": self.phase.index, "name": self.config.name,

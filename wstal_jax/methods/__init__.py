@@ -11,6 +11,7 @@ builds on it (PVLR on CO2-Net).
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
@@ -40,6 +41,11 @@ class Method(Protocol):
     proposals ('vlpo' or 'co2net').
   phase_starts: (0, s1, ...): the steps at which a training phase starts; at each the
     trainer asks `param_labels(params, start)` and builds a fresh optimizer. (0,) = one phase.
+  Optional `static_phase = True`: the trainer (which compiles one step per phase) calls
+    `loss(..., step, phase=i)` with the phase index i as a Python int, so the loss can compute
+    only what phase i needs; called without `phase` (tests, tools) it must select by `step`.
+  Optional `phase_lr_scale(start) -> float`: the phase starting at `start` trains with
+    config.optim.lr times this (1 when the method has no such function).
   """
   postprocess_preset: str
   phase_starts: tuple[int, ...]
@@ -89,6 +95,23 @@ def get_method(config, num_classes: int, dims: dict[str, int], class_names=None)
 
 
 def config_block(config, name: str, default_config) -> ml_collections.ConfigDict:
-  """A copy of config.<name>, or `default_config()` when the config has no such block."""
+  """A copy of config.<name>, or `default_config()` when the config has no such block.
+
+  Fields the block lacks take their defaults (a run directory written before a field
+  existed still evaluates); a field the defaults do not know is a typo: one clear error."""
   block = config.get(name) if name in config else None
-  return ml_collections.ConfigDict(block if block is not None else default_config())
+  defaults = default_config()
+  if block is None:
+    return defaults
+  out = ml_collections.ConfigDict(block)
+  unknown = sorted(set(out.keys()) - set(defaults.keys()))
+  if unknown:
+    close = {k: difflib.get_close_matches(k, list(defaults.keys()), n=1) for k in unknown}
+    hint = "; ".join(f"config.{name}.{k}" + (f" (did you mean {close[k][0]!r}?)"
+                                             if close[k] else "") for k in unknown)
+    raise WstalError(f"unknown config field(s): {hint}")
+  with out.unlocked():
+    for key in defaults.keys():
+      if key not in out:
+        out[key] = defaults[key]
+  return out

@@ -86,6 +86,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
@@ -95,8 +96,10 @@ from wstal_jax.models import class_text
 from wstal_jax.models import ju2023 as ju_model
 
 MODES = ("full", "cbp", "only_f", "only_b")
-CBP_PROBS = ("minmax", "softmax", "softmax_bg")
+CBP_PROBS = ("minmax", "softmax", "softmax_bg", "sigmoid", "co2net")
+CBP_ARCHS = ("transformer", "co2net")
 FUSIONS = ("cbp", "average", "weighted")
+DISTILLS = ("directional", "all")
 KINDS = ("warmup", "B", "F")
 
 
@@ -106,11 +109,14 @@ def default_config() -> ml_collections.ConfigDict:
   c.mode = "full"              # 'full' (alternating B / F), 'cbp' (warm-up only, all steps),
                                # 'only_f' / 'only_b' (Table 4)
   # CBP branch (sizes not given: ~1.9 M parameters on 2048-d I3D, near CO2-Net's ~2.5 M)
+  c.cbp_arch = "transformer"   # or 'co2net' (Table 6: CO2-Net, configured by config.co2net,
+                               # as the CBP branch; needs cbp_probs='co2net')
   c.cbp_width = 256
   c.cbp_layers = 2              # 0: the conv embedding and the head only (no attention)
   c.cbp_heads = 4
   c.cbp_mlp_dim = 512
   c.cbp_dropout = 0.3
+  c.cbp_window = 0             # attention span: 0 global, w > 0 snippets t - w .. t + w
   c.cbp_probs = "minmax"       # P^cb from the logits: 'minmax' | 'softmax' | 'softmax_bg'
                                # (docstring)
   c.topk_divisor = 8           # Eq. 1: k = max(1, n // 8)
@@ -119,6 +125,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.vlp_heads = 8
   c.vlp_mlp_ratio = 2
   c.vlp_dropout = 0.1
+  c.vlp_window = 0             # attention span of the temporal layers (0: global)
   c.vlp_logit_scale = 100.0
   c.text_mode = "auto"         # 'clip' with a checkpoint, else 'precomputed' (PVLR's fallback)
   c.clip_checkpoint = ml_collections.config_dict.placeholder(str)
@@ -132,6 +139,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.delta_l = 0.1
   c.lam = 0.05                 # lambda of Eq. 5
   c.tau = 0.07                 # Eq. 7
+  c.distill = "directional"    # L_kd's targets: 'directional' (B: H^cb's background entries,
+                               # F: H^vl's foreground entries) | 'all' (docstring)
   c.use_kd = True              # Table 5
   c.use_fb = True
   c.cls_in_f_step = True       # L_cls keeps training CBP in F steps (docstring)
@@ -140,6 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.b_steps = 100
   c.f_steps = 100
   c.num_alternations = 3
+  c.b_lr_scale = 1.0           # B steps train the VLP branch at config.optim.lr x this
   # Inference (Sec. 3.4; Table 4 fusion)
   c.fusion = "cbp"
   c.fusion_weight = 0.7
@@ -152,15 +162,22 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.ju2023.{field}={cfg.get(field)!r}: {why}")
   if cfg.mode not in MODES:
     bad("mode", f"choose one of {MODES}")
+  if cfg.distill not in DISTILLS:
+    bad("distill", f"choose one of {DISTILLS}")
   if cfg.fusion not in FUSIONS:
     bad("fusion", f"choose one of {FUSIONS}")
   if cfg.cbp_probs not in CBP_PROBS:
     bad("cbp_probs", f"choose one of {CBP_PROBS}")
+  if cfg.cbp_arch not in CBP_ARCHS:
+    bad("cbp_arch", f"choose one of {CBP_ARCHS}")
+  if (cfg.cbp_arch == "co2net") != (cfg.cbp_probs == "co2net"):
+    bad("cbp_probs", "cbp_probs='co2net' (attention x softmax over C + 1) goes with "
+        f"cbp_arch='co2net' and only with it (cbp_arch={cfg.cbp_arch!r})")
   for field in ("cbp_width", "cbp_heads", "cbp_mlp_dim", "topk_divisor",
                 "vlp_heads", "vlp_mlp_ratio", "eval_topk_divisor", "warmup_steps"):
     if int(cfg[field]) < 1:
       bad(field, "must be >= 1")
-  for field in ("cbp_layers", "vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations",
+  for field in ("cbp_layers", "cbp_window", "vlp_window", "vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations",
                 "b_steps",
                 "f_steps"):
     if int(cfg[field]) < 0:
@@ -174,6 +191,8 @@ def validate_config(cfg) -> None:
       bad(field, "must be in [0, 1)")
   if cfg.tau <= 0 or cfg.vlp_logit_scale <= 0:
     bad("tau", "tau and vlp_logit_scale must be > 0")
+  if not cfg.b_lr_scale > 0:
+    bad("b_lr_scale", "must be > 0")
   if cfg.lam < 0:
     bad("lam", "must be >= 0")
   if not 0.0 <= cfg.fusion_weight <= 1.0:
@@ -218,7 +237,7 @@ def schedule_length(cfg) -> int:
 # ----------------------------------------------------------------------------- losses
 
 
-def cbp_frame_probs(logits_BxTxK, mask_BxT, mode: str):
+def cbp_frame_probs(logits_BxTxK, mask_BxT, mode: str, attn_BxT=None):
   """P^cb [B, T, C] (`cbp_probs`, docstring): 'minmax' (the logits min-max normalised over
   each video's valid frames per class), 'softmax' (over C), 'softmax_bg' (over C + 1, the
   background column dropped)."""
@@ -226,13 +245,22 @@ def cbp_frame_probs(logits_BxTxK, mask_BxT, mode: str):
     return temporal_minmax(logits_BxTxK, mask_BxT)
   if mode == "softmax_bg":
     return jax.nn.softmax(logits_BxTxK, axis=-1)[..., :-1]
+  if mode == "sigmoid":
+    return jax.nn.sigmoid(logits_BxTxK)
+  if mode == "co2net":
+    return attn_BxT[:, :, None] * jax.nn.softmax(logits_BxTxK, axis=-1)[..., :-1]
   return jax.nn.softmax(logits_BxTxK, axis=-1)
 
 
-def cls_loss(logits_BxTxK, label_BxC, mask_BxT, valid_B, k_B, background: bool):
+def cls_loss(logits_BxTxK, label_BxC, mask_BxT, valid_B, k_B, background: bool,
+             sigmoid: bool = False):
   """Eq. 1 (per batch): CE of softmax(top-k mean of the frame logits) with y / sum y; with
-  the background column, over C + 1 with the background label 1 (docstring)."""
-  if background:
+  the background column, over C + 1 with the background label 1; with `sigmoid`, the binary
+  cross-entropy of sigmoid(top-k mean) summed over the C classes (docstring)."""
+  if sigmoid:
+    logits_BxC = masked_topk_mean(logits_BxTxK, mask_BxT, k_B)
+    l_B = jnp.sum(optax.sigmoid_binary_cross_entropy(logits_BxC, label_BxC), axis=-1)
+  elif background:
     l_B = co2net.mil_loss(logits_BxTxK, label_BxC, mask_BxT, k_B, 1.0)
   else:
     logits_BxC = masked_topk_mean(logits_BxTxK, mask_BxT, k_B)
@@ -248,6 +276,15 @@ def ternarize(p_BxTxC, label_BxC, mask_BxT, delta_h: float, delta_l: float):
   h = jnp.where(~in_label, 0, jnp.where(p_BxTxC > delta_h, 1,
                                         jnp.where(p_BxTxC < delta_l, 0, -1)))
   return jnp.where(mask_BxT[:, :, None] > 0, h, -1).astype(jnp.int32)
+
+
+def directional_targets(h_BxTxC, label_BxC, keep: str):
+  """Eq. 6's targets of one direction: keep='background' makes the labelled classes'
+  foreground entries uncertain (B step: CBP teaches background), keep='foreground' their
+  background entries (F step: VLP teaches foreground); non-label classes stay 0."""
+  labelled = label_BxC[:, None, :] > 0
+  drop = (h_BxTxC == 1) if keep == "background" else (h_BxTxC == 0) & labelled
+  return jnp.where(drop, -1, h_BxTxC)
 
 
 def confident_frames(h_BxTxC, label_BxC, mask_BxT):
@@ -347,17 +384,27 @@ class Ju2023:
     self.phases = schedule(cfg)
     self.phase_starts = tuple(s for s, _ in self.phases)
     self.frame_threshold = float(cfg.delta_h)
+    if cfg.cbp_arch == "co2net":
+      co2 = methods.config_block(config, "co2net", co2net.default_config)
+      co2net.validate_config(co2)
+      self.co2net = co2net.VideoLossSettings.from_config(co2)
+      self.co2net_eval_topk = int(co2.eval_topk_divisor)
+      cbp_args = dict(rgb_dim=co2net.rgb_dim_of(dims), attn_hidden=int(co2.attn_hidden),
+                      dropout=float(co2.dropout))
+    else:
+      self.co2net = None
+      cbp_args = dict(width=int(cfg.cbp_width), num_layers=int(cfg.cbp_layers),
+                      num_heads=int(cfg.cbp_heads), mlp_dim=int(cfg.cbp_mlp_dim),
+                      dropout=float(cfg.cbp_dropout), window=int(cfg.cbp_window),
+                      background=cfg.cbp_probs == "softmax_bg")
     self.model = ju_model.Ju2023Model(
-        num_classes=self.num_classes,
-        cbp=dict(width=int(cfg.cbp_width), num_layers=int(cfg.cbp_layers),
-                 num_heads=int(cfg.cbp_heads), mlp_dim=int(cfg.cbp_mlp_dim),
-                 dropout=float(cfg.cbp_dropout),
-                 background=cfg.cbp_probs == "softmax_bg"),
-        vlp=dict(num_layers=int(cfg.vlp_layers), num_heads=int(cfg.vlp_heads),
+        num_classes=self.num_classes, cbp_arch=str(cfg.cbp_arch), cbp_args=cbp_args,
+        vlp_args=dict(num_layers=int(cfg.vlp_layers), num_heads=int(cfg.vlp_heads),
                  mlp_dim=int(cfg.vlp_mlp_ratio) * int(e_img), dropout=float(cfg.vlp_dropout),
                  logit_scale=float(cfg.vlp_logit_scale), text_mode=self.text.mode,
                  clip_config=self.text.clip_config, n_pre=int(cfg.n_ctx_pre),
-                 n_post=int(cfg.n_ctx_post), prompt_init_std=float(cfg.prompt_init_std)))
+                 n_post=int(cfg.n_ctx_post), prompt_init_std=float(cfg.prompt_init_std),
+                 window=int(cfg.vlp_window)))
 
   # ------------------------------------------------------------------------ contract
 
@@ -370,10 +417,12 @@ class Ju2023:
                                 train=False)
     return {"params": self.text.strip_frozen(dict(variables["params"]))}
 
-  def apply(self, params, batch, consts, *, train: bool, rng=None):
+  def apply(self, params, batch, consts, *, train: bool, rng=None, branch=None):
+    """Both branches' outputs, or one branch's (`branch` 'cbp' | 'vlp')."""
     rngs = {"dropout": rng} if train else None
+    method = {None: None, "cbp": "run_cbp", "vlp": "run_vlp"}[branch]
     return self.model.apply(self.text.variables(params, consts), batch, consts, train=train,
-                            rngs=rngs)
+                            rngs=rngs, method=method)
 
   def param_labels(self, params, step: int):
     """The phase at `step` trains one scope: 'cbp' in warm-up and F steps, 'vlp' in B."""
@@ -382,6 +431,10 @@ class Ju2023:
     return {scope: jax.tree.map(lambda _, s=scope: "train" if s == trained else "freeze", sub)
             for scope, sub in params.items()}
 
+  def phase_lr_scale(self, start: int) -> float:
+    """B steps: config.optim.lr x b_lr_scale (methods.Method)."""
+    return float(self.cfg.b_lr_scale) if self.kind_at(start) == "B" else 1.0
+
   def kind_at(self, step: int) -> str:
     idx = int(np.searchsorted(np.asarray(self.phase_starts), int(step), side="right")) - 1
     return self.phases[idx][1]
@@ -389,68 +442,119 @@ class Ju2023:
   def loss_weights(self):
     """loss = l_cls + l_kd + lam * l_fb, each term already gated by the phase (so the
     weights are constant and the trainer's shares read the phase's terms)."""
-    weights = {"l_cls": 1.0}
+    weights = ({"l_cls": 1.0} if self.co2net is None
+               else co2net.video_loss_weights(self.co2net))
     if self.cfg.use_kd:
       weights["l_kd"] = 1.0
     if self.cfg.use_fb:
       weights["l_fb"] = float(self.cfg.lam)
     return weights
 
-  def loss(self, params, batch, consts, rng, step):
+  static_phase = True   # the trainer passes the phase index (methods.Method)
+
+  def loss(self, params, batch, consts, rng, step, phase=None):
+    """One function per phase kind, each computing only the forwards it needs (warm-up: the
+    CBP student; B: the CBP teacher and the VLP student; F: the VLP teacher and the CBP
+    student) and returning every term (zero where the phase has none), so the trainer's
+    term shares read the phase's terms. The trainer passes `phase` (its index, a Python
+    int: the kind is chosen at trace time); without it a `lax.switch` on `step` selects
+    (measured: the switch inside the jitted step ran 2.4x slower on CPU than one kind)."""
     cfg = self.cfg
     mask_BxT, label_BxC, valid_B = batch["mask_BxT"], batch["label_BxC"], batch["valid_B"]
     starts = jnp.asarray(self.phase_starts, jnp.int32)
     kinds = jnp.asarray([KINDS.index(k) for _, k in self.phases], jnp.int32)
     kind = kinds[jnp.sum(starts <= step) - 1]
-    is_warm, is_b, is_f = (kind == 0), (kind == 1), (kind == 2)
-    gate = lambda on: on.astype(jnp.float32)
-
-    out = self.apply(params, batch, consts, train=True, rng=rng)
-    teacher = jax.lax.stop_gradient(self.apply(params, batch, consts, train=False))
     k_B = topk_count(mask_BxT, int(cfg.topk_divisor))
-    bg, probs = cfg.cbp_probs == "softmax_bg", str(cfg.cbp_probs)
-
-    l_cls = cls_loss(out["cbp_logits_BxTxK"], label_BxC, mask_BxT, valid_B, k_B, bg)
-    cls_on = is_warm | (is_f & bool(cfg.cls_in_f_step))
-    # B step: CBP (teacher) -> VLP; F step: VLP (teacher) -> CBP.
-    p_cb_teacher = cbp_frame_probs(teacher["cbp_logits_BxTxK"], mask_BxT, probs)
-    p_vl_teacher = jax.nn.softmax(teacher["vlp_logits_BxTxC"], axis=-1)
-    h_cb = ternarize(p_cb_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
-    h_vl = ternarize(p_vl_teacher, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
-    h = jnp.where(is_b, h_cb, h_vl)
-    aux = {"l_cls": gate(cls_on) * l_cls}
-    distill = gate(is_b | is_f)
-    # B: the VLP student's softmax (all classes: pushing a non-label class down is what the
-    # softmax can do); F: the CBP student, all classes for the softmax readings of P^cb,
-    # the labelled ones for 'minmax' (kd_loss).
-    kd_b, num_conf = kd_loss(h, *softmax_log_probs(out["vlp_logits_BxTxC"]), label_BxC,
-                             mask_BxT, valid_B, labelled_only=False)
-    cbp_logits = out["cbp_logits_BxTxK"]
-    if probs == "minmax":
-      cbp_logs = prob_log_probs(cbp_frame_probs(cbp_logits, mask_BxT, probs))
-    elif probs == "softmax_bg":
-      lp, l1mp = softmax_log_probs(cbp_logits)
-      cbp_logs = (lp[..., :-1], l1mp[..., :-1])
-    else:
-      cbp_logs = softmax_log_probs(cbp_logits)
-    kd_f, _ = kd_loss(h, *cbp_logs, label_BxC, mask_BxT, valid_B,
-                      labelled_only=probs == "minmax")
-    if cfg.use_kd:
-      aux["l_kd"] = gate(is_b) * kd_b + gate(is_f) * kd_f
-    if cfg.use_fb:
-      # B: F_vid; F: the CBP frame features (different widths: two calls, one gated).
-      fb_vlp, n_vlp = fb_loss(out["vlp_emb_BxTxE"], h, label_BxC, mask_BxT, valid_B,
-                              cfg.tau)
-      fb_cbp, n_cbp = fb_loss(out["cbp_emb_BxTxF"], h, label_BxC, mask_BxT, valid_B,
-                              cfg.tau)
-      aux["l_fb"] = gate(is_b) * fb_vlp + gate(is_f) * fb_cbp
-      aux["stat_anchors"] = jnp.where(is_b, n_vlp, n_cbp).astype(jnp.float32)
-    total = sum(w * aux[k] for k, w in self.loss_weights().items())
+    probs = str(cfg.cbp_probs)
+    zero = jnp.zeros((), jnp.float32)
     n_valid = jnp.maximum(jnp.sum(mask_BxT * valid_B[:, None]), 1.0)
-    fg = jnp.sum((h == 1) & (label_BxC[:, None, :] > 0))
-    aux["stat_confident"] = distill * num_conf / n_valid   # share of frames supervised
-    aux["stat_fg"] = distill * fg / n_valid                 # foreground (frame, class) pairs
+
+    def student(branch):
+      return self.apply(params, batch, consts, train=True, rng=rng, branch=branch)
+
+    def teacher(branch):
+      return jax.lax.stop_gradient(self.apply(params, batch, consts, train=False,
+                                              branch=branch))
+
+    def cls_terms(out):
+      """Eq. 1 ({'l_cls'}), or with cbp_arch='co2net' CO2-Net's own video losses."""
+      if self.co2net is not None:
+        return co2net.video_loss(out, out["cas_BxTxC1"], batch, self.co2net)[1]
+      return {"l_cls": cls_loss(out["cbp_logits_BxTxK"], label_BxC, mask_BxT, valid_B, k_B,
+                                probs == "softmax_bg", sigmoid=probs == "sigmoid")}
+
+    def no_cls():
+      return {k: zero for k in self.loss_weights() if k not in ("l_kd", "l_fb")}
+
+    def frame_probs(out):
+      return cbp_frame_probs(out["cbp_logits_BxTxK"], mask_BxT, probs, out.get("attn_BxT"))
+
+    def terms(cls, kd, fb, h, num_conf, anchors):
+      aux = dict(cls)
+      if cfg.use_kd:
+        aux["l_kd"] = kd
+      if cfg.use_fb:
+        aux["l_fb"] = fb
+        aux["stat_anchors"] = anchors.astype(jnp.float32)
+      fg = jnp.sum((h == 1) & (label_BxC[:, None, :] > 0))
+      aux["stat_confident"] = num_conf / n_valid      # share of frames supervised
+      aux["stat_fg"] = fg / n_valid                   # foreground (frame, class) pairs
+      return aux
+
+    def distill(h, log_probs, feat, labelled_only, keep):
+      h_kd = h if cfg.distill == "all" else directional_targets(h, label_BxC, keep)
+      kd, num_conf = kd_loss(h_kd, *log_probs, label_BxC, mask_BxT, valid_B, labelled_only)
+      fb, anchors = (fb_loss(feat, h, label_BxC, mask_BxT, valid_B, cfg.tau)
+                     if cfg.use_fb else (zero, jnp.zeros((), jnp.int32)))
+      return kd, fb, num_conf, anchors
+
+    def warmup():
+      h = jnp.full(label_BxC.shape[:1] + mask_BxT.shape[1:] + label_BxC.shape[1:], -1,
+                   jnp.int32)
+      return terms(cls_terms(student("cbp")), zero, zero, h, zero, jnp.zeros((), jnp.int32))
+
+    def b_step():
+      # CBP (frozen teacher) -> VLP: its softmax over all classes (pushing a non-label
+      # class down is what the softmax can do), Eq. 7 on F_vid.
+      h = ternarize(frame_probs(teacher("cbp")), label_BxC, mask_BxT, cfg.delta_h,
+                    cfg.delta_l)
+      out = student("vlp")
+      kd, fb, num_conf, anchors = distill(h, softmax_log_probs(out["vlp_logits_BxTxC"]),
+                                          out["vlp_emb_BxTxE"], False, "background")
+      return terms(no_cls(), kd, fb, h, num_conf, anchors)
+
+    def f_step():
+      # VLP (frozen teacher) -> CBP: all classes for the softmax / sigmoid / co2net readings
+      # of P^cb, the labelled ones for 'minmax' (kd_loss); Eq. 7 on the CBP frame features.
+      p_vl = jax.nn.softmax(teacher("vlp")["vlp_logits_BxTxC"], axis=-1)
+      h = ternarize(p_vl, label_BxC, mask_BxT, cfg.delta_h, cfg.delta_l)
+      out = student("cbp")
+      logits = out["cbp_logits_BxTxK"]
+      if probs in ("minmax", "co2net"):
+        logs = prob_log_probs(frame_probs(out))
+      elif probs == "softmax_bg":
+        lp, l1mp = softmax_log_probs(logits)
+        logs = (lp[..., :-1], l1mp[..., :-1])
+      elif probs == "sigmoid":
+        logs = (jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits))
+      else:
+        logs = softmax_log_probs(logits)
+      kd, fb, num_conf, anchors = distill(h, logs, out["cbp_emb_BxTxF"], probs == "minmax",
+                                          "foreground")
+      cls = cls_terms(out) if cfg.cls_in_f_step else no_cls()
+      return terms(cls, kd, fb, h, num_conf, anchors)
+
+    branches = {"warmup": warmup, "B": b_step, "F": f_step}
+    used = sorted({k for _, k in self.phases}, key=KINDS.index)
+    if phase is not None:
+      aux = branches[self.phases[int(phase)][1]]()
+    elif len(used) == 1:
+      aux = branches[used[0]]()
+    else:
+      index = jnp.searchsorted(jnp.asarray([KINDS.index(k) for k in used]), kind)
+      aux = jax.lax.switch(index, [branches[k] for k in used])
     aux["stat_phase"] = kind.astype(jnp.float32)
+    total = sum(w * aux[k] for k, w in self.loss_weights().items())
     return total, aux
 
   def predict(self, params, batch, consts):
@@ -463,10 +567,16 @@ class Ju2023:
     mask_BxT = batch["mask_BxT"]
     valid = mask_BxT[:, :, None] > 0
     logits = out["cbp_logits_BxTxK"]
-    class_logits = logits[..., :-1] if cfg.cbp_probs == "softmax_bg" else logits
-    k_B = topk_count(mask_BxT, int(cfg.eval_topk_divisor))
-    video = jax.nn.softmax(masked_topk_mean(class_logits, mask_BxT, k_B), axis=-1)
-    p_cb = cbp_frame_probs(logits, mask_BxT, str(cfg.cbp_probs))
+    if self.co2net is not None:   # CO2-Net's own video score (softmax over C + 1)
+      video = co2net.co2net_scores(logits, out["attn_BxT"], mask_BxT,
+                                   self.co2net_eval_topk)["video_scores_BxC"]
+    else:
+      class_logits = logits[..., :-1] if cfg.cbp_probs == "softmax_bg" else logits
+      k_B = topk_count(mask_BxT, int(cfg.eval_topk_divisor))
+      pooled = masked_topk_mean(class_logits, mask_BxT, k_B)
+      video = (jax.nn.sigmoid(pooled) if cfg.cbp_probs == "sigmoid"
+               else jax.nn.softmax(pooled, axis=-1))
+    p_cb = cbp_frame_probs(logits, mask_BxT, str(cfg.cbp_probs), out.get("attn_BxT"))
     p_vl = jax.nn.softmax(out["vlp_logits_BxTxC"], axis=-1)
     if cfg.fusion == "average":
       cas = 0.5 * (p_cb + p_vl)

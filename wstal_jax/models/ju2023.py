@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wstal_jax.layers import MaskedTemporalConv, l2_normalize, zero_padding
+from wstal_jax.models.co2net import CO2NetModel
 from wstal_jax.models.pvlr import PrecomputedClassText
 
 TEXT_MODES = ("precomputed", "clip")
@@ -38,11 +39,13 @@ class TransformerBlock(nn.Module):
 
   zero_init_out: the attention's and the MLP's output projections start at zero (the block
   is the identity at init).
+  window: 0 (global attention) or w > 0 (local: snippet t attends to snippets t - w .. t + w).
   """
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
   zero_init_out: bool = False
+  window: int = 0
 
   @nn.compact
   def __call__(self, x_BxTxF, mask_BxT, *, train: bool):
@@ -50,6 +53,10 @@ class TransformerBlock(nn.Module):
     out_init = (nn.initializers.zeros if self.zero_init_out
                 else nn.initializers.lecun_normal())
     attn_mask = nn.make_attention_mask(valid_BxT, valid_BxT)   # [B, 1, T, T]
+    if self.window > 0:
+      pos = jnp.arange(x_BxTxF.shape[1])
+      near_TxT = jnp.abs(pos[:, None] - pos[None, :]) <= self.window
+      attn_mask = attn_mask * near_TxT[None, None].astype(attn_mask.dtype)
     y = nn.LayerNorm(name="ln_attn")(x_BxTxF)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dropout_rate=self.dropout, deterministic=not train,
@@ -71,13 +78,14 @@ class CBPBranch(nn.Module):
   mlp_dim: int = 512
   dropout: float = 0.5
   background: bool = False
+  window: int = 0
 
   @nn.compact
   def __call__(self, feat_BxTxD, mask_BxT, *, train: bool):
     x = nn.Dropout(self.dropout, deterministic=not train)(feat_BxTxD)
     x = nn.relu(MaskedTemporalConv(self.width, 3, name="embed")(x, mask_BxT))
     for i in range(self.num_layers):
-      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout,
+      x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, window=self.window,
                            name=f"block{i}")(x, mask_BxT, train=train)
     emb = zero_padding(nn.LayerNorm(name="ln_out")(x), mask_BxT)
     h = nn.Dropout(self.dropout, deterministic=not train)(emb)
@@ -97,13 +105,14 @@ class VLPBranch(nn.Module):
   n_pre: int = 16
   n_post: int = 16
   prompt_init_std: float = 0.01
+  window: int = 0
 
   @nn.compact
   def __call__(self, vis_BxTxE, mask_BxT, consts, *, train: bool):
     x = zero_padding(vis_BxTxE, mask_BxT)
     for i in range(self.num_layers):
       x = TransformerBlock(self.num_heads, self.mlp_dim, self.dropout, zero_init_out=True,
-                           name=f"temporal{i}")(x, mask_BxT, train=train)
+                           window=self.window, name=f"temporal{i}")(x, mask_BxT, train=train)
     if self.text_mode == "clip":
       from wstal_jax.models import clip_text  # pylint: disable=import-outside-toplevel
       text_CxE = clip_text.PromptedClassEncoder(
@@ -118,16 +127,36 @@ class VLPBranch(nn.Module):
 
 
 class Ju2023Model(nn.Module):
-  """Both branches; `consts` carries the class text inputs (and frozen CLIP weights)."""
-  num_classes: int
-  cbp: dict
-  vlp: dict
+  """Both branches; `consts` carries the class text inputs (and frozen CLIP weights).
 
-  @nn.compact
+  `__call__` runs both; `run_cbp` / `run_vlp` (`apply(..., method=...)`) run one, so a
+  phase's loss computes only the branches it uses (methods/ju2023.py)."""
+  num_classes: int
+  cbp_args: dict
+  vlp_args: dict
+  cbp_arch: str = "transformer"    # or 'co2net' (Table 6: CO2-Net as the CBP branch)
+
+  def setup(self):
+    if self.cbp_arch == "co2net":
+      self.cbp = CO2NetModel(self.num_classes, **self.cbp_args)
+    else:
+      self.cbp = CBPBranch(self.num_classes, **self.cbp_args)
+    self.vlp = VLPBranch(**self.vlp_args)
+
+  def run_cbp(self, batch, consts, *, train: bool):
+    if self.cbp_arch == "co2net":
+      # CO2-Net's outputs (its losses need them) + the CBP names: the CAS over C + 1 and
+      # the fused features (Eq. 7's f in F steps).
+      out = dict(self.cbp(batch, consts, train=train))
+      out["cbp_logits_BxTxK"] = out["cas_BxTxC1"]
+      out["cbp_emb_BxTxF"] = out["feat_BxTxF"]
+      return out
+    return self.cbp(batch["feat_BxTxD"], batch["mask_BxT"], train=train)
+
+  def run_vlp(self, batch, consts, *, train: bool):
+    return self.vlp(batch["vlm_BxTxE"], batch["mask_BxT"], consts, train=train)
+
   def __call__(self, batch, consts, *, train: bool):
-    mask_BxT = batch["mask_BxT"]
-    out = CBPBranch(self.num_classes, name="cbp", **self.cbp)(
-        batch["feat_BxTxD"], mask_BxT, train=train)
-    out.update(VLPBranch(name="vlp", **self.vlp)(batch["vlm_BxTxE"], mask_BxT, consts,
-                                                 train=train))
+    out = self.run_cbp(batch, consts, train=train)
+    out.update(self.run_vlp(batch, consts, train=train))
     return out
