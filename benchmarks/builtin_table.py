@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 VLPO = "configs/vlpo.py"
+JU = "configs/ju2023.py"
 # row name -> (config argument, extra overrides, description)
 ROWS = {
     "base": ("configs/base.py", [], "baseline (L_base: MIL top-k + actionness, Sec. 3.1)"),
@@ -89,6 +90,23 @@ ROWS = {
                                                "--config.pvlr.w_intra=0.005",
                                                "--config.pvlr.w_inter=0.005"],
                            "PVLR with the readings before review (issue 20)"),
+    # Ju et al. 2023 (ju2023_distill_vlp.txt); the CBP-alone run also gives the untrained
+    # (zero-shot) VLP branch's frame mIoU, only_b the VLP branch after B steps.
+    "ju_cbp": (JU + ":exp=cbp", [], "Ju: CBP branch alone (warm-up only, all steps)"),
+    "ju_only_f_avg": (JU + ":exp=only_f,fusion=average", [],
+                      "Ju Table 4: only F step, average fusion"),
+    "ju_only_f_w": (JU + ":exp=only_f,fusion=weighted", [],
+                    "Ju Table 4: only F step, weighted fusion"),
+    "ju_only_b_avg": (JU + ":exp=only_b,fusion=average", [],
+                      "Ju Table 4: only B step, average fusion"),
+    "ju_only_b_w": (JU + ":exp=only_b,fusion=weighted", [],
+                    "Ju Table 4: only B step, weighted fusion"),
+    "ju_kd": (JU + ":losses=kd", [], "Ju Table 5: L_kd only"),
+    "ju_fb": (JU + ":losses=fb", [], "Ju Table 5: L_fb only"),
+    "ju_co2net": (JU + ":cbp=co2net", [], "Ju Table 6: CO2-Net as the CBP branch"),
+    "ju": (JU, [], "Ju full (alternating B / F, both losses)"),
+    "ju_distill_all": (JU, ["--config.ju2023.distill=all"],
+                       "Ju, every confident entry distilled both ways"),
 }
 
 
@@ -175,6 +193,28 @@ def shares_table(rows, seeds, root):
   return "\n".join(lines), out
 
 
+def miou_table(rows, seeds, results):
+  """Frame-level fg / bg mIoU of each branch (methods whose metrics.json has them: Ju et
+  al.'s Table 3 metric), mean ± std over seeds; '' when no row has them."""
+  names = sorted({k[len("fg_mIoU_"):] for m in results.values() for k in m
+                  if k.startswith("fg_mIoU_")})
+  if not names:
+    return ""
+  lines = ["| row | " + " | ".join(f"{n} fg / bg mIoU" for n in names) + " |",
+           "|---|" + "---|" * len(names)]
+  for r in rows:
+    got = [results[(r, s)] for s in seeds if (r, s) in results]
+    if not got or not any(f"fg_mIoU_{n}" in got[0] for n in names):
+      continue
+    cells = []
+    for n in names:
+      fg = np.array([m.get(f"fg_mIoU_{n}", np.nan) for m in got])
+      bg = np.array([m.get(f"bg_mIoU_{n}", np.nan) for m in got])
+      cells.append(f"{fg.mean():.1f} / {bg.mean():.1f}")
+    lines.append(f"| {ROWS[r][2]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -222,6 +262,9 @@ def main():
     lines.append(f"| {ROWS[r][2]} | {avg[0]:.1f} ± {avg[1]:.1f} | {m50[0]:.1f} ± {m50[1]:.1f} "
                  f"| {acc[0]:.1f} ± {acc[1]:.1f} | {len(got)} |")
   print("\n".join(lines))
+  miou = miou_table(rows, seeds, results)
+  if miou:
+    print(miou)
   if args.shares:
     text, shares = shares_table(rows, seeds, args.root)
     print(text)

@@ -21,21 +21,47 @@ come from a deterministic (dropout-free) forward pass with no gradient.
 Readings (the paper does not say; each is a config field):
 * L_cls in F steps (`cls_in_f_step`, default True): the paper's F-step loss is Eq. 5 only. We
   keep Eq. 1 on CBP in F steps: inference keeps the classes whose video probability (Eq. 1's
-  pooled softmax) exceeds theta_cls = 0.85, and only L_cls calibrates that score; L_kd trains
-  frames, not the pooled softmax. False is the literal reading.
-* P^cb, CBP's "frame-level action probabilities" (`cbp_probs`). Eq. 1 pools P^cb's top-k and
-  applies a softmax, so what it pools are class logits A [T, C]; the paper does not say how
-  A becomes a probability per frame. Default 'minmax': P^cb = A min-max normalised over the
-  video's frames per class (the normalised CAS WS-TAL thresholds; high only at the
-  discriminative frames Eq. 1 trains, low elsewhere: the "high true negatives, serious false
-  negatives" the paper describes for CBP). 'softmax': a softmax over the C classes per frame
-  (it cannot say "background" at a frame of a one-class video: the labelled class wins every
-  frame). 'softmax_bg': a softmax over C + 1 with a background column, Eq. 1 pooling all
-  C + 1 with the background label 1 (BaS-Net's base branch). Measured on the built-in data
-  (seed 0, before the top-k fix, 250-500 steps of warm-up): 'softmax_bg' gave P^cb > 0.3 for
-  the labelled class at nearly every frame (no background pseudo-labels, L_fb = 0 in B
-  steps, one proposal per video: 3.8 avg mAP), so neither softmax is the background teacher
-  the paper needs.
+  pooled score) exceeds theta_cls = 0.85, and only L_cls calibrates that score; L_kd trains
+  frames, not the pooled score. False is the literal reading.
+* P^cb, CBP's "frame-level action probabilities", and Eq. 1 (`cbp_probs`). Eq. 1 reads
+  y_hat_c = sigma(top-k mean of P^cb) with "the binary cross-entropy loss", though it prints
+  only the -y_c log y_hat_c term. Default 'sigmoid': what is pooled are class logits A
+  [T, C], P^cb = sigmoid(A) per frame and class, L_cls the binary cross-entropy of
+  sigmoid(top-k mean of A) summed over the C classes (both terms: with the positive term
+  alone every class would rise), the video score sigmoid(top-k mean). Trained with MIL, a
+  frame's sigmoid rises only where the class evidence is (the top-k) and every class falls
+  wherever it is absent from a video, so P^cb is high at discriminative frames and low
+  elsewhere: the paper's "high true negatives, serious false negatives" (built-in, seed 0,
+  400 warm-up steps, test: fg / bg mIoU 30.0 / 72.7). Options, each measured there: 'minmax'
+  (A min-max normalised over the video per class: the normalised CAS WS-TAL thresholds; with
+  delta_h = 0.3 it marks most of a labelled class's frames foreground, bg mIoU 11),
+  'softmax' over the C classes (24.4 test, 0.0 on the train videos it teaches from),
+  'softmax_bg' over C + 1 with a background column (BaS-Net's base branch; P^cb > 0.3 at
+  nearly every frame), and 'co2net' (attention x softmax over C + 1, with cbp_arch='co2net').
+* CBP attention span (`cbp_window`, default 4): the paper's CBP is "Transformer
+  architectures" with sizes unstated. Global self-attention lets every frame see its whole
+  video, and on the 200 training videos the warm-up memorises them: P^cb > delta_h at every
+  frame of the labelled class on the train videos (bg mIoU 0.1 on train, 51.6 on test), so
+  the CBP branch, which the paper makes the background teacher, has no background to teach.
+  A local window (each snippet attends to t - 4 .. t + 4) keeps the Transformer blocks and
+  ends that (train bg mIoU 70.4; test 72.7, avg mAP 14.3 vs 2.0). 0 restores global attention.
+  The VLP branch's temporal layers keep global attention (`vlp_window` 0; 1 or 4 measured
+  the same within 0.4 mAP).
+* Which confident entries each step distils (`distill`, default 'directional'). Eq. 6
+  distils every confident entry of the teacher's H; Sec. 3.3 says B steps distil the CBP
+  branch's confident *background* and F steps the VLP branch's confident *foreground*. With
+  'all' (Eq. 6 literally) on the built-in data the two branches amplify each other's false
+  positives: F steps teach CBP the VLP branch's over-complete foreground, the next B step
+  teaches it back, and the VLP background mIoU falls 57 -> 47 -> 22 -> 14 over three rounds
+  (CBP's 73 -> 63; avg mAP 17.1 -> 14.7). 'directional' keeps, in B, H^cb's background
+  entries (its foreground ones become uncertain) and, in F, H^vl's foreground entries (the
+  labelled classes' background ones become uncertain; non-label classes stay 0 in both);
+  Eq. 7 always uses the full ternary labels (it needs both sides).
+* B-step learning rate (`b_lr_scale`): B steps train the VLP branch at config.optim.lr x
+  b_lr_scale. The built-in preset trains at 1e-3 (every method there) and sets 0.1, the
+  paper's 1e-4 (Sec. 4.1), for B steps: at 1e-3 100 B steps with background-only targets
+  collapse the VLP branch to near-uniform scores (fg mIoU 42 -> 6). The THUMOS14 /
+  ActivityNet presets train at the paper's 1e-4 throughout (scale 1).
 * Confident frames (Eq. 6): h is per (t, c); a frame is confident when its entry is not
   uncertain for every class of the video's label (non-label classes are always confident
   background). L_kd sums the Bernoulli KL(h || p) = BCE over the C classes of the confident
@@ -59,21 +85,29 @@ Readings (the paper does not say; each is a config field):
   CBP's.
 
 Inference (Sec. 3.4, the `ju2023` post-processing preset): classes whose video probability
-(Eq. 1's pooled softmax over C) exceeds theta_cls = 0.85, else the argmax — a softmax lets at
-most one class pass 0.85, so the second class of a multi-label video is never detected (the
-paper's setting, kept); regions where the kept class's frame score exceeds theta_loc = 0.45;
-each scored by its maximum frame score times the class's video probability (`score_mode=
-'max_video'`: with the default min-max P^cb every video's top region has maximum 1, so the
-paper's "detection maximum" alone cannot rank proposals across videos; a review measured
-a fallback class with video score 0.4 tying a true one at 1.0); Gaussian soft-NMS.
+(Eq. 1's pooled score: sigmoid per class by default, so both classes of a multi-label video
+can pass; with the softmax readings at most one can) exceeds theta_cls = 0.85, else the
+argmax; regions where the kept class's frame score exceeds theta_loc = 0.45; each scored by
+its maximum frame score times the class's video probability (`score_mode='max_video'`: with
+a min-max P^cb every video's top region has maximum 1, so the paper's "detection maximum"
+alone cannot rank proposals across videos; a review measured a fallback class with video
+score 0.4 tying a true one at 1.0); Gaussian soft-NMS.
 
 With a CLIP checkpoint ('clip' text mode) the untrained VLP branch is CLIP with 32 random
 N(0, 0.01) context vectors around each class name, not a hand-written zero-shot prompt; the
 'vanilla VLP' of Table 3 / Table 4's only-F pseudo-labels is exactly CLIP's zero-shot only in
 the 'precomputed' mode (the dataset's class text embeddings).
 
-Cost: every step runs both branches as student (with dropout) and as teacher, and L_fb on both
-feature sets; a `lax.switch` per phase kind would run one branch of each (not done).
+Cost: the trainer passes the phase index (`static_phase`), so a warm-up step runs the CBP
+student only, a B step the CBP teacher and the VLP student, an F step the VLP teacher and the
+CBP student (a `lax.switch` on the step is the fallback when no phase is given; inside the
+jitted step on CPU it ran 2.4x slower than one traced kind).
+
+Table 6 (`cbp_arch='co2net'`, `configs/ju2023.py:cbp=co2net`): CO2-Net (models/co2net.py,
+configured by config.co2net) is the CBP branch; its own video losses (methods/co2net.py)
+replace Eq. 1 in warm-up (and F steps, with cls_in_f_step), P^cb = its attention x the
+softmax of its CAS over C + 1 (`cbp_probs='co2net'`), Eq. 7's f its fused features, and
+the video score its own (softmax over C + 1 of the top-k of CAS x attention).
 
 Frame-level pseudo-label quality (Table 3): `predict` also returns frame_cbp_BxTxC and
 frame_vlp_BxTxC; the Evaluator turns every frame_<name>_BxTxC into fg_mIoU_<name> /
@@ -116,9 +150,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.cbp_heads = 4
   c.cbp_mlp_dim = 512
   c.cbp_dropout = 0.3
-  c.cbp_window = 0             # attention span: 0 global, w > 0 snippets t - w .. t + w
-  c.cbp_probs = "minmax"       # P^cb from the logits: 'minmax' | 'softmax' | 'softmax_bg'
-                               # (docstring)
+  c.cbp_window = 4             # attention span: 0 global, w > 0 snippets t - w .. t + w
+                               # (docstring: global attention memorises the train videos)
+  c.cbp_probs = "sigmoid"      # P^cb and Eq. 1: 'sigmoid' (binary CE) | 'minmax' |
+                               # 'softmax' | 'softmax_bg' | 'co2net' (docstring)
   c.topk_divisor = 8           # Eq. 1: k = max(1, n // 8)
   # VLP branch (Sec. 4.1: 2-layer temporal Transformer, 16 + 16 prompts, N(0, 0.01))
   c.vlp_layers = 2
