@@ -195,7 +195,7 @@ def shares_table(rows, seeds, root):
 
 def miou_table(rows, seeds, results):
   """Frame-level fg / bg mIoU of each branch (methods whose metrics.json has them: Ju et
-  al.'s Table 3 metric), mean ± std over seeds; '' when no row has them."""
+  al.'s Table 3 metric), mean over seeds; '' when no row has them."""
   names = sorted({k[len("fg_mIoU_"):] for m in results.values() for k in m
                   if k.startswith("fg_mIoU_")})
   if not names:

@@ -88,10 +88,23 @@ def test_directional_targets_keep_one_side():
   fg = np.asarray(ju2023.directional_targets(h, label, "foreground"))
   np.testing.assert_array_equal(bg[0], [[-1, 0, -1], [0, 0, 0], [-1, 0, 0], [-1, 0, 0]])
   np.testing.assert_array_equal(fg[0], [[1, 0, 1], [-1, 0, -1], [-1, 0, -1], [1, 0, -1]])
+  # Per entry: a frame counts when any labelled entry is kept (frame 3 of the F targets:
+  # class 0's foreground, class 2 uncertain), and only kept labelled entries + the non-label
+  # class (target 0) enter its sum.
   mask = jnp.ones((1, 4))
-  conf = lambda x: np.asarray(ju2023.confident_frames(jnp.asarray(x), label, mask))[0]
-  np.testing.assert_array_equal(conf(bg), [False, True, False, False])
-  np.testing.assert_array_equal(conf(fg), [True, False, False, False])
+  p = np.random.default_rng(0).uniform(0.1, 0.9, (1, 4, 3)).astype(np.float32)
+  for h_dir, frames in ((fg, [0, 3]), (bg, [1, 2, 3])):
+    want = 0.0
+    for t in frames:
+      for c in range(3):
+        if h_dir[0, t, c] < 0:
+          continue
+        y = float(h_dir[0, t, c] == 1)
+        want -= y * np.log(p[0, t, c]) + (1 - y) * np.log(1 - p[0, t, c])
+    loss, count = ju2023.kd_loss(jnp.asarray(h_dir), *ju2023.prob_log_probs(jnp.asarray(p)),
+                                 label, mask, jnp.ones(1), False, per_entry=True)
+    assert int(count) == len(frames)
+    np.testing.assert_allclose(float(loss), want / len(frames), rtol=1e-5)
 
 
 def test_kd_loss_value_and_zero_gradient_on_uncertain_frames():
@@ -382,6 +395,20 @@ def test_bad_settings_are_one_clear_error():
   config.train = ml_collections.ConfigDict({"num_steps": 5})
   with pytest.raises(WstalError, match="shorter than config.ju2023's schedule"):
     methods.get_method(config, C, DIMS)
+  # A typo in the block is one error naming the field and its likely spelling; a field the
+  # block lacks (a run directory saved before it existed) takes its pre-field behaviour.
+  typo = make_config()
+  with typo.ju2023.unlocked():
+    typo.ju2023.cbp_windows = 4
+  with pytest.raises(WstalError, match="config.ju2023.cbp_windows.*'cbp_window'"):
+    methods.get_method(typo, C, DIMS)
+  old = make_config()
+  with old.ju2023.unlocked():
+    del old.ju2023["cbp_window"]
+    del old.ju2023["distill"]
+  method = methods.get_method(old, C, DIMS)
+  assert method.cfg.cbp_window == 0 and method.cfg.distill == "all"
+  assert method.cfg.delta_h == 0.3
 
 
 # ----------------------------------------------------------------------------- frame mIoU

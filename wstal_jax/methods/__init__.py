@@ -94,11 +94,13 @@ def get_method(config, num_classes: int, dims: dict[str, int], class_names=None)
   return method_class(name)(config, num_classes, dims, class_names=class_names)
 
 
-def config_block(config, name: str, default_config) -> ml_collections.ConfigDict:
+def config_block(config, name: str, default_config,
+                 legacy: dict | None = None) -> ml_collections.ConfigDict:
   """A copy of config.<name>, or `default_config()` when the config has no such block.
 
-  Fields the block lacks take their defaults (a run directory written before a field
-  existed still evaluates); a field the defaults do not know is a typo: one clear error."""
+  Fields the block lacks (a run directory written before the field existed) take
+  `legacy[field]`, the behaviour before the field was added, where the method gives one,
+  else the default; a field the defaults do not know is a typo: one clear error."""
   block = config.get(name) if name in config else None
   defaults = default_config()
   if block is None:
@@ -113,5 +115,5 @@ def config_block(config, name: str, default_config) -> ml_collections.ConfigDict
   with out.unlocked():
     for key in defaults.keys():
       if key not in out:
-        out[key] = defaults[key]
+        out[key] = (legacy or {}).get(key, defaults[key])
   return out

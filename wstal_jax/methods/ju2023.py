@@ -192,6 +192,12 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+# What a config saved before each field existed did (methods.config_block): an older run
+# directory evaluates as it trained.
+LEGACY = {"cbp_arch": "transformer", "cbp_window": 0, "vlp_window": 0, "distill": "all",
+          "b_lr_scale": 1.0}
+
+
 def validate_config(cfg) -> None:
   def bad(field, why):
     raise WstalError(f"config.ju2023.{field}={cfg.get(field)!r}: {why}")
@@ -343,17 +349,30 @@ def prob_log_probs(p_BxTxC, eps: float = 1e-6):
   return jnp.log(jnp.maximum(p_BxTxC, eps)), jnp.log(jnp.maximum(1.0 - p_BxTxC, eps))
 
 
-def kd_loss(h_BxTxC, log_p, log_1mp, label_BxC, mask_BxT, valid_B, labelled_only: bool):
+def kd_loss(h_BxTxC, log_p, log_1mp, label_BxC, mask_BxT, valid_B, labelled_only: bool,
+            per_entry: bool = False):
   """Eq. 6: sum over classes of KL(h || p) (Bernoulli; hard h: the BCE -h log p - (1 - h)
   log(1 - p)) over the confident frames of valid videos, / their number O -> (loss, O).
+
+  per_entry (the 'directional' targets): a frame counts when any labelled class's entry is
+  confident, and only the confident labelled entries (plus the non-label classes, target
+  0) enter its sum: in a two-class video an F step then distils class A's foreground at a
+  frame where class B's entry was made uncertain (frame-level confidence would drop it).
 
   labelled_only: sum over the video's labelled classes only (the min-max P^cb student of F
   steps: a min-max column always reaches 1 at its peak, so a target 0 for a class outside
   the label could only be met by raising that class's peak logit, against L_cls; a review
   measured 90 % of the F-step KD gradient going there)."""
-  conf_BxT = confident_frames(h_BxTxC, label_BxC, mask_BxT) & (valid_B[:, None] > 0)
+  labelled = label_BxC[:, None, :] > 0
+  if per_entry:
+    frame_ok = jnp.any((h_BxTxC >= 0) & labelled, axis=-1)
+    conf_BxT = frame_ok & (mask_BxT > 0) & (valid_B[:, None] > 0)
+  else:
+    conf_BxT = confident_frames(h_BxTxC, label_BxC, mask_BxT) & (valid_B[:, None] > 0)
   h = (h_BxTxC == 1).astype(log_p.dtype)
   bce_BxTxC = -(h * log_p + (1.0 - h) * log_1mp)
+  if per_entry:
+    bce_BxTxC = jnp.where(labelled & (h_BxTxC < 0), 0.0, bce_BxTxC)
   if labelled_only:
     bce_BxTxC = jnp.where(label_BxC[:, None, :] > 0, bce_BxTxC, 0.0)
   bce_BxT = jnp.sum(bce_BxTxC, axis=-1)
@@ -392,7 +411,7 @@ class Ju2023:
   postprocess_preset = "ju2023"
 
   def __init__(self, config, num_classes: int, dims: dict[str, int], class_names=None):
-    cfg = methods.config_block(config, "ju2023", default_config)
+    cfg = methods.config_block(config, "ju2023", default_config, LEGACY)
     validate_config(cfg)
     self.cfg = cfg
     self.num_classes = int(num_classes)
@@ -537,8 +556,10 @@ class Ju2023:
       return aux
 
     def distill(h, log_probs, feat, labelled_only, keep):
-      h_kd = h if cfg.distill == "all" else directional_targets(h, label_BxC, keep)
-      kd, num_conf = kd_loss(h_kd, *log_probs, label_BxC, mask_BxT, valid_B, labelled_only)
+      directional = cfg.distill == "directional"
+      h_kd = directional_targets(h, label_BxC, keep) if directional else h
+      kd, num_conf = kd_loss(h_kd, *log_probs, label_BxC, mask_BxT, valid_B, labelled_only,
+                             per_entry=directional)
       fb, anchors = (fb_loss(feat, h, label_BxC, mask_BxT, valid_B, cfg.tau)
                      if cfg.use_fb else (zero, jnp.zeros((), jnp.int32)))
       return kd, fb, num_conf, anchors
