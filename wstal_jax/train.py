@@ -82,8 +82,8 @@ def make_optimizer(config, labels, lr_scale: float = 1.0) -> optax.GradientTrans
       parts.append(optax.add_decayed_weights(o.weight_decay, mask=decay_mask))
     parts.append(optax.adam(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps))
   else:
-    parts.append(optax.adamw(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask))
+    parts.append(optax.adamw(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps,
+                             weight_decay=o.weight_decay, mask=decay_mask))
   return optax.multi_transform({"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
                                labels)
 

@@ -543,14 +543,14 @@ class Ju2023:
     def frame_probs(out):
       return cbp_frame_probs(out["cbp_logits_BxTxK"], mask_BxT, probs, out.get("attn_BxT"))
 
-    def terms(cls, kd, fb, h, num_conf, anchors):
+    def terms(cls, kd=zero, fb=zero, h=None, num_conf=zero, anchors=zero):
       aux = dict(cls)
       if cfg.use_kd:
         aux["l_kd"] = kd
       if cfg.use_fb:
         aux["l_fb"] = fb
-        aux["stat_anchors"] = anchors.astype(jnp.float32)
-      fg = jnp.sum((h == 1) & (label_BxC[:, None, :] > 0))
+        aux["stat_anchors"] = jnp.asarray(anchors, jnp.float32)
+      fg = zero if h is None else jnp.sum((h == 1) & (label_BxC[:, None, :] > 0))
       aux["stat_confident"] = num_conf / n_valid      # share of frames supervised
       aux["stat_fg"] = fg / n_valid                   # foreground (frame, class) pairs
       return aux
@@ -565,9 +565,7 @@ class Ju2023:
       return kd, fb, num_conf, anchors
 
     def warmup():
-      h = jnp.full(label_BxC.shape[:1] + mask_BxT.shape[1:] + label_BxC.shape[1:], -1,
-                   jnp.int32)
-      return terms(cls_terms(student("cbp")), zero, zero, h, zero, jnp.zeros((), jnp.int32))
+      return terms(cls_terms(student("cbp")))
 
     def b_step():
       # CBP (frozen teacher) -> VLP: its softmax over all classes (pushing a non-label
