@@ -93,12 +93,8 @@ ROWS = {
     # Ju et al. 2023 (ju2023_distill_vlp.txt); the CBP-alone run also gives the untrained
     # (zero-shot) VLP branch's frame mIoU, only_b the VLP branch after B steps.
     "ju_cbp": (JU + ":exp=cbp", [], "Ju: CBP branch alone (warm-up only, all steps)"),
-    "ju_only_f_avg": (JU + ":exp=only_f,fusion=average", [],
-                      "Ju Table 4: only F step, average fusion"),
     "ju_only_f_w": (JU + ":exp=only_f,fusion=weighted", [],
                     "Ju Table 4: only F step, weighted fusion"),
-    "ju_only_b_avg": (JU + ":exp=only_b,fusion=average", [],
-                      "Ju Table 4: only B step, average fusion"),
     "ju_only_b_w": (JU + ":exp=only_b,fusion=weighted", [],
                     "Ju Table 4: only B step, weighted fusion"),
     "ju_kd": (JU + ":losses=kd", [], "Ju Table 5: L_kd only"),
@@ -108,9 +104,36 @@ ROWS = {
     "ju_distill_all": (JU, ["--config.ju2023.distill=all"],
                        "Ju, every confident entry distilled both ways"),
 }
+# Rows that only evaluate another row's trained run differently (no training): row ->
+# (source row, overrides for `--mode=eval`, description). The evaluated checkpoint is the one
+# the source run reported (its metrics.json step); the outputs go to --root/<row>-seed<S>.
+EVAL_ROWS = {
+    "ju_vlp_zero_shot": ("ju_cbp", ["--config.ju2023.fusion=vlp"],
+                         "Ju: VLP branch zero-shot (never trained), localizing alone"),
+    "ju_only_f_avg": ("ju_only_f_w", ["--config.ju2023.fusion=average"],
+                      "Ju Table 4: only F step, average fusion"),
+    "ju_only_b_avg": ("ju_only_b_w", ["--config.ju2023.fusion=average"],
+                      "Ju Table 4: only B step, average fusion"),
+    "ju_vlp_after_b": ("ju_only_b_w", ["--config.ju2023.fusion=vlp"],
+                       "Ju: VLP branch after B steps (only B), localizing alone"),
+    "ju_vlp_full": ("ju", ["--config.ju2023.fusion=vlp"],
+                    "Ju full: its VLP branch localizing alone"),
+}
+
+
+def describe(row):
+  return (ROWS.get(row) or EVAL_ROWS[row])[2]
 
 
 def command(row, seed, root, extra):
+  if row in EVAL_ROWS:
+    source, overrides, _ = EVAL_ROWS[row]
+    src = os.path.join(root, f"{source}-seed{seed}")
+    with open(os.path.join(src, "metrics.json")) as f:
+      step = json.load(f)["step"]
+    workdir = os.path.join(root, f"{row}-seed{seed}")
+    return workdir, [sys.executable, "-m", "wstal_jax.main", "--mode=eval", f"--workdir={src}",
+                     f"--eval_dir={workdir}", f"--checkpoint={step}", *overrides, *extra]
   config, overrides, _ = ROWS[row]
   workdir = os.path.join(root, f"{row}-seed{seed}")
   return workdir, [sys.executable, "-m", "wstal_jax.main", f"--config={config}",
@@ -119,6 +142,10 @@ def command(row, seed, root, extra):
 
 
 def run_one(row, seed, root, extra, cpu):
+  if row in EVAL_ROWS:
+    src = os.path.join(root, f"{EVAL_ROWS[row][0]}-seed{seed}", "metrics.json")
+    if not os.path.exists(src):
+      return row, seed, None, f"its source run {src} did not finish"
   workdir, cmd = command(row, seed, root, extra)
   metrics_path = os.path.join(workdir, "metrics.json")
   if not os.path.exists(metrics_path):
@@ -211,7 +238,7 @@ def miou_table(rows, seeds, results):
       fg = np.array([m.get(f"fg_mIoU_{n}", np.nan) for m in got])
       bg = np.array([m.get(f"bg_mIoU_{n}", np.nan) for m in got])
       cells.append(f"{fg.mean():.1f} / {bg.mean():.1f}")
-    lines.append(f"| {ROWS[r][2]} | " + " | ".join(cells) + " |")
+    lines.append(f"| {describe(r)} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -228,24 +255,29 @@ def main():
   p.add_argument("extra", nargs="*", help="extra overrides passed to every run (after --)")
   args = p.parse_args()
   rows = [r for r in args.rows.split(",") if r]
-  unknown = [r for r in rows if r not in ROWS]
+  unknown = [r for r in rows if r not in ROWS and r not in EVAL_ROWS]
   if unknown:
-    p.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
+    p.error(f"unknown rows {unknown}; known: {', '.join([*ROWS, *EVAL_ROWS])}")
   seeds = [int(s) for s in args.seeds.split(",")]
-  jobs = [(r, s) for r in rows for s in seeds]
+  # Training rows first (with the sources the evaluation rows need), then the evaluations.
+  train_rows = [r for r in rows if r in ROWS]
+  train_rows += [EVAL_ROWS[r][0] for r in rows
+                 if r in EVAL_ROWS and EVAL_ROWS[r][0] not in train_rows]
   ncpu = os.cpu_count() or 1
   results = {}
-  with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-    futures = {}
-    for i, (r, s) in enumerate(jobs):
-      cpu = (i % ncpu) if args.jobs > 1 else None
-      futures[pool.submit(run_one, r, s, args.root, args.extra, cpu)] = (r, s)
-    for fut in concurrent.futures.as_completed(futures):
-      r, s, metrics, err = fut.result()
-      if err:
-        print(f"FAILED {r} seed {s}: {err}", file=sys.stderr)
-      else:
-        results[(r, s)] = metrics
+  for stage in (train_rows, [r for r in rows if r in EVAL_ROWS]):
+    jobs = [(r, s) for r in stage for s in seeds]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+      futures = {}
+      for i, (r, s) in enumerate(jobs):
+        cpu = (i % ncpu) if args.jobs > 1 else None
+        futures[pool.submit(run_one, r, s, args.root, args.extra, cpu)] = (r, s)
+      for fut in concurrent.futures.as_completed(futures):
+        r, s, metrics, err = fut.result()
+        if err:
+          print(f"FAILED {r} seed {s}: {err}", file=sys.stderr)
+        else:
+          results[(r, s)] = metrics
 
   table = {}
   lines = ["| row | avg mAP@0.1:0.7 | mAP@0.5 | ACC | seeds |", "|---|---|---|---|---|"]
@@ -258,8 +290,8 @@ def main():
       return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
     avg, m50, acc = ms("average_mAP"), ms("mAP@0.50"), ms("acc")
     table[r] = {"average_mAP": avg, "mAP@0.50": m50, "acc": acc, "n": len(got),
-                "description": ROWS[r][2]}
-    lines.append(f"| {ROWS[r][2]} | {avg[0]:.1f} ± {avg[1]:.1f} | {m50[0]:.1f} ± {m50[1]:.1f} "
+                "description": describe(r)}
+    lines.append(f"| {describe(r)} | {avg[0]:.1f} ± {avg[1]:.1f} | {m50[0]:.1f} ± {m50[1]:.1f} "
                  f"| {acc[0]:.1f} ± {acc[1]:.1f} | {len(got)} |")
   print("\n".join(lines))
   miou = miou_table(rows, seeds, results)

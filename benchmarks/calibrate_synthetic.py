@@ -171,9 +171,10 @@ def pseudo_label_breakdown(videos, probs):
   return {k: 100 * np.concatenate(x).mean(0) for k, x in acc.items()}
 
 
-def train_probe(videos, num_classes, steps=400, batch=2048, seed=0):
-  """Softmax regression over C+1 classes on every train snippet; returns predict(x) -> probs."""
-  x = np.concatenate([v.i3d for v in videos])
+def train_probe(videos, num_classes, steps=400, batch=2048, seed=0, feature=lambda v: v.i3d):
+  """Softmax regression over C+1 classes on every train snippet's `feature(v)` [T, D];
+  returns predict(x) -> probs."""
+  x = np.concatenate([feature(v) for v in videos])
   y = np.concatenate([snippet_labels(v, num_classes) for v in videos])
   d = x.shape[1]
   params = {"w": jnp.zeros((d, num_classes + 1)), "b": jnp.zeros(num_classes + 1)}
@@ -201,6 +202,12 @@ def train_probe(videos, num_classes, steps=400, batch=2048, seed=0):
     e = np.exp(z)
     return (e / e.sum(1, keepdims=True))[:, :num_classes]
   return predict
+
+
+def temporal_window(x_TxD, w):
+  """[T, (2w + 1) D]: each snippet with its w neighbours on each side (edge-padded)."""
+  pad = np.pad(x_TxD, ((w, w), (0, 0)), mode="edge")
+  return np.concatenate([pad[i:i + len(x_TxD)] for i in range(2 * w + 1)], axis=1)
 
 
 def train_mil(videos, num_classes, steps=800, batch=16, length=256, seed=0, lr=1e-3):
@@ -317,6 +324,19 @@ def run(size, seed, knobs, data_dir=None, mil_steps=800, only_vl=False):
   out["pl_i3d"] = pseudo_label_miou(test, [probe(v.i3d) for v in test])
   out["breakdown"]["i3d probe"] = pseudo_label_breakdown(test, [probe(v.i3d) for v in test])
   _tick("probe")
+  # The same probe on the VL features, on each snippet and on a window of 9 snippets (what
+  # the Ju et al. VLP branch's temporal layers can see): how far any trained reading of the VL
+  # stream can separate foreground from the background it resembles.
+  vl_all = np.concatenate([v.vl for v in train])
+  vl_mean, vl_std = vl_all.mean(0), vl_all.std()
+  del vl_all
+  vl = lambda v: (v.vl - vl_mean) / vl_std   # standardised with train statistics, as I3D
+  vl_probe = train_probe(train, num_c, feature=vl)
+  out["pl_vl_probe"] = pseudo_label_miou(test, [vl_probe(vl(v)) for v in test])
+  vl_win = train_probe(train, num_c, feature=lambda v: temporal_window(vl(v), 4))
+  out["pl_vl_window"] = pseudo_label_miou(test, [vl_win(temporal_window(vl(v), 4))
+                                                 for v in test])
+  _tick("VL probes")
   # (3) linear MIL baseline.
   cas_fn = train_mil(train, num_c, steps=mil_steps)
   _tick("MIL training")
@@ -361,6 +381,9 @@ def print_table(size, seed, out):
         f"{out['pl_i3d'][0]:.1f} / {out['pl_i3d'][1]:.1f}")
   print(f"{'    pseudo-labels FG / BG mIoU: VL cos-text':48s} {'75.6 / 34.1':>14s}   "
         f"{out['pl_vl'][0]:.1f} / {out['pl_vl'][1]:.1f}")
+  print(f"{'    pseudo-labels FG / BG mIoU: VL probe':48s} {'':>14s}   "
+        f"{out['pl_vl_probe'][0]:.1f} / {out['pl_vl_probe'][1]:.1f}   "
+        f"(9-snippet window: {out['pl_vl_window'][0]:.1f} / {out['pl_vl_window'][1]:.1f})")
   print(f"{'    pseudo-labels FG / BG mIoU: MIL CAS':48s} {'':>14s}   "
         f"{out['mil_pl'][0]:.1f} / {out['mil_pl'][1]:.1f}")
   p = out["profile"]

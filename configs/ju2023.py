@@ -11,8 +11,8 @@ built-in CLIP text embeddings + a learnable offset per class for the text side):
 
 `exp`: 'full' (warm-up, then alternating B / F steps), 'cbp' (warm-up only for all steps: the
 CBP branch alone), 'only_f' / 'only_b' (Table 4). `fusion`: 'cbp' (Sec. 3.4), 'average',
-'weighted' (Table 4's fusions of the two branches at inference). `losses`: 'both', 'kd', 'fb'
-(Table 5). `cbp`: 'transformer' (ours, below) or 'co2net' (Table 6: CO2-Net, with its own
+'weighted' (Table 4's fusions of the two branches at inference), 'vlp' (the VLP branch alone
+localizes). `losses`: 'both', 'kd', 'fb' (Table 5). `cbp`: 'transformer' (ours, below) or 'co2net' (Table 6: CO2-Net, with its own
 losses and config.co2net sizes, as the CBP branch).
 
 Built-in streams: CBP reads `i3d`; the VLP branch reads `videoclip`, the stream calibrated to
@@ -46,7 +46,7 @@ from wstal_jax import config_common as common
 
 EXPS = ("full", "cbp", "only_f", "only_b")
 CBPS = ("transformer", "co2net")
-FUSIONS = ("cbp", "average", "weighted")
+FUSIONS = ("cbp", "average", "weighted", "vlp")
 LOSSES = ("both", "kd", "fb")
 
 

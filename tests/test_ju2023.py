@@ -257,10 +257,11 @@ def test_co2net_as_the_cbp_branch():
 # ----------------------------------------------------------------------------- Eq. 7
 
 
-def _fb_loop(f, h, label, mask, tau):
+def _fb_loop(f, h, label, mask, tau, reduce="anchor_mean"):
   """Eq. 7 within each video, anchor by anchor."""
-  terms = []
+  terms, video_sums = [], []
   for b in range(f.shape[0]):
+    video_sums.append(0.0)
     n = int(mask[b].sum())
     x = f[b, :n] / np.linalg.norm(f[b, :n], axis=1, keepdims=True)
     lab = [c for c in range(C) if label[b, c] > 0]
@@ -274,7 +275,8 @@ def _fb_loop(f, h, label, mask, tau):
         num = sum(np.exp(x[i] @ x[m] / tau) for m in pos)
         den = num + sum(np.exp(x[i] @ x[j] / tau) for j in bg)
         terms.append(-np.log(num / den))
-  return np.mean(terms), len(terms)
+        video_sums[-1] += terms[-1]
+  return (np.mean(terms) if reduce == "anchor_mean" else np.mean(video_sums)), len(terms)
 
 
 def test_fb_loss_matches_the_anchor_loop():
@@ -291,6 +293,12 @@ def test_fb_loss_matches_the_anchor_loop():
   want, n = _fb_loop(f.astype(np.float64), h, label, mask, 0.07)
   assert int(count) == n > 3
   np.testing.assert_allclose(float(got), want, rtol=1e-4)
+  # Eq. 7's sum over each video's anchors, the mean over the videos.
+  got, _ = ju2023.fb_loss(jnp.asarray(f), jnp.asarray(h), jnp.asarray(label),
+                          jnp.asarray(mask), jnp.ones(2), 0.07, reduce="video_sum")
+  want_sum, _ = _fb_loop(f.astype(np.float64), h, label, mask, 0.07, reduce="video_sum")
+  np.testing.assert_allclose(float(got), want_sum, rtol=1e-4)
+  assert want_sum > 2 * want
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -481,3 +489,25 @@ def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path):
   again = train.train_and_evaluate(config, resumed)
   with open(os.path.join(full, "metrics.json")) as f:
     assert json.load(f) == again
+
+  # --mode=eval from the command line with an override of the method's own block (parsed
+  # against the run's saved config: the flag's default config has no `ju2023` block), equal
+  # to evaluating the same checkpoint in-process with that setting (Table 3's VLP row).
+  import subprocess
+  import sys
+  from wstal_jax import evaluate
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root, XLA_FLAGS="--xla_backend_optimization_level=0")
+  step = json.load(open(os.path.join(full, "metrics.json")))["step"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "wstal_jax.main", "--mode=eval", f"--workdir={full}",
+       f"--checkpoint={step}", f"--eval_dir={tmp_path / 'vlp'}", "--config.ju2023.fusion=vlp"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = json.loads((tmp_path / "vlp" / "metrics.json").read_text())
+  config.ju2023.fusion = "vlp"
+  want = evaluate.evaluate_checkpoint(config, full, checkpoint=str(step),
+                                      eval_dir=str(tmp_path / "vlp_in_process"))
+  for key in ("average_mAP", "fg_mIoU_vlp", "bg_mIoU_cbp"):
+    assert got[key] == pytest.approx(want[key], abs=1e-6), key
+  assert got["fg_mIoU_vlp"] == pytest.approx(metrics["fg_mIoU_vlp"], abs=1e-6)

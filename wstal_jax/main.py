@@ -32,9 +32,35 @@ from wstal_jax.errors import WstalError, cli_main
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _DEFAULT_CONFIG = os.path.join(_REPO_ROOT, "configs", "vlpo.py")
 
+
+def _command_line_flags(argv, names):
+  """{name: value} of `--name=value` / `--name value` in argv (before a bare `--`)."""
+  found = {}
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    name, eq, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in names:
+      found[name] = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+  return found
+
+
+def default_config_file(argv) -> str:
+  """The --config flag's default. --config.x.y=v overrides are parsed against it, so for
+  --mode=eval --workdir=DIR without --config it is DIR's saved config (workdir.get_config):
+  an override of any method's block (--config.ju2023.fusion=vlp on a Ju run) then parses
+  against the run's own fields and types. Otherwise configs/vlpo.py."""
+  given = _command_line_flags(argv, ("mode", "workdir", "config"))
+  if given.get("mode") == "eval" and given.get("workdir") and "config" not in given:
+    workdir = os.path.abspath(given["workdir"])
+    if os.path.exists(os.path.join(workdir, "config.json")) and ":" not in workdir:
+      return os.path.join(_REPO_ROOT, "wstal_jax", "workdir.py") + ":" + workdir
+  return _DEFAULT_CONFIG
+
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file, e.g. configs/vlpo.py:dataset=thumos14.",
-    lock_config=True)
+    "config", default_config_file(sys.argv),
+    "Config file, e.g. configs/vlpo.py:dataset=thumos14.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default ./workdirs/<name>-<dataset>-seed<seed>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume) or evaluate.")

@@ -107,6 +107,12 @@ def saved_config(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
   return apply_overrides(config, overrides)
 
 
+def get_config(workdir: str) -> ml_collections.ConfigDict:
+  """This file as a config file: `workdir.py:DIR` is DIR's saved config (main.py's --config
+  default for --mode=eval, so that --config.x.y overrides parse against the run's fields)."""
+  return saved_config(workdir, {})
+
+
 def apply_overrides(config, overrides: dict):
   """Sets config.<a.b.c> = value for every {'a.b.c': value}; returns the config."""
   for key, value in overrides.items():

@@ -79,10 +79,11 @@ Readings (the paper does not say; each is a config field):
   temporal layers train, Sec. 3.2).
 * The VLP temporal layers start as the identity (zero output projections), so the untrained
   branch is vanilla CLIP (Table 3's "VLP" and Table 4's "only F step" pseudo-labels).
-* Table 4's fusion (`fusion`: 'cbp' | 'average' | 'weighted'): the frame scores that inference
+* Table 4's fusion (`fusion`: 'cbp' | 'average' | 'weighted' | 'vlp'): the frame scores that inference
   thresholds, P^cb, (P^cb + P^vl) / 2, or w P^cb + (1 - w) P^vl with w = `fusion_weight`
   (0.7: the paper gives no weights; CBP sees optical flow, VLP does not). Video scores stay
-  CBP's.
+  CBP's. 'vlp' localizes with P^vl alone (the VLP branch as a localizer: Table 3's VLP rows,
+  zero-shot when the branch never trained), the classes still chosen by CBP.
 
 Inference (Sec. 3.4, the `ju2023` post-processing preset): classes whose video probability
 (Eq. 1's pooled score: sigmoid per class by default, so both classes of a multi-label video
@@ -132,9 +133,10 @@ from wstal_jax.models import ju2023 as ju_model
 MODES = ("full", "cbp", "only_f", "only_b")
 CBP_PROBS = ("minmax", "softmax", "softmax_bg", "sigmoid", "co2net")
 CBP_ARCHS = ("transformer", "co2net")
-FUSIONS = ("cbp", "average", "weighted")
-DISTILLS = ("directional", "all")
+FUSIONS = ("cbp", "average", "weighted", "vlp")
+DISTILLS = ("directional", "all", "b_both")
 KINDS = ("warmup", "B", "F")
+FB_REDUCES = ("anchor_mean", "video_sum")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -174,6 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.delta_l = 0.1
   c.lam = 0.05                 # lambda of Eq. 5
   c.tau = 0.07                 # Eq. 7
+  c.fb_reduce = "anchor_mean"  # Eq. 7 over anchors: 'anchor_mean' | 'video_sum' (docstring)
   c.distill = "directional"    # L_kd's targets: 'directional' (B: H^cb's background entries,
                                # F: H^vl's foreground entries) | 'all' (docstring)
   c.use_kd = True              # Table 5
@@ -195,7 +198,7 @@ def default_config() -> ml_collections.ConfigDict:
 # What a config saved before each field existed did (methods.config_block): an older run
 # directory evaluates as it trained.
 LEGACY = {"cbp_arch": "transformer", "cbp_window": 0, "vlp_window": 0, "distill": "all",
-          "b_lr_scale": 1.0}
+          "b_lr_scale": 1.0, "fb_reduce": "anchor_mean"}
 
 
 def validate_config(cfg) -> None:
@@ -203,6 +206,8 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.ju2023.{field}={cfg.get(field)!r}: {why}")
   if cfg.mode not in MODES:
     bad("mode", f"choose one of {MODES}")
+  if cfg.fb_reduce not in FB_REDUCES:
+    bad("fb_reduce", f"choose one of {FB_REDUCES}")
   if cfg.distill not in DISTILLS:
     bad("distill", f"choose one of {DISTILLS}")
   if cfg.fusion not in FUSIONS:
@@ -380,8 +385,11 @@ def kd_loss(h_BxTxC, log_p, log_1mp, label_BxC, mask_BxT, valid_B, labelled_only
   return jnp.sum(jnp.where(conf_BxT, bce_BxT, 0.0)) / jnp.maximum(count, 1), count
 
 
-def fb_loss(feat_BxTxF, h_BxTxC, label_BxC, mask_BxT, valid_B, tau: float):
-  """Eq. 7 within each video (docstring) -> (mean over anchors, number of anchors)."""
+def fb_loss(feat_BxTxF, h_BxTxC, label_BxC, mask_BxT, valid_B, tau: float,
+            reduce: str = "anchor_mean"):
+  """Eq. 7 within each video (docstring) -> (loss, number of anchors). reduce='anchor_mean':
+  the mean over the batch's anchors; 'video_sum': Eq. 7's sum over each video's anchors, the
+  mean over the valid videos."""
   valid_BxT = (mask_BxT > 0) & (valid_B[:, None] > 0)
   f = l2_normalize(feat_BxTxF)
   # exp((cos - 1) / tau) <= 1: the same ratios as exp(cos / tau), no overflow.
@@ -400,7 +408,10 @@ def fb_loss(feat_BxTxF, h_BxTxC, label_BxC, mask_BxT, valid_B, tau: float):
   pos = jnp.maximum(pos_BxTxC, 1e-30)
   term = -(jnp.log(pos) - jnp.log(pos + neg_BxT[:, :, None]))
   count = jnp.sum(anchor)
-  return jnp.sum(jnp.where(anchor, term, 0.0)) / jnp.maximum(count, 1), count
+  total = jnp.sum(jnp.where(anchor, term, 0.0))
+  if reduce == "video_sum":
+    return total / jnp.maximum(jnp.sum(valid_B > 0), 1), count
+  return total / jnp.maximum(count, 1), count
 
 
 # ----------------------------------------------------------------------------- method
@@ -556,11 +567,12 @@ class Ju2023:
       return aux
 
     def distill(h, log_probs, feat, labelled_only, keep):
-      directional = cfg.distill == "directional"
+      directional = (cfg.distill == "directional"
+                     or (cfg.distill == "b_both" and keep == "foreground"))
       h_kd = directional_targets(h, label_BxC, keep) if directional else h
       kd, num_conf = kd_loss(h_kd, *log_probs, label_BxC, mask_BxT, valid_B, labelled_only,
                              per_entry=directional)
-      fb, anchors = (fb_loss(feat, h, label_BxC, mask_BxT, valid_B, cfg.tau)
+      fb, anchors = (fb_loss(feat, h, label_BxC, mask_BxT, valid_B, cfg.tau, cfg.fb_reduce)
                      if cfg.use_fb else (zero, jnp.zeros((), jnp.int32)))
       return kd, fb, num_conf, anchors
 
@@ -636,6 +648,8 @@ class Ju2023:
       cas = 0.5 * (p_cb + p_vl)
     elif cfg.fusion == "weighted":
       cas = cfg.fusion_weight * p_cb + (1.0 - cfg.fusion_weight) * p_vl
+    elif cfg.fusion == "vlp":
+      cas = p_vl
     else:
       cas = p_cb
     zero = lambda x: jnp.where(valid, x, 0.0)
