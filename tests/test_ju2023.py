@@ -470,11 +470,17 @@ def _tiny_run_config(data_dir):
   return config
 
 
-def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path):
+def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path, caplog):
   data = _write_pvlr_dataset(tmp_path / "data")   # I3D 8-d + CLIP 6-d, three classes
   config = _tiny_run_config(data)
+  assert config.ju2023.b_lr_scale == 0.1   # the built-in preset's B-step rate
   full = str(tmp_path / "full")
-  metrics = train.train_and_evaluate(config, full)
+  with caplog.at_level("INFO"):
+    metrics = train.train_and_evaluate(config, full)
+  # The trainer builds each phase's optimizer at the method's phase_lr_scale.
+  starts = [r.getMessage() for r in caplog.records if "starts (optimizer" in r.getMessage()]
+  assert starts == ["step 4: phase 1 starts (optimizer re-initialised, lr x 0.1)",
+                    "step 8: phase 2 starts (optimizer re-initialised, lr x 1)"], starts
   for key in ("average_mAP", "fg_mIoU_cbp", "bg_mIoU_cbp", "fg_mIoU_vlp", "bg_mIoU_vlp",
               "mIoU_cbp", "mIoU_vlp"):
     assert key in metrics and metrics[key] is not None and np.isfinite(metrics[key]), key
