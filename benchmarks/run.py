@@ -195,8 +195,10 @@ BENCH_METHODS = {
     "co2net": (SHAPES_CO2NET, False),
     "pvlr": (SHAPES_CO2NET, True),
     "ju2023": (SHAPES_JU, True),
+    "delu": (SHAPES_CO2NET, False),   # CO2-Net's protocol and shapes
 }
 TRAIN_METHODS = tuple(BENCH_METHODS)
+TIMED_METHODS = tuple(m for m in TRAIN_METHODS if m != "base")   # base: the torch comparison
 
 
 def method_shapes(method_name, shape_name) -> Shapes:
@@ -373,7 +375,7 @@ def run_train(args, result):
   all_threads = ((tr.torch.get_num_threads(), 1) if tr else ())
   all_threads = tuple(dict.fromkeys(all_threads))
   if args.tiny:
-    plan = [("tiny", 1, 3, ("vlpo", "co2net", "pvlr", "ju2023"), (1,))]
+    plan = [("tiny", 1, 3, TIMED_METHODS, (1,))]
   elif args.quick:
     # Compilation dominates --quick (per shape on 2 loaded cores: base 5-7 s, VLPO 10-20 s,
     # CO2-Net 11-16 s, PVLR 16-30 s, plus 4-9 s for the jitted init) and a THUMOS14-shape
@@ -382,8 +384,8 @@ def run_train(args, result):
     # other methods and the small shapes are left to the full run.
     plan = [("thumos14", 1, 1, (), all_threads[:1])]
   else:
-    plan = [("thumos14", 1, 5, ("vlpo", "co2net", "pvlr", "ju2023"), all_threads),
-            ("small", 3, 30, ("vlpo", "co2net", "pvlr", "ju2023"), all_threads)]
+    plan = [("thumos14", 1, 5, TIMED_METHODS, all_threads),
+            ("small", 3, 30, TIMED_METHODS, all_threads)]
   rows = []
   if args.quick:
     rows += [{"impl": "jax", "method": m, "shapes": "small",
@@ -474,10 +476,10 @@ def run_train(args, result):
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
   result["notes"].append(
-      "train_*_{vlpo,co2net,pvlr,ju2023}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
-      "768-d; co2net / pvlr T=320, batch 10, 2048-d + 1024-d CLIP; ju2023 T=1000, batch 16, "
-      "2048-d + 512-d CLIP, its warm-up phase's step: both branches' forward passes); *_small: "
-      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr T=128, batch 10; ju2023 "
+      "train_*_{vlpo,co2net,pvlr,ju2023,delu}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
+      "768-d; co2net / pvlr / delu T=320, batch 10, 2048-d (+ 1024-d CLIP for pvlr); ju2023 "
+      "T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step); *_small: "
+      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr / delu T=128, batch 10; ju2023 "
       "T=256, batch 16; 128-d + 64-d)")
 
 

@@ -161,7 +161,7 @@ def test_train_shapes_follow_the_configs():
   assert bench.method_shapes("vlpo", "thumos14").vlm_dim == 768
 
 
-@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023"])
+@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023", "delu"])
 def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   """The benchmark's set-up (dims, constants, batch keys) fits the method: the trainer's step
   traces (jax.eval_shape: no compilation, which costs 15-40 s for these two)."""

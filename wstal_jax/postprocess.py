@@ -87,7 +87,7 @@ FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D features
 
 THRESHOLD_SEQUENCES = ("cas", "actionness")
-PRESETS = ("vlpo", "co2net", "pvlr", "ju2023")
+PRESETS = ("vlpo", "co2net", "pvlr", "ju2023", "delu")
 SCORE_MODES = ("oic", "max", "max_video")
 
 
@@ -185,7 +185,7 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
                                      # it changes nothing unless action_thresholds grows
     nms.length_offset_s = 0.0
     cfg.filter_ambiguous = False     # the official ActivityNet algorithm, no filtering
-  elif name in ("co2net", "pvlr"):
+  elif name in ("co2net", "pvlr", "delu"):
     cfg.class_threshold = 0.2        # CO2-Net code: pred_vid_score >= 0.2
     cfg.threshold_sequence = "actionness"  # CO2-Net code: thresholds the attention
     cfg.action_thresholds = tuple(np.linspace(0.1, 0.9, 10).tolist())  # CO2-Net code
@@ -199,6 +199,9 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
     nms.sigma = 0.3                  # CO2-Net code sigma=0.3
     nms.length_offset_s = SECONDS_PER_SNIPPET  # CO2-Net: "+1" on snippet indices
     cfg.filter_ambiguous = True      # CO2-Net code filter_segments (Ambiguous_test.txt)
+    if name == "delu":               # DELU's release (2024): 20 thresholds, and proposals
+      cfg.action_thresholds = tuple(np.linspace(0.1, 0.9, 20).tolist())   # of one snippet
+      cfg.min_length_s = 1.5 * SECONDS_PER_SNIPPET   # dropped (t_end - t_start > 1 snippet)
     if name == "pvlr":               # PVLR's released multiple_threshold_hamnet
       cfg.action_thresholds = tuple(np.linspace(0.1, 0.95, 10).tolist())
       cfg.oic_lambda = 0.1           # PVLR code act_lambda_

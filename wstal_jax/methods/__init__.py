@@ -26,6 +26,7 @@ REGISTRY = {
     "co2net": "co2net:CO2Net",    # CO2-Net (Hong et al. 2021), PVLR's base
     "pvlr": "pvlr:PVLR",          # PVLR (pvlr.txt) on CO2-Net
     "ju2023": "ju2023:Ju2023",    # Ju et al. 2023 (ju2023_distill_vlp.txt): CBP + VLP branches
+    "delu": "delu:DELU",          # DELU (Chen et al. 2022) on CO2-Net, MLLM4WTAL's base
 }
 METHODS = tuple(REGISTRY)
 
