@@ -58,8 +58,8 @@ Readings (the paper does not say; each is a config field):
   labelled classes' background ones become uncertain; non-label classes stay 0 in both);
   Eq. 7 always uses the full ternary labels (it needs both sides). 'b_both' (B steps distil
   all of H^cb, Sec. 3.3's "two types of confident frames ... avoid trivial solutions"; F
-  steps H^vl's foreground) measured worse (seeds 0-1: 14.9 +- 1.4 avg mAP vs 17.8 +- 1.1):
-  after the first F step CBP's foreground is wider, and B steps teach it to the VLP branch
+  steps H^vl's foreground) measured worse (seeds 0-1: 14.9 +- 1.4 avg mAP vs 17.8 +- 1.1,
+  both with the mean-over-anchors L_fb): after the first F step CBP's foreground is wider, and B steps teach it to the VLP branch
   (its bg mIoU falls to 21).
 * B-step learning rate (`b_lr_scale`): B steps train the VLP branch at config.optim.lr x
   b_lr_scale. The built-in preset trains at 1e-3 (every method there) and sets 0.1, the
@@ -83,7 +83,7 @@ Readings (the paper does not say; each is a config field):
   number of confident foreground frames per video, as in the paper). 'anchor_mean' (the
   mean over anchors, our first reading) left lambda L_fb inert: 0.2 % of the gradient norm
   in the full method (built-in, 3 seeds), against 7-11 % per B / F window with 'video_sum',
-  at the same avg mAP within noise (17.4 +- 0.8 vs 17.8 +- 1.1).
+  at the same avg mAP within noise (17.5 +- 0.6 vs 17.8 +- 1.1).
 * VLP logit scale (`vlp_logit_scale`, 100): CLIP's learned scale, fixed (only prompts and the
   temporal layers train, Sec. 3.2).
 * The VLP temporal layers start as the identity (zero output projections), so the untrained
