@@ -5,7 +5,10 @@ r"""Runs methods and ablation rows on the built-in benchmark over seeds; prints 
 Each row is a `python -m wstal_jax.main` command (listed in ROWS) run once per seed with
 `--config.seed=S --config.data.builtin_seed=S` (so each seed is a new draw of the benchmark
 as well as a new initialisation) into `--root/<row>-seed<S>`. A finished run is not re-run
-(re-running the command only re-reads its metrics.json). The table (markdown) gives mean ± std
+(re-running the command only re-reads its metrics.json). Rows in EVAL_ROWS train nothing:
+they evaluate another row's reported checkpoint with different inference settings (`--mode=eval
+--config.<x>=...`, e.g. Ju et al.'s average fusion or VLP branch alone), after that row's runs
+finish. The table (markdown) gives mean ± std
 over seeds of average mAP@0.1:0.7, mAP@0.5 and video ACC, and is also written as JSON.
 `--shares` adds a second table: each weighted loss term's share of the total in the first and
 the last log window of training, and its share of the summed per-term gradient norms averaged
@@ -111,6 +114,8 @@ ROWS = {
 # (source row, overrides for `--mode=eval`, description). The evaluated checkpoint is the one
 # the source run reported (its metrics.json step); the outputs go to --root/<row>-seed<S>.
 EVAL_ROWS = {
+    "co2net_topk10": ("co2net", ["--config.co2net.eval_topk_divisor=10"],
+                      "CO2-Net, video score over the top n // 10 (DELU's inference setting)"),
     "ju_vlp_zero_shot": ("ju_cbp", ["--config.ju2023.fusion=vlp"],
                          "Ju: VLP branch zero-shot (never trained), localizing alone"),
     "ju_only_f_avg": ("ju_only_f_w", ["--config.ju2023.fusion=average"],

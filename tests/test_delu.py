@@ -68,16 +68,23 @@ def test_edl_log_loss_value_and_gradient_by_hand():
 
 
 def test_edl_mse_loss_by_hand():
+  """DELU_ACT: sum_c (y_c - alpha_c / S)^2 with the raw multi-hot y, relu evidence."""
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(2, 4)).astype(np.float32)
   y = np.array([[1, 0, 0, 0], [0, 1, 1, 0]], np.float32)
   got = delu.edl_video_loss(jnp.asarray(logits), jnp.asarray(y), "mse", "relu")
   for b in range(2):
     alpha = np.maximum(logits[b], 0).astype(np.float64) + 1
-    s = alpha.sum()
-    yn = y[b] / y[b].sum()
-    want = ((yn - alpha / s) ** 2 + alpha * (s - alpha) / (s * s * (s + 1))).sum()
-    np.testing.assert_allclose(got[b], want, rtol=1e-5)
+    np.testing.assert_allclose(got[b], ((y[b] - alpha / alpha.sum()) ** 2).sum(), rtol=1e-5)
+
+
+def test_activitynet_smoothing_is_a_centred_zero_padded_mean():
+  x = np.arange(1, 8, dtype=np.float32)[None, :, None] * np.array([1, -2], np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 0, 0]], np.float32)
+  got = np.asarray(delu.smooth(jnp.asarray(x), jnp.asarray(mask), 3))
+  want = np.array([(0 + 1 + 2) / 3, 2, 3, 4, (4 + 5 + 0) / 3, 0, 0])  # padding counts as 0
+  np.testing.assert_allclose(got[0, :, 0], want, rtol=1e-6)
+  np.testing.assert_allclose(got[0, :, 1], -2 * want, rtol=1e-6)
 
 
 def test_attention_topk_selects_by_attention_not_by_score():
@@ -167,9 +174,12 @@ def test_config_presets_and_errors():
   thumos = load_config("dataset=thumos14")
   assert (thumos.optim.lr, thumos.train.batch_size, thumos.data.num_snippets,
           thumos.train.num_steps) == (5e-5, 10, 320, 5000)
-  anet = load_config("dataset=activitynet").delu
-  assert (anet.edl_evidence, anet.edl_loss, anet.w_edl, anet.edl_topk_divisor) == (
-      "relu", "mse", 1.2, 5)
+  anet_config = load_config("dataset=activitynet")
+  anet = anet_config.delu
+  assert (anet.edl_evidence, anet.edl_loss, anet.w_edl, anet.edl_topk_divisor,
+          anet.smooth_kernel) == ("relu", "mse", 1.2, 5, 13)
+  assert (anet_config.co2net.w_guide, anet_config.optim.weight_decay) == (0.8, 5e-4)
+  assert config.co2net.eval_topk_divisor == 10
   with pytest.raises(WstalError, match="config.delu.curve_gather='inverse'"):
     methods.get_method(_tiny_config(curve_gather="inverse"), C, DIMS)
   with pytest.raises(WstalError, match="curve_amplitude"):
@@ -228,3 +238,21 @@ def test_cli_two_steps_train_then_eval(tmp_path):
   assert proc.returncode == 0, proc.stderr[-4000:]
   again = json.loads((tmp_path / "eval" / "metrics.json").read_text())
   assert again["average_mAP"] == metrics["average_mAP"]   # a training-only field
+
+
+def test_smoothed_predict_is_padding_invariant():
+  method = methods.get_method(_tiny_config(smooth_kernel=3), C, DIMS)
+  short = make_batch(seed=4, n_valid=[16, 12, 16, 9])
+  params = method.init(key(0), {k: jnp.asarray(v) for k, v in short.items()}, {})["params"]
+  predict = jax.jit(lambda p, b: method.predict(p, b, {}))
+  a = predict(params, {k: jnp.asarray(v) for k, v in short.items()})
+  b = predict(params, {k: jnp.asarray(v) for k, v in garbage_padded(short, 24).items()})
+  valid = short["mask_BxT"] > 0
+  np.testing.assert_allclose(b["video_scores_BxC"], a["video_scores_BxC"], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(b["cas_BxTxC"])[:, :16][valid],
+                             np.asarray(a["cas_BxTxC"])[valid], rtol=1e-5, atol=1e-6)
+  # The smoothing acts: unsmoothed scores differ.
+  plain = methods.get_method(_tiny_config(), C, DIMS)
+  c = jax.jit(lambda p, b: plain.predict(p, b, {}))(params, {k: jnp.asarray(v)
+                                                             for k, v in short.items()})
+  assert not np.allclose(np.asarray(c["cas_BxTxC"]), np.asarray(a["cas_BxTxC"]))

@@ -14,9 +14,9 @@ CO2-Net's 0.8). DELU adds, configured by config.delu:
   u = C / S. 'log' (THUMOS14): L = sum_c g_c (log S - log alpha_c) with
   g_c = (1 - sg(u)) |y| (y_c / alpha_c) / sum_j (y_j / alpha_j), y the raw multi-hot label,
   |y| its count (only u is detached: the 1 / alpha weights keep their gradient, as released).
-  'mse' (ActivityNet): sum_c (y_c - alpha_c / S)^2 + alpha_c (S - alpha_c) / (S^2 (S + 1))
-  with y normalised to sum 1. No KL / annealing term (the release computes one and never
-  uses it).
+  'mse' (ActivityNet): sum_c (y_c - alpha_c / S)^2 with the raw multi-hot y (the release
+  computes a variance term and a KL term beside it and uses neither). No KL / annealing term
+  in either (the release computes an annealing coefficient and never uses it).
 * Snippet-level uncertainty-guided loss `uncertainty_guide_loss` (weight `w_uct`, 0.4). Each
   snippet's uncertainty u_t = C / sum over the C + 1 columns of (exp(clip(S_supp, -10, 10)) + 1)
   (no gradient: it only orders snippets); rank r_t = its position in ascending u among the
@@ -34,8 +34,13 @@ CO2-Net's 0.8). DELU adds, configured by config.delu:
 
 The released code has no masking (its T is always 320, random-perturb sampled); here every
 term is masked, so padded snippets never enter a rank, a top-k or a mean (n above is the
-video's number of valid snippets). Its hard-coded batch of 10 in the curve gather is not
-reproduced.
+video's number of valid snippets; the 'released' gather assumes, as the input pipeline
+guarantees, that the valid snippets come first). Its hard-coded batch of 10 in the curve
+gather is not reproduced.
+
+ActivityNet (`smooth_kernel`, 13 there, 0 = off): the release's DELU_ACT smooths the CAS and
+the three attentions with a moving average over 13 snippets (zero padding counted) before
+every loss and at inference; here the same on the valid snippets (padding is zero).
 
 Inference (`predict`, the 'delu' post-processing preset): CO2-Net's scores (CAS x attention,
 video score softmax over C + 1 of the top-k mean), attention thresholds linspace(0.1, 0.9,
@@ -66,6 +71,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.w_uct = 0.4               # --alpha_uct_guide
   c.curve_amplitude = 0.7     # --amplitude
   c.curve_gather = "rank"     # 'rank' (intended) | 'released' (the release's gather; docstring)
+  c.smooth_kernel = 0         # moving average of the CAS and attentions (ActivityNet: 13)
   return c
 
 
@@ -81,6 +87,8 @@ def validate_config(cfg) -> None:
   for field in ("w_edl", "w_uct", "curve_amplitude"):
     if cfg[field] < 0:
       bad(field, "must be >= 0")
+  if int(cfg.smooth_kernel) < 0 or (int(cfg.smooth_kernel) and int(cfg.smooth_kernel) % 2 == 0):
+    bad("smooth_kernel", "must be 0 (off) or an odd window length")
   if cfg.curve_amplitude >= 1:
     bad("curve_amplitude", "must be < 1 (the curve 1 + A tanh(.) would reach 0)")
 
@@ -108,10 +116,7 @@ def edl_video_loss(logits_BxC, label_BxC, kind: str = "log", evidence_fn: str = 
   s_Bx1 = jnp.sum(alpha, axis=-1, keepdims=True)
   num_c = logits_BxC.shape[-1]
   if kind == "mse":
-    y = label_BxC / jnp.maximum(jnp.sum(label_BxC, axis=-1, keepdims=True), 1e-6)
-    p = alpha / s_Bx1
-    return jnp.sum((y - p) ** 2 + alpha * (s_Bx1 - alpha) / (s_Bx1 ** 2 * (s_Bx1 + 1.0)),
-                   axis=-1)
+    return jnp.sum((label_BxC - alpha / s_Bx1) ** 2, axis=-1)
   u_Bx1 = jax.lax.stop_gradient(num_c / s_Bx1)
   count_Bx1 = jnp.sum(label_BxC, axis=-1, keepdims=True)
   inv = label_BxC / alpha
@@ -167,6 +172,29 @@ def uncertainty_guide_loss(out, cas_BxTxC1, supp_BxTxC1, mask_BxT, step, num_ste
   return jnp.sum(w_BxT * guide_per_snippet(out, cas_BxTxC1) * m, axis=1) / n_B
 
 
+def smooth(x_BxTxK, mask_BxT, kernel: int):
+  """DELU_ACT's AvgPool1d(kernel, stride 1, padding kernel // 2, count_include_pad): the mean
+  over a centred window, zeros beyond the video counted; padded snippets stay 0."""
+  m = (mask_BxT > 0).astype(x_BxTxK.dtype)[:, :, None]
+  half = kernel // 2
+  x = jnp.pad(x_BxTxK * m, ((0, 0), (half, half), (0, 0)))
+  c = jnp.cumsum(x, axis=1)
+  c = jnp.concatenate([jnp.zeros_like(c[:, :1]), c], axis=1)
+  num_t = x_BxTxK.shape[1]
+  return (c[:, kernel:kernel + num_t] - c[:, :num_t]) / kernel * m
+
+
+def smoothed(out, mask_BxT, kernel: int):
+  """The model outputs with the CAS and the three attentions smoothed (kernel > 0)."""
+  if not kernel:
+    return out
+  out = dict(out)
+  out["cas_BxTxC1"] = smooth(out["cas_BxTxC1"], mask_BxT, kernel)
+  for k in ("attn_BxT", "v_attn_BxT", "f_attn_BxT"):
+    out[k] = smooth(out[k][:, :, None], mask_BxT, kernel)[..., 0]
+  return out
+
+
 # ------------------------------------------------------------------------------------------
 # The method object.
 
@@ -190,8 +218,9 @@ class DELU(co2net.CO2Net):
     return weights
 
   def loss(self, params, batch, consts, rng, step):
-    out = self.model.apply({"params": params}, batch, consts, train=True,
-                           rngs={"dropout": rng})
+    out = smoothed(self.model.apply({"params": params}, batch, consts, train=True,
+                                    rngs={"dropout": rng}),
+                   batch["mask_BxT"], int(self.delu.smooth_kernel))
     cas = out["cas_BxTxC1"]
     total, terms = co2net.video_loss(out, cas, batch, self.settings)
     mask_BxT, valid_B = batch["mask_BxT"], batch["valid_B"]
@@ -206,3 +235,9 @@ class DELU(co2net.CO2Net):
         d.curve_gather), valid_B)
     total = total + d.w_edl * terms["l_edl"] + d.w_uct * terms["l_uct"]
     return total, terms
+
+  def predict(self, params, batch, consts):
+    out = smoothed(self.model.apply({"params": params}, batch, consts, train=False),
+                   batch["mask_BxT"], int(self.delu.smooth_kernel))
+    return co2net.co2net_scores(out["cas_BxTxC1"], out["attn_BxT"], batch["mask_BxT"],
+                                int(self.cfg.eval_topk_divisor))
