@@ -103,6 +103,12 @@ def test_train_then_eval_from_another_directory(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--config.eval.select_on=bogus"], "select_on"),
     ([f"--config={ROOT / 'configs' / 'vlpo.py'}:dataset=nope"], "unknown dataset 'nope'"),
+    # An override of a field the config lacks (here the flag's default config, vlpo's: an
+    # evaluation whose workdir holds no run), and a typo in a method block.
+    (["--mode=eval", "--config.ju2023.fusion=vlp"],
+     "--config.ju2023.fusion: the default config"),
+    ([f"--config={ROOT / 'configs' / 'vlpo.py'}", "--config.vlpo.bogus=1"],
+     "vlpo.py has no config field 'bogus'"),
 ])
 def test_bad_config_value_is_an_error_not_a_traceback(tmp_path, args, message):
   proc = _main([*args, f"--workdir={tmp_path / 'w'}", "--config.data.dir=/nonexistent"],

@@ -17,6 +17,7 @@ DIR/results.json (ActivityNet format); re-running the same command resumes. --mo
 the run's DIR/config.json (`--config.x=y` overrides apply on top; an explicit --config
 replaces it) and writes the same two files to --eval_dir (default DIR).
 """
+import json
 import logging as pylogging
 import os
 import sys
@@ -53,14 +54,38 @@ def default_config_file(argv) -> str:
   given = _command_line_flags(argv, ("mode", "workdir", "config"))
   if given.get("mode") == "eval" and given.get("workdir") and "config" not in given:
     workdir = os.path.abspath(given["workdir"])
-    if os.path.exists(os.path.join(workdir, "config.json")) and ":" not in workdir:
+    try:   # an unreadable config.json is reported by _run (WstalError), not at flag definition
+      with open(os.path.join(workdir, "config.json")) as f:
+        json.load(f)
+    except (OSError, ValueError):
+      return _DEFAULT_CONFIG
+    if ":" not in workdir:
       return os.path.join(_REPO_ROOT, "wstal_jax", "workdir.py") + ":" + workdir
   return _DEFAULT_CONFIG
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", default_config_file(sys.argv),
-    "Config file, e.g. configs/vlpo.py:dataset=thumos14.", lock_config=True)
+def _unknown_override(e: Exception, config_file: str):
+  """A --config.a.b override naming a field the config lacks: one line, exit 2."""
+  given = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
+  while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(...))
+    e = e.args[0]
+  text = str(e.args[0]) if e.args else str(e)
+  lines = [l.strip() for l in text.splitlines() if l.strip()] or [""]
+  field = lines[0].strip("\"'")
+  named = [g for g in given if field in g.split(".")] or given
+  hint = "".join(f" ({l})" for l in lines[1:])
+  print(f"error: {' '.join(named)}: {config_file} has no config field {field!r}{hint}",
+        file=sys.stderr)
+  sys.exit(2)
+
+
+try:   # config_flags parses --config.* overrides against the default config right here
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", default_config_file(sys.argv),
+      "Config file, e.g. configs/vlpo.py:dataset=thumos14.", lock_config=True)
+except (KeyError, AttributeError) as _e:
+  _unknown_override(_e, f"the default config ({default_config_file(sys.argv)}; pass --config"
+                        " or an evaluated run's --workdir)")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default ./workdirs/<name>-<dataset>-seed<seed>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume) or evaluate.")
@@ -150,6 +175,8 @@ def _parse_flags(argv):
   """absl flag parsing, with a bad flag or config value reported as `error: ...`, exit 2."""
   try:
     return FLAGS(argv)
+  except (KeyError, AttributeError) as e:   # an override of a field the config lacks
+    _unknown_override(e, _command_line_flags(argv, ("config",)).get("config", "the config"))
   except flags.Error as e:
     # A config file's get_config error arrives with the traceback text in the message:
     # keep its last line (`ValueError: ...`).
