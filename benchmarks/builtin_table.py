@@ -81,6 +81,8 @@ ROWS = {
                     "DELU without the video evidential loss"),
     "delu_no_uct": ("configs/delu.py", ["--config.delu.w_uct=0"],
                     "DELU without the uncertainty-guided loss"),
+    "delu_relu": ("configs/delu.py", ["--config.delu.edl_evidence=relu"],
+                  "DELU with relu evidence (the release's ActivityNet choice)"),
     "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],
                  "PVLR Table 4: deterministic CAS (K = 0)"),
     "pvlr_maha": ("configs/pvlr.py", ["--config.pvlr.metric=mahalanobis"],
