@@ -30,7 +30,8 @@ CO2-Net's 0.8). DELU adds, configured by config.delu:
   the curve is for. 'released' reproduces the released code, which gathers the curve with
   the sort permutation itself, w(argsort(u)_t): snippet t gets the weight of the rank equal
   to the *time index* of the t-th most certain snippet, unrelated to its own uncertainty
-  (PEERS.md). Offered because it changes results; never the default.
+  (PEERS.md). Offered to reproduce the release; never the default (built-in benchmark, 3
+  seeds: 37.6 avg mAP with either, README).
 
 The released code has no masking (its T is always 320, random-perturb sampled); here every
 term is masked, so padded snippets never enter a rank, a top-k or a mean (n above is the
