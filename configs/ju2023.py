@@ -12,8 +12,8 @@ built-in CLIP text embeddings + a learnable offset per class for the text side):
 `exp`: 'full' (warm-up, then alternating B / F steps), 'cbp' (warm-up only for all steps: the
 CBP branch alone), 'only_f' / 'only_b' (Table 4). `fusion`: 'cbp' (Sec. 3.4), 'average',
 'weighted' (Table 4's fusions of the two branches at inference), 'vlp' (the VLP branch alone
-localizes). `losses`: 'both', 'kd', 'fb' (Table 5). `cbp`: 'transformer' (ours, below) or 'co2net' (Table 6: CO2-Net, with its own
-losses and config.co2net sizes, as the CBP branch).
+localizes). `losses`: 'both', 'kd', 'fb' (Table 5). `cbp`: 'transformer' (ours, below) or
+'co2net' (Table 6: CO2-Net, with its own losses and config.co2net sizes, as the CBP branch).
 
 Built-in streams: CBP reads `i3d`; the VLP branch reads `videoclip`, the stream calibrated to
 the paper's Table 3 vision-language pseudo-labels (`clip`, PVLR's per-frame CLIP stream,

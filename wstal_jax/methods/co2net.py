@@ -42,7 +42,8 @@ import ml_collections
 
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
-from wstal_jax.layers import masked_softmax_time, masked_topk_mean, topk_count, video_mean
+from wstal_jax.layers import (masked_softmax_time, masked_topk_mean, snippet_mean, topk_count,
+                              video_mean)
 from wstal_jax.models import co2net as co2net_model
 
 
@@ -141,17 +142,21 @@ def co_activity_loss(feat_BxTxF, cas_supp_BxTxC1, label_BxC, mask_BxT, valid_B,
   return jnp.sum(hinge * w_BxBxC) / jnp.maximum(jnp.sum(w_BxBxC), 1.0)
 
 
+ATTENTIONS = ("attn_BxT", "v_attn_BxT", "f_attn_BxT")   # fused, RGB, flow
+
+
+def guide_per_snippet(out, cas_BxTxC1):
+  """|1 - a - softmax(S)_bg| per snippet, averaged over the fused, RGB and flow attentions
+  (gradient to both the attention and the CAS, as CO2-Net): -> [B, T]."""
+  bg_BxT = jax.nn.softmax(cas_BxTxC1, axis=-1)[..., -1]
+  return sum(jnp.abs(1.0 - out[k] - bg_BxT) for k in ATTENTIONS) / len(ATTENTIONS)
+
+
 def attention_terms(out, cas_BxTxC1, mask_BxT):
   """(L_norm, L_guide) per video, each averaged over the fused, RGB and flow attentions."""
-  m = (mask_BxT > 0).astype(cas_BxTxC1.dtype)
-  n_B = jnp.maximum(jnp.sum(m, axis=1), 1.0)
-  bg_BxT = jax.nn.softmax(cas_BxTxC1, axis=-1)[..., -1]  # gradient to both, as CO2-Net
-  norm_B, guide_B = 0.0, 0.0
-  for key in ("attn_BxT", "v_attn_BxT", "f_attn_BxT"):
-    a = out[key]
-    norm_B = norm_B + jnp.sum(a * m, axis=1) / n_B / 3
-    guide_B = guide_B + jnp.sum(jnp.abs(1.0 - a - bg_BxT) * m, axis=1) / n_B / 3
-  return norm_B, guide_B
+  norm_BxT = sum(out[k] for k in ATTENTIONS) / len(ATTENTIONS)
+  return (snippet_mean(norm_BxT, mask_BxT),
+          snippet_mean(guide_per_snippet(out, cas_BxTxC1), mask_BxT))
 
 
 def mutual_loss(out, mask_BxT):

@@ -54,7 +54,7 @@ import ml_collections
 
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
-from wstal_jax.layers import pool_selected, topk_count, topk_select, video_mean
+from wstal_jax.layers import pool_selected, snippet_mean, topk_count, topk_select, video_mean
 from wstal_jax.methods import co2net
 
 EVIDENCES = ("exp", "relu")
@@ -155,22 +155,12 @@ def curve_weights(u_BxT, mask_BxT, step, num_steps: int, amplitude: float,
   return jnp.where(valid, w, 0.0)
 
 
-def guide_per_snippet(out, cas_BxTxC1):
-  """CO2-Net's guide term per snippet, |1 - a - softmax(S)_bg| averaged over the fused, RGB
-  and flow attentions: -> [B, T]."""
-  bg_BxT = jax.nn.softmax(cas_BxTxC1, axis=-1)[..., -1]
-  return sum(jnp.abs(1.0 - out[k] - bg_BxT) for k in ("attn_BxT", "v_attn_BxT",
-                                                         "f_attn_BxT")) / 3.0
-
-
 def uncertainty_guide_loss(out, cas_BxTxC1, supp_BxTxC1, mask_BxT, step, num_steps: int,
                            amplitude: float, gather: str = "rank"):
   """DELU's snippet-level uncertainty-guided loss per video: -> l_B."""
   w_BxT = curve_weights(snippet_uncertainty(supp_BxTxC1), mask_BxT, step, num_steps,
                         amplitude, gather)
-  m = (mask_BxT > 0).astype(w_BxT.dtype)
-  n_B = jnp.maximum(jnp.sum(m, axis=1), 1.0)
-  return jnp.sum(w_BxT * guide_per_snippet(out, cas_BxTxC1) * m, axis=1) / n_B
+  return snippet_mean(w_BxT * co2net.guide_per_snippet(out, cas_BxTxC1), mask_BxT)
 
 
 def smooth(x_BxTxK, mask_BxT, kernel: int):
@@ -191,7 +181,7 @@ def smoothed(out, mask_BxT, kernel: int):
     return out
   out = dict(out)
   out["cas_BxTxC1"] = smooth(out["cas_BxTxC1"], mask_BxT, kernel)
-  for k in ("attn_BxT", "v_attn_BxT", "f_attn_BxT"):
+  for k in co2net.ATTENTIONS:
     out[k] = smooth(out[k][:, :, None], mask_BxT, kernel)[..., 0]
   return out
 

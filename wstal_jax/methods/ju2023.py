@@ -59,8 +59,8 @@ Readings (the paper does not say; each is a config field):
   Eq. 7 always uses the full ternary labels (it needs both sides). 'b_both' (B steps distil
   all of H^cb, Sec. 3.3's "two types of confident frames ... avoid trivial solutions"; F
   steps H^vl's foreground) measured worse (seeds 0-1: 14.9 +- 1.4 avg mAP vs 17.8 +- 1.1,
-  both with the mean-over-anchors L_fb): after the first F step CBP's foreground is wider, and B steps teach it to the VLP branch
-  (its bg mIoU falls to 21).
+  both with the mean-over-anchors L_fb): after the first F step CBP's foreground is wider,
+  and B steps teach it to the VLP branch (its bg mIoU falls to 21).
 * B-step learning rate (`b_lr_scale`): B steps train the VLP branch at config.optim.lr x
   b_lr_scale. The built-in preset trains at 1e-3 (every method there) and sets 0.1, the
   paper's 1e-4 (Sec. 4.1), for B steps: at 1e-3 100 B steps with background-only targets
@@ -88,11 +88,11 @@ Readings (the paper does not say; each is a config field):
   temporal layers train, Sec. 3.2).
 * The VLP temporal layers start as the identity (zero output projections), so the untrained
   branch is vanilla CLIP (Table 3's "VLP" and Table 4's "only F step" pseudo-labels).
-* Table 4's fusion (`fusion`: 'cbp' | 'average' | 'weighted' | 'vlp'): the frame scores that inference
-  thresholds, P^cb, (P^cb + P^vl) / 2, or w P^cb + (1 - w) P^vl with w = `fusion_weight`
-  (0.7: the paper gives no weights; CBP sees optical flow, VLP does not). Video scores stay
-  CBP's. 'vlp' localizes with P^vl alone (the VLP branch as a localizer: Table 3's VLP rows,
-  zero-shot when the branch never trained), the classes still chosen by CBP.
+* Table 4's fusion (`fusion`: 'cbp' | 'average' | 'weighted' | 'vlp'): the frame scores
+  that inference thresholds, P^cb, (P^cb + P^vl) / 2, or w P^cb + (1 - w) P^vl with
+  w = `fusion_weight` (0.7: the paper gives no weights; CBP sees optical flow, VLP does not).
+  Video scores stay CBP's. 'vlp' localizes with P^vl alone (the VLP branch as a localizer:
+  Table 3's VLP rows, zero-shot when the branch never trained), the classes still CBP's.
 
 Inference (Sec. 3.4, the `ju2023` post-processing preset): classes whose video probability
 (Eq. 1's pooled score: sigmoid per class by default, so both classes of a multi-label video
@@ -232,9 +232,8 @@ def validate_config(cfg) -> None:
                 "vlp_heads", "vlp_mlp_ratio", "eval_topk_divisor", "warmup_steps"):
     if int(cfg[field]) < 1:
       bad(field, "must be >= 1")
-  for field in ("cbp_layers", "cbp_window", "vlp_window", "vlp_layers", "n_ctx_pre", "n_ctx_post", "num_alternations",
-                "b_steps",
-                "f_steps"):
+  for field in ("cbp_layers", "cbp_window", "vlp_window", "vlp_layers", "n_ctx_pre",
+                "n_ctx_post", "num_alternations", "b_steps", "f_steps"):
     if int(cfg[field]) < 0:
       bad(field, "must be >= 0")
   if int(cfg.cbp_width) % int(cfg.cbp_heads):
