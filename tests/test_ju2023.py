@@ -517,3 +517,6 @@ def test_tiny_run_through_warmup_b_f_and_resume_mid_b_step(tmp_path, caplog):
   for key in ("average_mAP", "fg_mIoU_vlp", "bg_mIoU_cbp"):
     assert got[key] == pytest.approx(want[key], abs=1e-6), key
   assert got["fg_mIoU_vlp"] == pytest.approx(metrics["fg_mIoU_vlp"], abs=1e-6)
+  # The override acted: the proposals are the VLP branch's, not the trained run's (CBP's).
+  results = lambda d: json.loads(open(os.path.join(d, "results.json")).read())["results"]
+  assert results(str(tmp_path / "vlp")) != results(full)
