@@ -33,6 +33,7 @@ from wstal_jax.errors import WstalError
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 METRIC_ATOL = 1e-3     # percentage points
 STEPS = 6
+HEARTBEAT_S = 10       # --heartbeat_timeout_s of the test jobs
 
 _RUNNER = """
 import sys
@@ -92,7 +93,7 @@ def _start_job(tmp_path, data, workdir, *, steps=STEPS):
   procs = []
   for i in range(2):
     argv = [f"--config={config}", f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
-            "--num_processes=2", f"--process_id={i}"]
+            "--num_processes=2", f"--process_id={i}", f"--heartbeat_timeout_s={HEARTBEAT_S}"]
     log = tmp_path / f"process{i}.log"
     with open(log, "w") as fh:
       procs.append((subprocess.Popen(
@@ -147,12 +148,17 @@ def test_two_processes_match_one_process(data_3_shards, tmp_path):
   assert T._checkpoint_steps(str(workdir)) == [3, 6]
 
 
-@pytest.mark.parametrize("victim", [1, 0])
-def test_a_killed_process_makes_the_other_fail_fast(data_3_shards, tmp_path, victim):
-  """SIGKILL one process during training. When process 1 dies, process 0's next collective
-  fails and main reports it (`error: ...`, exit 1) without waiting for jax.distributed's
-  shutdown barrier. When process 0 (the coordinator) dies, jax's error poller ends process 1
-  with its own message ("... another task died ..."). Either way in seconds, not a hang."""
+@pytest.mark.parametrize("victim,how", [(1, "kill"), (0, "kill"), (1, "stop")])
+def test_a_lost_process_makes_the_other_fail_fast(data_3_shards, tmp_path, victim, how):
+  """SIGKILL (or SIGSTOP: a hung peer) one process during training; the other must end in
+  seconds with one `error:` paragraph naming the cause (exit 1), never hang or dump a stack.
+
+  Killed process 1: process 0's next collective fails and main reports it; when process 0
+  was waiting outside a collective (a checkpoint's cross-process barrier), the watchdog
+  (`distributed.Watchdog`) reports the silent peer after --heartbeat_timeout_s / 2. Stopped
+  process 1: no socket closes, only the watchdog can notice. Killed process 0 (the
+  coordinator, which hosts the key-value store): process 1's watchdog or jax's own error
+  poller ("... another task died ...") ends it, whichever comes first."""
   procs = _start_job(tmp_path, data_3_shards, tmp_path / "run", steps=100_000)
   (dead, _), (survivor, log) = procs[victim], procs[1 - victim]
   deadline = time.time() + 180
@@ -162,24 +168,32 @@ def test_a_killed_process_makes_the_other_fail_fast(data_3_shards, tmp_path, vic
       pytest.fail(f"training did not start:\n{log.read_text()[-3000:]}")
     time.sleep(0.2)
   time.sleep(1.0)   # inside the training loop
-  dead.send_signal(signal.SIGKILL)
+  dead.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
   t0 = time.time()
   try:
-    survivor.wait(timeout=90)
+    survivor.wait(timeout=HEARTBEAT_S + 60)
   except subprocess.TimeoutExpired:
     survivor.kill()
-    pytest.fail(f"still running 90 s after the other process died:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"still running {HEARTBEAT_S + 60} s after the other process was lost:\n"
+                f"{log.read_text()[-3000:]}")
+  finally:
+    if how == "stop":
+      dead.kill()
   dead.wait()
   elapsed = time.time() - t0
   text = log.read_text()
   assert survivor.returncode != 0, text[-3000:]
+  ours = f"error: process {1 - victim} of 2 stopped:" in text and "Another process" in text
   if victim == 1:
-    assert survivor.returncode == 1, text[-3000:]
-    assert "error: process 0 of 2 stopped:" in text and "Another process" in text, text[-3000:]
-    assert "Traceback" not in text
+    assert ours and survivor.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and "stack trace" not in text, text[-3000:]
+    if how == "stop":
+      assert "process 1 has not answered" in text and elapsed > HEARTBEAT_S / 2, text[-3000:]
+      assert elapsed < HEARTBEAT_S, text[-3000:]   # before jax's own heartbeat timeout
   else:
-    assert "another task died" in text or "Another process" in text, text[-3000:]
-  print(f"process {1 - victim} stopped {elapsed:.1f}s after process {victim} was killed")
+    assert ours or "another task died" in text, text[-3000:]
+  print(f"process {1 - victim} stopped {elapsed:.1f}s after process {victim} was lost "
+        f"({'our error' if ours else 'jax error poller'})")
 
 
 def test_batch_size_must_split_over_processes_and_devices(monkeypatch):
@@ -254,3 +268,8 @@ def test_cloud_tpu_vm_worker_count_from_metadata(monkeypatch):
     server.shutdown()
   monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:1")   # nothing listens: not a TPU VM
   assert distributed.cloud_tpu_vm_workers(timeout_s=2) == 0
+
+
+def test_heartbeat_timeout_must_be_positive():
+  with pytest.raises(WstalError, match=r"--heartbeat_timeout_s=0 must be >= 1"):
+    distributed.initialize("off", heartbeat_timeout_s=0)

@@ -16,13 +16,21 @@ collective whose peer died) is reported in one `error:` paragraph and the proces
 once with code 1 (`run_or_abandon`, `abandon_job`): the normal shutdown barrier would wait
 for the lost process until the heartbeat timeout (100 s) and then abort with a C++ stack
 dump. Re-running the same command on every process resumes from the latest checkpoint. A
-single process re-raises the error.
+single process re-raises the error. A process that waits for a lost peer *outside* a
+collective that fails (e.g. in a cross-process barrier of a checkpoint save, or because the
+peer hangs rather than dies) is ended by jax.distributed's coordination service once the peer
+has missed heartbeats for --heartbeat_timeout_s seconds, with a C++ stack dump; our
+`Watchdog` notices a silent peer at half that time and abandons the job with the one
+`error:` paragraph first. jax's default is 100 s; lower it to fail faster, raise it where
+processes can stall (long host-side pauses).
 """
 from __future__ import annotations
 
 import importlib.util
 import os
 import sys
+import threading
+import time
 import urllib.request
 
 from absl import logging
@@ -93,15 +101,18 @@ def distributed_reason(mode, *, coordinator=None, num_processes=None, env=None,
 
 
 def initialize(mode, *, coordinator_address=None, num_processes=None,
-               process_id=None) -> str | None:
+               process_id=None, heartbeat_timeout_s: int = 100) -> str | None:
   """jax.distributed.initialize() when this is a multi-process job; logs the layout.
 
   mode: --distributed ('auto', 'on', 'off'); the other arguments are the flags of the same
-  names (None: jax.distributed finds them from the cluster). Returns distributed_reason's
+  names (None: jax.distributed finds them from the cluster); heartbeat_timeout_s: see
+  the module docstring ("Failure"). Returns distributed_reason's
   answer (None: a single process). WstalError when the job cannot start."""
   import jax
   reason = distributed_reason(mode, coordinator=coordinator_address,
                               num_processes=num_processes)
+  if int(heartbeat_timeout_s) < 1:
+    raise WstalError(f"--heartbeat_timeout_s={heartbeat_timeout_s} must be >= 1")
   if reason is not None:
     # CPU jobs need a cross-process collectives backend (jax's CPU default has been 'none').
     if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
@@ -109,7 +120,8 @@ def initialize(mode, *, coordinator_address=None, num_processes=None,
     logging.info("jax.distributed.initialize (%s)", reason)
     try:
       jax.distributed.initialize(coordinator_address=coordinator_address,
-                                 num_processes=num_processes, process_id=process_id)
+                                 num_processes=num_processes, process_id=process_id,
+                                 heartbeat_timeout_seconds=int(heartbeat_timeout_s))
     except (ValueError, TypeError, RuntimeError) as e:
       cause = first_line(e).rstrip(".")
       raise WstalError(f"cannot start the multi-process job ({reason}): {cause}; pass "
@@ -135,13 +147,95 @@ def abandon_job(e: BaseException):
   os._exit(1)
 
 
-def run_or_abandon(fn, *args, **kwargs):
+class LostPeer(Exception):
+  """A peer process stopped answering (`Watchdog`)."""
+
+
+class Watchdog:
+  """Notices a lost peer before jax.distributed's coordination service does.
+
+  Every `period` s each process bumps a counter under its own key of the coordination
+  service's key-value store and reads the others'. A peer whose counter has not moved for
+  `silence_s` s (half the heartbeat timeout: jax's service would otherwise end this process
+  at the full timeout with a C++ stack dump), or a store that no longer answers (process 0,
+  which hosts it, died), abandons the job with one `error:` paragraph (`abandon_job`). A
+  process that finishes marks its key 'done' and is no longer watched. Needs jax's
+  distributed client (private `jax._src.distributed.global_state.client`); without it
+  `start` does nothing."""
+  PREFIX = "wstal_watchdog"
+
+  def __init__(self, heartbeat_timeout_s: float):
+    self.silence_s = max(heartbeat_timeout_s / 2.0, 1.0)
+    self.period = min(max(self.silence_s / 10.0, 0.2), 5.0)
+    self._stop = threading.Event()
+    self._thread = None
+    self._client = None
+
+  def start(self) -> "Watchdog":
+    import jax
+    from jax._src import distributed as jax_distributed
+    self._client = getattr(jax_distributed.global_state, "client", None)
+    if self._client is None or jax.process_count() == 1:
+      return self
+    self.me, self.num = jax.process_index(), jax.process_count()
+    self._thread = threading.Thread(target=self._loop, name="wstal-watchdog", daemon=True)
+    self._thread.start()
+    return self
+
+  def _key(self, p):
+    return f"{self.PREFIX}/{p}"
+
+  def _loop(self):
+    counter = 0
+    seen = {p: (None, time.monotonic()) for p in range(self.num) if p != self.me}
+    while not self._stop.is_set():
+      try:
+        self._client.key_value_set(self._key(self.me), str(counter), allow_overwrite=True)
+        counter += 1
+        for p, (value, since) in list(seen.items()):
+          try:
+            now_value = self._client.key_value_try_get(self._key(p))
+          except Exception:  # pylint: disable=broad-except  (NOT_FOUND: not started yet)
+            now_value = None
+          if now_value == "done":
+            del seen[p]
+          elif now_value != value:
+            seen[p] = (now_value, time.monotonic())
+          elif time.monotonic() - since > self.silence_s:
+            raise LostPeer(f"process {p} has not answered for {self.silence_s:.0f} s "
+                           "(--heartbeat_timeout_s / 2)")
+      except LostPeer as e:
+        if not self._stop.is_set():
+          abandon_job(e)
+      except Exception as e:  # pylint: disable=broad-except  (the store is gone)
+        if not self._stop.is_set():
+          abandon_job(LostPeer(f"the coordination service of process 0 does not answer "
+                               f"({first_line(e)})"))
+      self._stop.wait(self.period)
+
+  def stop(self):
+    """This process is done: stop watching and let the peers stop watching it."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    try:
+      self._client.key_value_set(self._key(self.me), "done", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def run_or_abandon(fn, *args, heartbeat_timeout_s: float = 100.0, **kwargs):
   """fn(*args, **kwargs); a jax.errors.JaxRuntimeError in a multi-process job abandons the
-  job (`abandon_job`), in a single process it is re-raised."""
+  job (`abandon_job`), in a single process it is re-raised. In a multi-process job a
+  `Watchdog` watches the peers meanwhile."""
   import jax
+  watchdog = Watchdog(heartbeat_timeout_s).start()
   try:
     return fn(*args, **kwargs)
   except jax.errors.JaxRuntimeError as e:
     if jax.process_count() == 1:
       raise
     abandon_job(e)
+  finally:
+    watchdog.stop()

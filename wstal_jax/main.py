@@ -95,6 +95,11 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "Multi-process: host:port of process 0 (it listens there).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: process count.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's id.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100,
+    "Multi-process: seconds without a heartbeat after which jax.distributed's coordination "
+    "service declares a process dead and ends the others (a peer that hangs, or one that dies "
+    "while the others wait outside a collective); jax's default is 100.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize(): 'on' always (what it is not given comes from the cluster: "
@@ -131,8 +136,9 @@ def main(argv):
   if logging.get_verbosity() <= logging.INFO:
     logging.get_absl_handler().addFilter(_QuietLibraries())
   distributed.initialize(_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
-                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  distributed.run_or_abandon(_run)
+                         num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                         heartbeat_timeout_s=_HEARTBEAT.value)
+  distributed.run_or_abandon(_run, heartbeat_timeout_s=_HEARTBEAT.value)
 
 
 def _run():
