@@ -214,7 +214,10 @@ def _example(rec: VideoRecord, index: int, feature_names) -> bytes:
     feats[f"feature/{fname}"] = f(bytes_list=tf.train.BytesList(value=[raw]))
   for key, val in rec.extras.items():
     feats[f"extra/{key}"] = f(bytes_list=tf.train.BytesList(value=[val]))
-  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+  # deterministic=True: map fields serialized in key order, so the same records give the same
+  # shard bytes in any process (the built-in benchmark is byte-identical per seed).
+  return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+      deterministic=True)
 
 
 def _sha256(path: str) -> str:
@@ -319,7 +322,8 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
                   snippet_frames: int = 16, fps: float = 25.0,
                   feature_text_embeddings: Mapping[str, np.ndarray] | None = None,
                   source: Mapping[str, Any] | None = None,
-                  optional_fields=None, overwrite: bool = False) -> dict:
+                  optional_fields=None, aux: Mapping[str, Any] | None = None,
+                  overwrite: bool = False) -> dict:
   """Validates and writes a dataset directory atomically; returns the manifest dict.
 
   Args:
@@ -336,6 +340,9 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
       image features), stored as text_embeddings_<feature>.npy. `load_text_embeddings(...,
       feature=name)` prefers these over text_embeddings.npy.
     optional_fields: extras fields allowed in records (default: whatever records carry).
+    aux: optional dataset-level artefacts {name: float32 array (stored as aux_<name>.npy) or
+      JSON-able dict (aux_<name>.json)} (e.g. the word vectors and vocabulary of
+      `data.descriptions`); `load_aux(data_dir, name)` reads one back.
     overwrite: replace an existing out_dir (only after the new one is complete).
 
   Every record is checked (T > 0, finite features, dims, same T for all features, label [C]
@@ -374,6 +381,12 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
     per_feature[name] = _check_text(arr, len(classes), f"text embeddings of feature {name!r}")
   if optional_fields is not None:
     optional_fields = sorted(set(optional_fields))
+  aux = dict(aux or {})
+  for name, val in aux.items():
+    if not (isinstance(name, str) and _NAME_RE.match(name)):
+      raise WstalError(f"aux: bad artefact name {name!r}")
+    if not isinstance(val, (dict, np.ndarray)):
+      raise WstalError(f"aux {name!r}: expected a numpy array or a dict, got {type(val).__name__}")
   parent = out_dir.rsplit("/", 1)[0] if "/" in out_dir else "."
   if parent and not tf.io.gfile.exists(parent):
     tf.io.gfile.makedirs(parent)
@@ -402,6 +415,15 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
     for name, arr in sorted(per_feature.items()):
       feature_text_paths[name] = f"text_embeddings_{name}.npy"
       _save_npy(tf.io.gfile.join(tmp_dir, feature_text_paths[name]), arr)
+    aux_files = {}
+    for name, val in sorted(aux.items()):
+      if isinstance(val, dict):
+        aux_files[name] = f"aux_{name}.json"
+        with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, aux_files[name]), "w") as fh:
+          fh.write(json.dumps(val, sort_keys=True) + "\n")
+      else:
+        aux_files[name] = f"aux_{name}.npy"
+        _save_npy(tf.io.gfile.join(tmp_dir, aux_files[name]), val)
     manifest = {
         "format_version": FORMAT_VERSION,
         "dataset": str(dataset),
@@ -416,6 +438,7 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
                            else sorted(seen_fields),
         "splits": split_entries,
         "source": dict(source or {}),
+        "aux": aux_files,
     }
     with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, MANIFEST), "w") as fh:
       fh.write(json.dumps(manifest, indent=2) + "\n")
@@ -496,6 +519,13 @@ def read_manifest(data_dir: str) -> dict:
   m.setdefault("feature_text_embeddings", {})
   m.setdefault("optional_fields", [])
   m.setdefault("source", {})
+  m.setdefault("aux", {})
+  _require(isinstance(m["aux"], dict), path, "aux must be an object")
+  for name, fname in m["aux"].items():
+    _require(isinstance(fname, str) and "/" not in fname, path,
+             f"aux[{name!r}] must be a file name")
+    _require(tf.io.gfile.exists(tf.io.gfile.join(data_dir, fname)), path,
+             f"aux file {fname} ({name!r}) is missing")
   _require(isinstance(m["optional_fields"], list), path, "optional_fields must be a list")
   if m["text_embeddings"] is not None:
     _require(isinstance(m["text_embeddings"], str), path, "text_embeddings must be a file name")
@@ -788,3 +818,21 @@ def load_text_embeddings(data_dir: str, manifest: dict | None = None,
   if not np.all(np.isfinite(arr)):
     raise WstalError(f"{path}: text embeddings contain NaN/Inf")
   return arr.astype(np.float32)
+
+
+def load_aux(data_dir: str, name: str, manifest: dict | None = None):
+  """The dataset-level artefact `name` written by write_dataset(aux=...): a dict (JSON) or a
+  numpy array; None when the dataset has none."""
+  manifest = manifest or read_manifest(data_dir)
+  fname = manifest.get("aux", {}).get(name)
+  if fname is None:
+    return None
+  path = tf.io.gfile.join(str(data_dir).rstrip("/"), fname)
+  try:
+    with tf.io.gfile.GFile(path, "rb") as fh:
+      raw = fh.read()
+    if fname.endswith(".json"):
+      return json.loads(raw)
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+  except (tf.errors.OpError, OSError, ValueError) as e:
+    raise WstalError(f"{path}: cannot read dataset artefact {name!r} ({e})") from None
