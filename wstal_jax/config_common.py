@@ -103,6 +103,12 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.data.num_snippets = 750          # T of every training sample
   c.data.sampling = "random_perturb"
   c.data.vlm_feature = config_dict.placeholder(str)  # second feature stream (e.g. videoclip)
+  # Per-video LLM descriptions (data/descriptions.py; MLLM4WTAL): training batches carry
+  # key_tokens_BxL / complete_tokens_BxL (truncated / padded to these lengths) and the
+  # constants hold the word vectors; the built-in preset uses synthetic descriptions.
+  c.data.descriptions = False
+  c.data.max_key_tokens = 24
+  c.data.max_complete_tokens = 64
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16            # global, over all processes and devices

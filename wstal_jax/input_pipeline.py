@@ -28,7 +28,7 @@ and reordered through a bounded buffer (one pass per window of the plan that fit
 """
 import functools
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -191,7 +191,8 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
                   start_step: int = 0, sampling: str = "random_perturb",
                   vlm_feature: str | None = None, video_indices: Sequence[int] | None = None,
                   process_index: int | None = None, process_count: int | None = None,
-                  shuffle_buffer: int = 512) -> Iterator[dict]:
+                  shuffle_buffer: int = 512,
+                  token_fields: Mapping[str, int] | None = None) -> Iterator[dict]:
   """Infinite per-process training batches of fixed shape [batch_size, num_snippets, ...].
 
   Args:
@@ -209,11 +210,17 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
       yields rows [p B, (p + 1) B) of every global batch.
     shuffle_buffer: records permuted together; an epoch is a perfect shuffle when it holds at
       most this many videos.
+    token_fields: {optional field: L}: also emit each int32 token field (the description
+      tokens of `data.descriptions`) as <field>_BxL, truncated or padded with 0 to L.
 
   Yields:
     dicts of numpy arrays: feat_BxTxD float32, [vlm_BxTxE float32], mask_BxT float32,
-    label_BxC float32, index_B int32, valid_B float32 (ones), scale_B float32 (T_v / T).
+    label_BxC float32, index_B int32, valid_B float32 (ones), scale_B float32 (T_v / T),
+    [<field>_BxL int32 per token field].
   """
+  token_fields = dict(token_fields or {})
+  if any(int(n) < 1 for n in token_fields.values()):
+    raise WstalError(f"token field lengths must be >= 1, got {token_fields}")
   if sampling not in SAMPLINGS:
     raise WstalError(f"unknown sampling {sampling!r}; expected one of {SAMPLINGS}")
   if batch_size < 1 or num_snippets < 1 or start_step < 0 or shuffle_buffer < 1:
@@ -260,7 +267,7 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     lo, hi = p * batch_size, (p + 1) * batch_size
     ds = ds.filter(lambda k, rec: tf.logical_and(k % global_batch >= lo,
                                                  k % global_batch < hi))
-  parse = fmt.tf_parse_fn(manifest, names)
+  parse = fmt.tf_parse_fn(manifest, names, int_extras=tuple(token_fields))
   random_window = sampling == "pad"
 
   def element(counter, serialized):
@@ -270,7 +277,11 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     idx_T, mask_T, scale = sample_indices(ex["num_snippets"], num_snippets, sampling,
                                           key if need_key else None)
     feats = {n: ex[f"feature/{n}"] for n in names}
-    return _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+    out = _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+    for field, length in token_fields.items():
+      tokens = ex[f"extra/{field}"][:length]
+      out[f"{field}_BxL"] = tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]])
+    return out
 
   ds = ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(_AUTOTUNE)

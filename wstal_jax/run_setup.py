@@ -119,6 +119,11 @@ def resolve_data_dir(config) -> str:
   from wstal_jax.data import synthetic  # only the built-in preset needs the generator
   logging.info("no --config.data.dir: using the built-in %r benchmark (seed %d)",
                config.data.builtin_size, config.data.builtin_seed)
+  if config.data.get("descriptions"):
+    from wstal_jax.data import synthetic_descriptions
+    return synthetic_descriptions.ensure_builtin(
+        config.data.builtin_size, seed=config.data.builtin_seed,
+        cache_dir=config.data.cache_dir)
   return synthetic.ensure_builtin(config.data.builtin_size, seed=config.data.builtin_seed,
                                   cache_dir=config.data.cache_dir)
 
@@ -179,15 +184,51 @@ def setup(config, *, method=None) -> Setup:
   dims = {"feat": features[manifest["primary_feature"]]["dim"],
           "vlm": features[vlm]["dim"] if vlm else None,
           "text": None if text is None else int(text.shape[1])}
+  words = description_consts(config, data_dir, manifest)
+  if words:
+    dims["words"], dims["vocab"] = (int(words["word_vectors_VxD"].shape[1]),
+                                    int(words["word_vectors_VxD"].shape[0]))
   if method is None:
     method = methods.get_method(config, len(manifest["classes"]), dims,
                                 class_names=list(manifest["classes"]))
   consts = {} if text is None else {"text_CxE": text}
+  consts.update(words)
   consts.update(method.extra_consts())
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   consts = jax.device_put(consts, replicated)
   return Setup(config=config, data_dir=data_dir, manifest=manifest, method=method,
                consts=consts, mesh=mesh)
+
+
+def token_fields(config) -> dict:
+  """{field: L} of the description tokens training batches carry ({} without descriptions)."""
+  if not config.data.get("descriptions"):
+    return {}
+  return {"key_tokens": int(config.data.max_key_tokens),
+          "complete_tokens": int(config.data.max_complete_tokens)}
+
+
+def description_consts(config, data_dir, manifest) -> dict:
+  """With config.data.descriptions: the dataset's description constants
+  (`data.descriptions.load`; class token lists padded to the batch lengths), else {}."""
+  if not config.data.get("descriptions"):
+    return {}
+  from wstal_jax.data import descriptions
+  for field, length in token_fields(config).items():
+    if length < 1:
+      raise WstalError(f"config.data.max_{field}={length} must be >= 1")
+  loaded = descriptions.load(data_dir, manifest)
+  if loaded is None or not set(descriptions.FIELDS) <= set(manifest["optional_fields"]):
+    raise WstalError(f"{data_dir}: config.data.descriptions needs a dataset with video "
+                     "descriptions; add them with python -m wstal_jax.data.descriptions "
+                     "--data_dir=... --descriptions=FILE.json --word_vectors=glove.txt --out=DIR")
+  lengths = {"class_name_tokens_CxL": config.data.max_key_tokens,
+             "class_key_tokens_CxL": config.data.max_key_tokens,
+             "template_tokens_CxL": config.data.max_complete_tokens}
+  out = {"word_vectors_VxD": loaded["word_vectors_VxD"]}
+  for name, length in lengths.items():
+    out[name] = descriptions.pad_tokens(loaded[name].tolist(), int(length))
+  return out
 
 
 # ----------------------------------------------------------------------------- selection
