@@ -279,7 +279,8 @@ def jax_train_stepper(method_name, shapes: Shapes):
   config, run = _setup(method_name, shapes)
   batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name)))
   params = run.init_params(jax.random.key(0), batch)
-  tx = train.make_optimizer(config, run.method.param_labels(params, 0))
+  tx = train.make_optimizer(config, run.method.param_labels(params, 0),
+                            alternate_steps=getattr(run.method, "alternate_steps", 1))
   step_fn = train.make_train_step(run, tx, 0)   # the phase of step 0
   holder = {"state": {"step": jax.device_put(jnp.zeros((), jnp.int32), run.replicated),
                       "params": params,

@@ -142,7 +142,7 @@ def test_every_weighted_term_has_a_gradient_at_init(name):
       # Op by op, like the per-term reference below (the check is of the weights, the
       # 'train' mask and the norms; a compiled program may round the forward differently).
       norms = np.asarray(fn(params, batch, consts, rng, step))
-      trained = [l == "train" for l in jax.tree.leaves(labels)]
+      trained = [train.is_trained(l) for l in jax.tree.leaves(labels)]
       for k, got in zip(names, norms):
         g = jax.grad(lambda p, k=k: weights[k] * method.loss(p, batch, consts, rng, step)[1][k])(
             params)

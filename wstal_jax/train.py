@@ -65,9 +65,33 @@ from wstal_jax.errors import WstalError
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(config, labels, lr_scale: float = 1.0) -> optax.GradientTransformation:
+def alternating(inner: optax.GradientTransformation, slot: int, num_slots: int, every: int,
+                start: int = 0) -> optax.GradientTransformation:
+  """`inner` on the training steps s with (s // every) % num_slots == slot, where s = start +
+  the number of updates since init (the trainer's step: the phase's first step is `start`);
+  on the other steps zero updates and `inner`'s state (Adam's moments and count) unchanged,
+  as if those steps did not exist for these parameters."""
+  def init_fn(params):
+    return inner.init(params), jnp.zeros([], jnp.int32)
+
+  def update_fn(updates, state, params=None):
+    inner_state, count = state
+    on = ((start + count) // every) % num_slots == slot
+    new_updates, new_inner = inner.update(updates, inner_state, params)
+    new_updates = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), new_updates)
+    new_inner = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_inner, inner_state)
+    return new_updates, (new_inner, count + 1)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def make_optimizer(config, labels, lr_scale: float = 1.0, *, start: int = 0,
+                   alternate_steps: int = 1) -> optax.GradientTransformation:
   """Adam for the 'train' leaves, nothing for the 'freeze' leaves; learning rate
-  optim.lr x lr_scale (a method's `phase_lr_scale`, methods.Method).
+  optim.lr x lr_scale (a method's `phase_lr_scale`, methods.Method). Leaves labelled
+  'train@i' (i = 0 .. n-1) are trained in turns (`alternating`): on the steps s with
+  (s // alternate_steps) % n == i, each group with its own Adam state (MLLM4WTAL's
+  alternating KSM / CSR phases); `start` is the phase's first step.
 
   optim.weight_decay_style='l2' is torch.optim.Adam(weight_decay=wd) (ASL, VLPO): wd * w is
   added to the gradient before Adam normalises it; 'decoupled' is AdamW.
@@ -84,8 +108,12 @@ def make_optimizer(config, labels, lr_scale: float = 1.0) -> optax.GradientTrans
   else:
     parts.append(optax.adamw(o.lr * lr_scale, b1=o.b1, b2=o.b2, eps=o.eps,
                              weight_decay=o.weight_decay, mask=decay_mask))
-  return optax.multi_transform({"train": optax.chain(*parts), "freeze": optax.set_to_zero()},
-                               labels)
+  transforms = {"train": optax.chain(*parts), "freeze": optax.set_to_zero()}
+  slots = sorted({int(l.split("@")[1]) for l in jax.tree.leaves(labels) if "@" in l})
+  for i in slots:
+    transforms[f"train@{i}"] = alternating(optax.chain(*parts), i, max(slots) + 1,
+                                           int(alternate_steps), start)
+  return optax.multi_transform(transforms, labels)
 
 
 def weight_decay_mask(tree, no_decay: tuple[str, ...]):
@@ -109,12 +137,20 @@ def phase_of(starts, step: int) -> int:
   return int(np.searchsorted(np.asarray(starts), step, side="right")) - 1
 
 
+def is_trained(label: str) -> bool:
+  """'train' or 'train@i' (trained in turns, `make_optimizer`)."""
+  return label == "train" or label.startswith("train@")
+
+
 def _labels(method, params, start):
   labels = method.param_labels(params, start)
-  bad = {l for l in jax.tree.leaves(labels) if l not in ("train", "freeze")}
+  ok = lambda l: l in ("train", "freeze") or (
+      l.startswith("train@") and l[6:].isdigit() and hasattr(method, "alternate_steps"))
+  bad = {l for l in jax.tree.leaves(labels) if not ok(l)}
   if bad:
     raise WstalError(f"method {type(method).__name__}: param_labels gave {sorted(bad)}; "
-                     "labels must be 'train' or 'freeze'")
+                     "labels must be 'train', 'freeze' or (a method with alternate_steps) "
+                     "'train@i'")
   return labels
 
 
@@ -169,7 +205,7 @@ def term_grad_norms_fn(method, labels, phase=None):
   """
   names = tuple(method.loss_weights())
   weights = jnp.asarray([method.loss_weights()[k] for k in names], jnp.float32)
-  train_leaves = [l == "train" for l in jax.tree.leaves(labels)]
+  train_leaves = [is_trained(l) for l in jax.tree.leaves(labels)]
   kwargs = _phase_kwargs(method, phase)
 
   def fn(params, batch, consts, rng, step):
@@ -196,7 +232,8 @@ class _Phase:
     labels = _labels(run.method, params, self.start)
     scale_fn = getattr(run.method, "phase_lr_scale", None)
     self.lr_scale = float(scale_fn(self.start)) if scale_fn is not None else 1.0
-    self.tx = make_optimizer(config, labels, self.lr_scale)
+    self.tx = make_optimizer(config, labels, self.lr_scale, start=self.start,
+                             alternate_steps=getattr(run.method, "alternate_steps", 1))
     self.step_fn = make_train_step(run, self.tx, index)
     self.grad_names, grad_norms = term_grad_norms_fn(run.method, labels, index)
     repl, data = run.replicated, run.data_sharding

@@ -27,6 +27,7 @@ REGISTRY = {
     "pvlr": "pvlr:PVLR",          # PVLR (pvlr.txt) on CO2-Net
     "ju2023": "ju2023:Ju2023",    # Ju et al. 2023 (ju2023_distill_vlp.txt): CBP + VLP branches
     "delu": "delu:DELU",          # DELU (Chen et al. 2022) on CO2-Net, MLLM4WTAL's base
+    "mllm4wtal": "mllm4wtal:MLLM4WTAL",  # MLLM4WTAL (mllm4wtal.txt) on DELU / CO2-Net
 }
 METHODS = tuple(REGISTRY)
 

@@ -262,16 +262,27 @@ class CO2Net:
     return self.model.init({"params": params_rng, "dropout": dropout_rng}, batch, consts,
                            train=False)
 
-  def loss(self, params, batch, consts, rng, step):
+  def forward(self, params, batch, consts, rng=None):
+    """The model's outputs (models/co2net.py), training mode when `rng` is given."""
+    if rng is None:
+      return self.model.apply({"params": params}, batch, consts, train=False)
+    return self.model.apply({"params": params}, batch, consts, train=True,
+                            rngs={"dropout": rng})
+
+  def loss_from_out(self, out, batch, step):
+    """(total, terms) of the method's loss on `forward`'s outputs (MLLM4WTAL builds on it)."""
     del step
-    out = self.model.apply({"params": params}, batch, consts, train=True,
-                           rngs={"dropout": rng})
     return video_loss(out, out["cas_BxTxC1"], batch, self.settings)
 
-  def predict(self, params, batch, consts):
-    out = self.model.apply({"params": params}, batch, consts, train=False)
+  def predict_from_out(self, out, batch):
     return co2net_scores(out["cas_BxTxC1"], out["attn_BxT"], batch["mask_BxT"],
                          int(self.cfg.eval_topk_divisor))
+
+  def loss(self, params, batch, consts, rng, step):
+    return self.loss_from_out(self.forward(params, batch, consts, rng), batch, step)
+
+  def predict(self, params, batch, consts):
+    return self.predict_from_out(self.forward(params, batch, consts), batch)
 
   def param_labels(self, params, step):
     del step

@@ -208,10 +208,11 @@ class DELU(co2net.CO2Net):
     weights["l_uct"] = float(self.delu.w_uct)
     return weights
 
-  def loss(self, params, batch, consts, rng, step):
-    out = smoothed(self.model.apply({"params": params}, batch, consts, train=True,
-                                    rngs={"dropout": rng}),
-                   batch["mask_BxT"], int(self.delu.smooth_kernel))
+  def forward(self, params, batch, consts, rng=None):
+    return smoothed(super().forward(params, batch, consts, rng), batch["mask_BxT"],
+                    int(self.delu.smooth_kernel))
+
+  def loss_from_out(self, out, batch, step):
     cas = out["cas_BxTxC1"]
     total, terms = co2net.video_loss(out, cas, batch, self.settings)
     mask_BxT, valid_B = batch["mask_BxT"], batch["valid_B"]
@@ -226,9 +227,3 @@ class DELU(co2net.CO2Net):
         d.curve_gather), valid_B)
     total = total + d.w_edl * terms["l_edl"] + d.w_uct * terms["l_uct"]
     return total, terms
-
-  def predict(self, params, batch, consts):
-    out = smoothed(self.model.apply({"params": params}, batch, consts, train=False),
-                   batch["mask_BxT"], int(self.delu.smooth_kernel))
-    return co2net.co2net_scores(out["cas_BxTxC1"], out["attn_BxT"], batch["mask_BxT"],
-                                int(self.cfg.eval_topk_divisor))

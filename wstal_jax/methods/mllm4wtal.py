@@ -1,0 +1,563 @@
+"""MLLM4WTAL (mllm4wtal.txt, CVPR 2025): key semantic matching, complete semantic
+reconstruction and dual-prior interactive distillation on a WTAL base (DELU; CO2-Net).
+
+Inputs: per training video a key and a complete description of its actions from a multimodal
+LLM (offline) as word tokens, and GloVe word vectors (`data/descriptions.py`; the built-in
+benchmark's are synthetic, `data/synthetic_descriptions.py`). No public code exists; every
+reading below is ours, and a config field where the paper leaves a choice.
+
+Paper map (config.mllm4wtal; params {'base', 'ksm', 'csr', 'loc'}):
+
+  Eq. 2-3   F_e and A_KSM: the *base's* fused feature and attention (DELU / CO2-Net: two
+            temporal convs on the fused RGB / flow features, sigmoid attention), so the KSM
+            branch is plug-in on any base of that family (Table 4: `:base=co2net`) and
+            "the WTAL model" the distillation reaches (Sec. 3.3) is the base itself.
+  Eq. 4-5   T_query = [START, N_ctx learnable context tokens, GloVe(key description)] ->
+            a Transformer encoder -> the START output -> a linear map to the video
+            embedding's width: one query per class (`KSMText`). Descriptions are per video:
+            the query of a class the video contains reads the video's own key description,
+            the query of any other class reads that class's bank description (the key
+            description of one training video of the class, `data/descriptions.py`); the
+            encoder runs once per distinct text (C + B + 1 sequences a step). The (C+1)-th,
+            background query: [START, context, one learnable token initialised at 0]
+            ("initialised with 0").
+  Eq. 6-9   M = <v_t, q_j> of the L2-normalised projected video feature and query times
+            `ksm_scale` (an inner product of unit vectors: an unnormalised one saturates the
+            softmax over classes at init); M_hat = A_KSM * M; s, s_hat = top-k means over
+            time (k = n // base topk_divisor); p, p_hat = softmax over the C + 1 classes.
+  Eq. 10    L_KSM = CE(p, y / |y|) + CE(p_hat, y_hat / |y_hat|), y with background 1,
+            y_hat with background 0 (normalised like the MIL family's labels).
+  Eq. 11-13 CSR's own embedding F_complete = FC(F) of the input features (width
+            `csr_dim`, 512) and its own attention A_CSR = sigmoid(convs(F_complete)): Eq. 13
+            writes F_e, KSM's embedding; we read it as CSR's, so the two branches share no
+            parameter and each DPID phase trains only its own.
+  Eq. 14    F_fg = softmax((F W_q)(F W_k)^T / sqrt(d) * A_CSR) F W_v: the logits are
+            multiplied by the *key* snippet's A_CSR (padded keys excluded), as printed.
+  Eq. 15    H = softmax((F_c W_qd)(F_fg W_kd)^T / sqrt(d) * A_CSR) F_fg W_vd, F_c = FC(GloVe
+            of the masked complete description) + a learnable [MASK] embedding at masked
+            positions + position embeddings.
+  Eq. 16-17 P(w_i) = softmax(FC(H_i)) over the dataset vocabulary; L_CSR = mean over the
+            masked positions of -log P(w_i) (the masked words are what is reconstructed; an
+            unmasked word is visible to its own query).
+  masking   1/3 of each description's words (at least one), drawn without replacement
+            with weights 1 + 2 max(0, max_c cos(word, class-name words of c)): "a high
+            probability of masking action words". The draw uses the step's RNG
+            (fold_in(seed key, step)): deterministic per (seed, step).
+  Eq. 18    L_loc (the prior-guided localization head after PivoTAL, `LocHead`): per-snippet
+            class logits and (start, end) distances from the base's fused feature (stopped
+            gradient: the head learns from the base's prior, it does not reshape it).
+            Pseudo-instances from the base (stopped gradient): a valid snippet is foreground
+            of class c when A_KSM > `pseudo_threshold` and c is, among the video's labelled
+            classes, the one of highest base CAS; runs of one class are instances.
+            L_focal: sigmoid focal loss (alpha 0.25, gamma 2) over all (snippet, class),
+            normalised by the number of foreground snippets; L_DIoU on the foreground
+            snippets' predicted vs pseudo-instance extents; L_MIL: binary cross-entropy of
+            the top-k mean class logits with the video labels.
+  Eq. 19-20 DPID: L_match = L_base + w_ksm L_KSM + lambda1 MSE(A_KSM, sg(A_CSR)) + mu1 L_loc
+            trains {base, ksm, loc}; L_rec = L_CSR + lambda2 MSE(A_CSR, sg(A_KSM)) trains
+            {csr}. The phases alternate every `dpid_steps` steps (the trainer's 'train@i'
+            labels: each group has its own Adam state, frozen while the other phase runs).
+            The total reported is L_match + L_rec: with disjoint parameters and psi = stop
+            gradient, each group's gradient is exactly its phase's loss's.
+  Sec. 3.4  Inference runs only the localization head (`inference='loc'`): the CAS is the
+            head's class probabilities, the video score the sigmoid of its top-k mean
+            logits, and the actionness that is thresholded into proposals is the regression
+            vote: snippet tau's value is the largest foreground probability among the
+            snippets whose predicted extent covers tau (so the regressed boundaries decide
+            the proposals' extents), divided by its maximum over the video (the preset's
+            thresholds 0.1 ... 0.9 are for a sequence spanning [0, 1]; focal-trained
+            probabilities are small). `inference='base'` uses the base's own inference.
+
+Ablations (config overrides): `use_ksm`, `use_csr` (Table 3), `ksm_text='class_name'`
+(Table 5: the class name instead of the key description), `csr_text='template'` (Table 5:
+"a video of the [CLS]" instead of the complete description), `:base=co2net` (Table 4).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from wstal_jax import methods
+from wstal_jax.data import descriptions as desc
+from wstal_jax.errors import WstalError
+from wstal_jax.layers import (MaskedTemporalConv, l2_normalize, masked_topk_mean,
+                              snippet_mean, topk_count, video_mean, zero_padding)
+
+BASES = ("delu", "co2net")
+KSM_TEXTS = ("key", "class_name")
+CSR_TEXTS = ("complete", "template")
+INFERENCES = ("loc", "base")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.mllm4wtal` block (THUMOS14; Sec. 4 "Training Settings")."""
+  c = ml_collections.ConfigDict()
+  c.base = "delu"             # the WTAL base: 'delu' (Tables 1-3) | 'co2net' (Table 4)
+  c.use_ksm = True
+  c.use_csr = True
+  c.use_loc = True            # the prior-guided localization head (Eq. 18, Sec. 3.4)
+  c.inference = "loc"         # 'loc': the head alone (Sec. 3.4) | 'base'
+  c.ksm_text = "key"          # 'key' description | 'class_name' (Table 5)
+  c.csr_text = "complete"     # 'complete' description | 'template' (Table 5)
+  c.w_ksm = 1.0               # L_KSM's weight in L_match (the paper: 1)
+  c.lambda1 = 1.5             # MSE(A_KSM, sg(A_CSR)) in L_match
+  c.lambda2 = 1.5             # MSE(A_CSR, sg(A_KSM)) in L_rec
+  c.mu1 = 1.0                 # L_loc in L_match
+  c.dpid_steps = 1            # steps per DPID phase before the other phase's turn
+  c.ksm_dim = 512             # width of the matching space (video projection, queries)
+  c.ksm_scale = 10.0          # M = ksm_scale * cos(video, query)
+  c.text_dim = 256            # KSM text Transformer width
+  c.text_layers = 1
+  c.text_heads = 4
+  c.num_context = 8           # N_context learnable context tokens
+  c.csr_dim = 512             # d_h (Eq. 14-15)
+  c.mask_ratio = 1.0 / 3.0    # masked share of the complete description's words
+  c.pseudo_threshold = 0.5    # A_KSM above this: a pseudo-instance snippet (Eq. 18)
+  c.loc_hidden = 256
+  c.focal_alpha = 0.25
+  c.focal_gamma = 2.0
+  c.dropout = 0.1             # in the text Transformer and CSR
+  return c
+
+
+def validate_config(cfg) -> None:
+  def bad(field, why):
+    raise WstalError(f"config.mllm4wtal.{field}={cfg.get(field)!r}: {why}")
+  for field, choices in (("base", BASES), ("ksm_text", KSM_TEXTS), ("csr_text", CSR_TEXTS),
+                         ("inference", INFERENCES)):
+    if cfg[field] not in choices:
+      bad(field, f"choose one of {choices}")
+  for field in ("ksm_dim", "text_dim", "text_layers", "text_heads", "csr_dim", "loc_hidden",
+                "dpid_steps"):
+    if int(cfg[field]) < 1:
+      bad(field, "must be >= 1")
+  if int(cfg.num_context) < 0:
+    bad("num_context", "must be >= 0")
+  if int(cfg.text_dim) % int(cfg.text_heads):
+    bad("text_heads", f"must divide text_dim={cfg.text_dim}")
+  for field in ("w_ksm", "lambda1", "lambda2", "mu1", "ksm_scale", "focal_alpha",
+                "focal_gamma"):
+    if cfg[field] < 0:
+      bad(field, "must be >= 0")
+  if not 0.0 < cfg.mask_ratio <= 1.0:
+    bad("mask_ratio", "must be in (0, 1]")
+  if not 0.0 <= cfg.pseudo_threshold < 1.0:
+    bad("pseudo_threshold", "must be in [0, 1)")
+  if not 0.0 <= cfg.dropout < 1.0:
+    bad("dropout", "must be in [0, 1)")
+  if cfg.inference == "loc" and not cfg.use_loc:
+    bad("inference", "'loc' needs use_loc=True")
+
+
+# ------------------------------------------------------------------------------------------
+# Modules.
+
+
+class TransformerLayer(nn.Module):
+  """Pre-norm self-attention + MLP block over [N, L, D] with a key mask [N, L]."""
+  dim: int
+  heads: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, x, mask_NxL, train: bool):
+    attn_mask = nn.make_attention_mask(mask_NxL > 0, mask_NxL > 0)
+    h = nn.MultiHeadDotProductAttention(num_heads=self.heads, dropout_rate=self.dropout,
+                                        deterministic=not train, name="attn")(
+        nn.LayerNorm(name="ln1")(x), mask=attn_mask)
+    x = x + h
+    h = nn.Dense(2 * self.dim, name="mlp1")(nn.LayerNorm(name="ln2")(x))
+    h = nn.Dense(self.dim, name="mlp2")(nn.gelu(h))
+    return x + nn.Dropout(self.dropout, deterministic=not train)(h)
+
+
+class KSMText(nn.Module):
+  """Eq. 4-5: word tokens [N, L] (+ the background row) -> class queries [N, ksm_dim]."""
+  dim: int
+  out_dim: int
+  layers: int
+  heads: int
+  num_context: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, tokens_NxL, word_vectors_VxD, background_N, train: bool):
+    n, length = tokens_NxL.shape
+    words = nn.Dense(self.dim, name="word_proj")(word_vectors_VxD[tokens_NxL])
+    bg_token = self.param("background_token", nn.initializers.zeros, (self.dim,))
+    words = jnp.where(background_N[:, None, None], jnp.broadcast_to(bg_token, words.shape),
+                      words)
+    word_mask = jnp.where(background_N[:, None], jnp.arange(length)[None, :] == 0,
+                          tokens_NxL != desc.PAD)
+    start = self.param("start", nn.initializers.normal(0.02), (self.dim,))
+    context = self.param("context", nn.initializers.normal(0.02), (self.num_context, self.dim))
+    x = jnp.concatenate([jnp.broadcast_to(start, (n, 1, self.dim)),
+                         jnp.broadcast_to(context, (n, self.num_context, self.dim)), words], 1)
+    mask = jnp.concatenate([jnp.ones((n, 1 + self.num_context), bool), word_mask], 1)
+    pos = self.param("pos", nn.initializers.normal(0.02), (x.shape[1], self.dim))
+    x = x + pos[None]
+    for i in range(self.layers):
+      x = TransformerLayer(self.dim, self.heads, self.dropout, name=f"layer{i}")(
+          x, mask.astype(jnp.float32), train)
+    return nn.Dense(self.out_dim, name="out")(nn.LayerNorm(name="ln")(x[:, 0]))
+
+
+def a_weighted_attention(q_BxQxD, k_BxTxD, v_BxTxD, a_BxT, mask_BxT):
+  """Eq. 14-15: softmax over the keys of (q k^T / sqrt(d)) * a_key, padded keys excluded."""
+  d = q_BxQxD.shape[-1]
+  logits = jnp.einsum("bqd,btd->bqt", q_BxQxD, k_BxTxD) / jnp.sqrt(jnp.float32(d))
+  logits = logits * a_BxT[:, None, :]
+  logits = jnp.where(mask_BxT[:, None, :] > 0, logits, -1e30)
+  return jnp.einsum("bqt,btd->bqd", jax.nn.softmax(logits, axis=-1), v_BxTxD)
+
+
+class CSR(nn.Module):
+  """Eq. 11-16: video features + masked description -> (A_CSR [B, T], word logits
+  [B, L, V])."""
+  dim: int
+  vocab: int
+  dropout: float
+
+  @nn.compact
+  def __call__(self, feat_BxTxD, mask_BxT, tokens_BxL, masked_BxL, word_vectors_VxD,
+               train: bool):
+    f = zero_padding(nn.Dense(self.dim, name="embed")(feat_BxTxD), mask_BxT)      # Eq. 12
+    h = nn.relu(MaskedTemporalConv(self.dim // 2, 3, name="attn1")(f, mask_BxT))
+    a_BxT = jax.nn.sigmoid(MaskedTemporalConv(1, 1, name="attn2")(h, mask_BxT)[..., 0])
+    a_BxT = jnp.where(mask_BxT > 0, a_BxT, 0.0)                                   # Eq. 13
+    drop = nn.Dropout(self.dropout, deterministic=not train)
+    f_fg = a_weighted_attention(nn.Dense(self.dim, name="wq")(f), nn.Dense(self.dim,
+                                name="wk")(f), nn.Dense(self.dim, name="wv")(f), a_BxT,
+                                mask_BxT)                                         # Eq. 14
+    f_fg = drop(zero_padding(f_fg, mask_BxT))
+    words = nn.Dense(self.dim, name="word_embed")(word_vectors_VxD[tokens_BxL])
+    mask_token = self.param("mask_token", nn.initializers.normal(0.02), (self.dim,))
+    words = jnp.where(masked_BxL[..., None], mask_token, words)
+    pos = self.param("pos", nn.initializers.normal(0.02), (tokens_BxL.shape[1], self.dim))
+    f_c = words + pos[None]
+    hidden = a_weighted_attention(nn.Dense(self.dim, name="wqd")(f_c),
+                                  nn.Dense(self.dim, name="wkd")(f_fg),
+                                  nn.Dense(self.dim, name="wvd")(f_fg), a_BxT, mask_BxT)
+    hidden = nn.LayerNorm(name="ln")(drop(hidden) + f_c)                          # Eq. 15
+    return a_BxT, nn.Dense(self.vocab, name="vocab")(hidden)                      # Eq. 16
+
+
+class LocHead(nn.Module):
+  """Eq. 18's head: per-snippet class logits [B, T, C] and (start, end) distances [B, T, 2]
+  in snippets (softplus)."""
+  num_classes: int
+  hidden: int
+
+  @nn.compact
+  def __call__(self, feat_BxTxF, mask_BxT):
+    h = nn.relu(MaskedTemporalConv(self.hidden, 3, name="conv1")(feat_BxTxF, mask_BxT))
+    h = nn.relu(MaskedTemporalConv(self.hidden, 3, name="conv2")(h, mask_BxT))
+    # Bias of the class logits at -log((1 - 0.01) / 0.01): focal-loss practice (RetinaNet,
+    # ActionFormer), so that the background-heavy start is stable.
+    logits = MaskedTemporalConv(self.num_classes, 1, name="cls")(h, mask_BxT) - 4.595
+    dist = jax.nn.softplus(MaskedTemporalConv(2, 1, name="reg")(h, mask_BxT) + 1.0)
+    return zero_padding(logits, mask_BxT), zero_padding(dist, mask_BxT)
+
+
+# ------------------------------------------------------------------------------------------
+# Pure terms.
+
+
+def ksm_loss(sim_BxTxC1, attn_BxT, label_BxC, mask_BxT, k_B):
+  """Eq. 6-10 per video: -> l_B."""
+  from wstal_jax.methods import co2net   # pylint: disable=import-outside-toplevel
+  s = masked_topk_mean(sim_BxTxC1, mask_BxT, k_B)
+  s_hat = masked_topk_mean(attn_BxT[:, :, None] * sim_BxTxC1, mask_BxT, k_B)
+  y = co2net.labels_with_background(label_BxC, 1.0)
+  y_hat = co2net.labels_with_background(label_BxC, 0.0)
+  return (-jnp.sum(y * jax.nn.log_softmax(s, -1), -1)
+          - jnp.sum(y_hat * jax.nn.log_softmax(s_hat, -1), -1))
+
+
+def mask_words(rng, tokens_BxL, weights_V, ratio: float):
+  """Boolean [B, L]: ceil-free round(ratio * n) (at least 1) of each row's n valid words,
+  drawn without replacement with probabilities proportional to weights_V[token] (Gumbel
+  top-k); deterministic in rng."""
+  valid = tokens_BxL != desc.PAD
+  n_B = jnp.sum(valid, axis=1)
+  k_B = jnp.where(n_B > 0, jnp.maximum(jnp.round(ratio * n_B), 1), 0).astype(jnp.int32)
+  gumbel = jax.random.gumbel(rng, tokens_BxL.shape)
+  keys = jnp.where(valid, jnp.log(weights_V[tokens_BxL]) + gumbel, -jnp.inf)
+  rank = jnp.argsort(jnp.argsort(-keys, axis=1), axis=1)
+  return valid & (rank < k_B[:, None])
+
+
+def action_word_weights(word_vectors_VxD, class_name_tokens_CxL):
+  """1 + 2 max(0, max over class-name words of cos(word, class word)) per vocabulary word:
+  words near the action names are masked more often."""
+  unit = l2_normalize(word_vectors_VxD)
+  names = unit[class_name_tokens_CxL.reshape(-1)]
+  valid = (class_name_tokens_CxL.reshape(-1) != desc.PAD)[None, :]
+  cos = jnp.where(valid, unit @ names.T, -1.0)
+  w = 1.0 + 2.0 * jnp.maximum(jnp.max(cos, axis=1), 0.0)
+  return w.at[desc.PAD].set(1.0).at[desc.MASK].set(1.0)
+
+
+def csr_loss(logits_BxLxV, tokens_BxL, masked_BxL):
+  """Eq. 17 per video: mean over the masked positions of -log P(word) -> l_B."""
+  logp = jax.nn.log_softmax(logits_BxLxV, axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens_BxL[..., None], axis=-1)[..., 0]
+  m = masked_BxL.astype(jnp.float32)
+  return jnp.sum(nll * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+
+
+def attention_mse(a_BxT, target_BxT, mask_BxT):
+  """MSE(a, sg(target)) over valid snippets, per video (Eq. 19-20): -> l_B."""
+  return snippet_mean((a_BxT - jax.lax.stop_gradient(target_BxT)) ** 2, mask_BxT)
+
+
+def pseudo_instances(attn_BxT, cas_BxTxC, label_BxC, mask_BxT, threshold: float):
+  """(fg_BxT bool, class_BxT int32, start_BxT, end_BxT float32 snippets): the pseudo-instance
+  each foreground snippet belongs to, [start, end) in snippet units (Eq. 18's prior)."""
+  scores = jnp.where(label_BxC[:, None, :] > 0, cas_BxTxC, -jnp.inf)
+  cls = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+  fg = (attn_BxT > threshold) & (mask_BxT > 0) & (jnp.sum(label_BxC, -1) > 0)[:, None]
+  num_t = attn_BxT.shape[1]
+  t = jnp.arange(num_t)[None, :]
+  prev_fg = jnp.pad(fg, ((0, 0), (1, 0)))[:, :-1]
+  prev_cls = jnp.pad(cls, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+  next_fg = jnp.pad(fg, ((0, 0), (0, 1)))[:, 1:]
+  next_cls = jnp.pad(cls, ((0, 0), (0, 1)), constant_values=-1)[:, 1:]
+  starts = fg & (~prev_fg | (prev_cls != cls))
+  ends = fg & (~next_fg | (next_cls != cls))
+  start = jax.lax.cummax(jnp.where(starts, t, -1), axis=1)
+  end = jax.lax.cummin(jnp.where(ends, t, num_t), axis=1, reverse=True)
+  return fg, cls, start.astype(jnp.float32), (end + 1).astype(jnp.float32)
+
+
+def focal_loss(logits_BxTxC, target_BxTxC, mask_BxT, alpha: float, gamma: float):
+  """Sigmoid focal loss summed over valid (snippet, class), per video: -> l_B."""
+  p = jax.nn.sigmoid(logits_BxTxC)
+  ce = (jnp.maximum(logits_BxTxC, 0) - logits_BxTxC * target_BxTxC
+        + jnp.log1p(jnp.exp(-jnp.abs(logits_BxTxC))))
+  p_t = p * target_BxTxC + (1 - p) * (1 - target_BxTxC)
+  a_t = alpha * target_BxTxC + (1 - alpha) * (1 - target_BxTxC)
+  loss = a_t * (1 - p_t) ** gamma * ce
+  return jnp.sum(loss * (mask_BxT > 0)[..., None], axis=(1, 2))
+
+
+def diou_loss(pred_lo, pred_hi, tgt_lo, tgt_hi):
+  """1 - IoU + (centre distance / enclosing length)^2 of 1-D segments (elementwise)."""
+  inter = jnp.maximum(jnp.minimum(pred_hi, tgt_hi) - jnp.maximum(pred_lo, tgt_lo), 0.0)
+  union = (pred_hi - pred_lo) + (tgt_hi - tgt_lo) - inter
+  iou = inter / jnp.maximum(union, 1e-6)
+  enclose = jnp.maximum(pred_hi, tgt_hi) - jnp.minimum(pred_lo, tgt_lo)
+  centre = 0.5 * (pred_lo + pred_hi) - 0.5 * (tgt_lo + tgt_hi)
+  return 1.0 - iou + (centre / jnp.maximum(enclose, 1e-6)) ** 2
+
+
+def loc_losses(logits_BxTxC, dist_BxTx2, pseudo, label_BxC, mask_BxT, k_B,
+               alpha: float, gamma: float):
+  """Eq. 18's three terms per video: (focal_B, diou_B, mil_B)."""
+  fg, cls, start, end = pseudo
+  num_c = logits_BxTxC.shape[-1]
+  target = (fg[..., None] & (jax.nn.one_hot(cls, num_c) > 0)).astype(jnp.float32)
+  num_fg = jnp.maximum(jnp.sum(fg, axis=1).astype(jnp.float32), 1.0)
+  focal = focal_loss(logits_BxTxC, target, mask_BxT, alpha, gamma) / num_fg
+  centre = jnp.arange(logits_BxTxC.shape[1], dtype=jnp.float32)[None, :] + 0.5
+  d = diou_loss(centre - dist_BxTx2[..., 0], centre + dist_BxTx2[..., 1], start, end)
+  diou = jnp.sum(jnp.where(fg, d, 0.0), axis=1) / num_fg
+  video = masked_topk_mean(logits_BxTxC, mask_BxT, k_B)
+  mil = jnp.mean(jnp.maximum(video, 0) - video * label_BxC
+                 + jnp.log1p(jnp.exp(-jnp.abs(video))), axis=-1)
+  return focal, diou, mil
+
+
+def regression_vote(prob_BxT, dist_BxTx2, mask_BxT):
+  """Actionness from the regressed extents: at snippet tau the largest prob_t among the valid
+  snippets t whose predicted extent [t + 0.5 - d_s, t + 0.5 + d_e] covers tau + 0.5."""
+  num_t = prob_BxT.shape[1]
+  centre = jnp.arange(num_t, dtype=jnp.float32) + 0.5
+  lo = centre[None, :] - dist_BxTx2[..., 0]
+  hi = centre[None, :] + dist_BxTx2[..., 1]
+  covers = ((lo[:, :, None] <= centre[None, None, :]) & (centre[None, None, :] <= hi[:, :, None])
+            & (mask_BxT[:, :, None] > 0))                       # [B, t, tau]
+  vote = jnp.max(jnp.where(covers, prob_BxT[:, :, None], 0.0), axis=1)
+  return jnp.where(mask_BxT > 0, vote, 0.0)
+
+
+# ------------------------------------------------------------------------------------------
+# The method object.
+
+
+class MLLM4WTAL:
+  """MLLM4WTAL (method 'mllm4wtal'; config.mllm4wtal, the base's own block for the base), a
+  `methods.Method`."""
+
+  def __init__(self, config, num_classes: int, dims: dict, class_names=None):
+    cfg = methods.config_block(config, "mllm4wtal", default_config)
+    validate_config(cfg)
+    self.m = cfg
+    if "words" not in dims or "vocab" not in dims:
+      raise WstalError("method 'mllm4wtal' needs video descriptions: set "
+                       "config.data.descriptions=True (configs/mllm4wtal.py does) with a "
+                       "dataset that has them (python -m wstal_jax.data.descriptions)")
+    self.base = methods.method_class(cfg.base)(config, num_classes, dims, class_names)
+    self.num_classes = int(num_classes)
+    self.postprocess_preset = self.base.postprocess_preset
+    self.phase_starts = (0,)
+    self.alternate_steps = int(cfg.dpid_steps)
+    self.ksm_text = KSMText(int(cfg.text_dim), int(cfg.ksm_dim), int(cfg.text_layers),
+                            int(cfg.text_heads), int(cfg.num_context), float(cfg.dropout))
+    self.ksm_video = nn.Dense(int(cfg.ksm_dim))
+    self.csr = CSR(int(cfg.csr_dim), int(dims["vocab"]), float(cfg.dropout))
+    self.loc = LocHead(self.num_classes, int(cfg.loc_hidden))
+    self.topk_divisor = int(self.base.cfg.topk_divisor)
+    self.eval_topk_divisor = int(self.base.cfg.eval_topk_divisor)
+
+  def extra_consts(self):
+    return {}
+
+  def loss_weights(self):
+    m = self.m
+    w = dict(self.base.loss_weights())
+    if m.use_ksm:
+      w["l_ksm"] = float(m.w_ksm)
+    if m.use_csr:
+      w["l_csr"] = 1.0
+      w["l_distill_ksm"] = float(m.lambda1)
+      w["l_distill_csr"] = float(m.lambda2)
+    if m.use_loc:
+      for k in ("l_focal", "l_diou", "l_loc_mil"):
+        w[k] = float(m.mu1)
+    return w
+
+  # -- inputs
+
+  def _query_tokens(self, batch, consts):
+    """Token rows the text encoder reads, [N, L], and their background flags [N]: the C class
+    rows (bank key descriptions, or class names), then (ksm_text='key') the B videos' own
+    key descriptions, then the background row. Each (video, class) query is one of these
+    rows (`_ksm_similarity`), so the encoder runs C + B + 1 sequences, not B (C + 1)."""
+    per_class = consts["class_name_tokens_CxL" if self.m.ksm_text == "class_name"
+                       else "class_key_tokens_CxL"]
+    length = per_class.shape[1]
+    rows = [per_class]
+    if self.m.ksm_text == "key":
+      own = batch["key_tokens_BxL"][:, :length]
+      rows.append(jnp.pad(own, ((0, 0), (0, length - own.shape[1]))))
+    rows.append(jnp.zeros((1, length), per_class.dtype))
+    tokens = jnp.concatenate(rows, axis=0)
+    background = jnp.zeros(tokens.shape[0], bool).at[-1].set(True)
+    return tokens, background
+
+  def _complete_tokens(self, batch, consts):
+    if self.m.csr_text == "template":
+      tmpl = consts["template_tokens_CxL"]
+      first = jnp.argmax(batch["label_BxC"], axis=-1)
+      return tmpl[first]
+    return batch["complete_tokens_BxL"]
+
+  def _dummy_batch(self, batch, consts):
+    """Token fields for `init` when the batch is an evaluation batch (no descriptions)."""
+    batch = dict(batch)
+    b = batch["label_BxC"].shape[0]
+    for field, const in (("key_tokens_BxL", "class_key_tokens_CxL"),
+                         ("complete_tokens_BxL", "template_tokens_CxL")):
+      if field not in batch:
+        batch[field] = jnp.ones((b, consts[const].shape[1]), jnp.int32) * 2
+    return batch
+
+  # -- forward pieces
+
+  def _ksm_similarity(self, params, feat_BxTxF, batch, consts, rng, train):
+    """M of Eq. 6-9, [B, T, C + 1]: the query of class c for video b is the encoding of b's
+    own key description when b contains c (ksm_text='key'), else of c's bank row."""
+    tokens, background = self._query_tokens(batch, consts)
+    rngs = {"dropout": rng} if train else {}
+    rows = self.ksm_text.apply({"params": params["text"]}, tokens, consts["word_vectors_VxD"],
+                               background, train, rngs=rngs)
+    label = batch["label_BxC"]
+    b, num_c = label.shape
+    per_class = jnp.broadcast_to(rows[None, :num_c], (b, num_c, rows.shape[-1]))
+    if self.m.ksm_text == "key":
+      own = rows[num_c:num_c + b]
+      per_class = jnp.where(label[:, :, None] > 0, own[:, None, :], per_class)
+    queries = jnp.concatenate(
+        [per_class, jnp.broadcast_to(rows[-1], (b, 1, rows.shape[-1]))], axis=1)
+    video = self.ksm_video.apply({"params": params["video"]}, feat_BxTxF)
+    sim = jnp.einsum("btd,bcd->btc", l2_normalize(video), l2_normalize(queries))
+    return float(self.m.ksm_scale) * sim
+
+  def init(self, rng, batch, consts):
+    r_base, r_text, r_video, r_csr, r_loc, r_drop = jax.random.split(rng, 6)
+    batch = self._dummy_batch(batch, consts)
+    params = {"base": self.base.init(r_base, batch, consts)["params"]}
+    out = self.base.forward(params["base"], batch, consts)
+    feat = out["feat_BxTxF"]
+    tokens, background = self._query_tokens(batch, consts)
+    params["ksm"] = {
+        "text": self.ksm_text.init({"params": r_text, "dropout": r_drop}, tokens,
+                                   consts["word_vectors_VxD"], background, False)["params"],
+        "video": self.ksm_video.init(r_video, feat)["params"]}
+    comp = self._complete_tokens(batch, consts)
+    params["csr"] = self.csr.init({"params": r_csr, "dropout": r_drop}, batch["feat_BxTxD"],
+                                  batch["mask_BxT"], comp, comp == desc.PAD,
+                                  consts["word_vectors_VxD"], False)["params"]
+    params["loc"] = self.loc.init(r_loc, feat, batch["mask_BxT"])["params"]
+    return {"params": params}
+
+  def param_labels(self, params, step):
+    del step
+    if not self.m.use_csr:
+      return jax.tree.map(lambda _: "train", params)
+    labels = {k: jax.tree.map(lambda _: "train@0", v) for k, v in params.items()}
+    labels["csr"] = jax.tree.map(lambda _: "train@1", params["csr"])
+    return labels
+
+  def loss(self, params, batch, consts, rng, step):
+    m = self.m
+    r_base, r_ksm, r_csr, r_mask = jax.random.split(rng, 4)
+    mask_BxT, valid_B, label = batch["mask_BxT"], batch["valid_B"], batch["label_BxC"]
+    out = self.base.forward(params["base"], batch, consts, r_base)
+    total, terms = self.base.loss_from_out(out, batch, step)
+    a_ksm = out["attn_BxT"]
+    k_B = topk_count(mask_BxT, self.topk_divisor)
+    if m.use_ksm:
+      sim = self._ksm_similarity(params["ksm"], out["feat_BxTxF"], batch, consts, r_ksm, True)
+      terms["l_ksm"] = video_mean(ksm_loss(sim, a_ksm, label, mask_BxT, k_B), valid_B)
+    if m.use_csr:
+      tokens = self._complete_tokens(batch, consts)
+      weights = action_word_weights(consts["word_vectors_VxD"],
+                                    consts["class_name_tokens_CxL"])
+      masked = mask_words(r_mask, tokens, weights, float(m.mask_ratio))
+      a_csr, logits = self.csr.apply({"params": params["csr"]}, batch["feat_BxTxD"], mask_BxT,
+                                     tokens, masked, consts["word_vectors_VxD"], True,
+                                     rngs={"dropout": r_csr})
+      terms["l_csr"] = video_mean(csr_loss(logits, tokens, masked), valid_B)
+      terms["l_distill_ksm"] = video_mean(attention_mse(a_ksm, a_csr, mask_BxT), valid_B)
+      terms["l_distill_csr"] = video_mean(attention_mse(a_csr, a_ksm, mask_BxT), valid_B)
+    if m.use_loc:
+      feat = jax.lax.stop_gradient(out["feat_BxTxF"])
+      logits_loc, dist = self.loc.apply({"params": params["loc"]}, feat, mask_BxT)
+      cas = jax.nn.softmax(jax.lax.stop_gradient(out["cas_BxTxC1"])[..., :-1], axis=-1)
+      pseudo = pseudo_instances(jax.lax.stop_gradient(a_ksm), cas, label, mask_BxT,
+                                float(m.pseudo_threshold))
+      focal, diou, mil = loc_losses(logits_loc, dist, pseudo, label, mask_BxT, k_B,
+                                    float(m.focal_alpha), float(m.focal_gamma))
+      terms["l_focal"] = video_mean(focal, valid_B)
+      terms["l_diou"] = video_mean(diou, valid_B)
+      terms["l_loc_mil"] = video_mean(mil, valid_B)
+    weights = self.loss_weights()
+    extra = sum(weights[k] * terms[k] for k in weights if k not in self.base.loss_weights())
+    return total + extra, terms
+
+  def predict(self, params, batch, consts):
+    out = self.base.forward(params["base"], batch, consts)
+    if self.m.inference == "base":
+      return self.base.predict_from_out(out, batch)
+    mask_BxT = batch["mask_BxT"]
+    logits, dist = self.loc.apply({"params": params["loc"]}, out["feat_BxTxF"], mask_BxT)
+    prob = jnp.where(mask_BxT[..., None] > 0, jax.nn.sigmoid(logits), 0.0)
+    k_B = topk_count(mask_BxT, self.eval_topk_divisor)
+    video = jax.nn.sigmoid(masked_topk_mean(logits, mask_BxT, k_B))
+    vote = regression_vote(jnp.max(prob, axis=-1), dist, mask_BxT)
+    # Relative to the video's peak: focal-trained probabilities are small in absolute terms,
+    # and the preset's thresholds (0.1 ... 0.9) are for a sequence that spans [0, 1].
+    vote = vote / jnp.maximum(jnp.max(vote, axis=1, keepdims=True), 1e-6)
+    return {"video_scores_BxC": video, "cas_BxTxC": prob, "actionness_BxT": vote}
