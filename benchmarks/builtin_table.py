@@ -28,6 +28,7 @@ import numpy as np
 
 VLPO = "configs/vlpo.py"
 JU = "configs/ju2023.py"
+MLLM = "configs/mllm4wtal.py"
 # row name -> (config argument, extra overrides, description)
 ROWS = {
     "base": ("configs/base.py", [], "baseline (L_base: MIL top-k + actionness, Sec. 3.1)"),
@@ -83,6 +84,17 @@ ROWS = {
                     "DELU without the uncertainty-guided loss"),
     "delu_relu": ("configs/delu.py", ["--config.delu.edl_evidence=relu"],
                   "DELU with relu evidence (the release's ActivityNet choice)"),
+    # MLLM4WTAL (mllm4wtal.txt) on DELU: Tables 3-5.
+    "mllm4wtal": (MLLM, [], "MLLM4WTAL full (KSM + CSR, DPID, localization head) on DELU"),
+    "mllm_ksm": (MLLM, ["--config.mllm4wtal.use_csr=false"],
+                 "MLLM4WTAL Table 3: DELU + KSM (+ localization head)"),
+    "mllm_csr": (MLLM, ["--config.mllm4wtal.use_ksm=false"],
+                 "MLLM4WTAL Table 3: DELU + CSR (+ localization head)"),
+    "mllm_co2net": (MLLM + ":base=co2net", [], "MLLM4WTAL Table 4: CO2-Net + KSM + CSR"),
+    "mllm_class_name": (MLLM, ["--config.mllm4wtal.ksm_text=class_name"],
+                        "MLLM4WTAL Table 5: class name instead of the key description"),
+    "mllm_template": (MLLM, ["--config.mllm4wtal.csr_text=template"],
+                      "MLLM4WTAL Table 5: 'a video of the [CLS]' instead of the complete one"),
     "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],
                  "PVLR Table 4: deterministic CAS (K = 0)"),
     "pvlr_maha": ("configs/pvlr.py", ["--config.pvlr.metric=mahalanobis"],
@@ -132,6 +144,10 @@ EVAL_ROWS = {
                        "Ju: VLP branch after B steps (only B), localizing alone"),
     "ju_vlp_full": ("ju", ["--config.ju2023.fusion=vlp"],
                     "Ju full: its VLP branch localizing alone"),
+    "mllm_base_inference": ("mllm4wtal", ["--config.mllm4wtal.inference=base"],
+                            "MLLM4WTAL full, the base's own inference (no localization head)"),
+    "mllm_loc_cas": ("mllm4wtal", ["--config.mllm4wtal.loc_cas=loc"],
+                     "MLLM4WTAL full, proposals scored on the head's class probabilities"),
 }
 
 

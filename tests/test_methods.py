@@ -11,12 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wstal_jax import methods
+from wstal_jax import methods, train
 from wstal_jax.errors import WstalError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 B, T, C = 2, 24, 3
-DIMS = {"feat": 16, "vlm": 8, "text": 8}
+DIMS = {"feat": 16, "vlm": 8, "text": 8, "words": 5, "vocab": 12}
+LK, LC = 4, 6   # description token lengths (MLLM4WTAL's inputs)
+
+
+def description_consts():
+  """What run_setup.description_consts gives a method on a dataset with descriptions."""
+  rng = np.random.default_rng(5)
+  vectors = rng.normal(size=(DIMS["vocab"], DIMS["words"])).astype(np.float32)
+  vectors[:2] = 0
+  toks = lambda rows, n: jnp.asarray([r + [0] * (n - len(r)) for r in rows], jnp.int32)
+  return {"word_vectors_VxD": jnp.asarray(vectors),
+          "class_name_tokens_CxL": toks([[2], [3, 4], [5]], LK),
+          "class_key_tokens_CxL": toks([[6, 2], [7, 3], [8, 5]], LK),
+          "template_tokens_CxL": toks([[9, 10, 2], [9, 10, 3], [9, 10, 5]], LC)}
 
 
 def recipe(name):
@@ -39,7 +52,9 @@ def tiny_batch(seed=0):
           "vlm_BxTxE": rng.normal(size=(B, T, DIMS["vlm"])).astype(np.float32),
           "mask_BxT": mask, "label_BxC": label,
           "index_B": np.arange(B, dtype=np.int32), "valid_B": np.ones(B, np.float32),
-          "scale_B": np.ones(B, np.float32)}
+          "scale_B": np.ones(B, np.float32),
+          "key_tokens_BxL": np.array([[6, 2, 11, 0], [7, 3, 4, 8]], np.int32),
+          "complete_tokens_BxL": np.array([[9, 2, 11, 4, 0, 0], [10, 3, 5, 6, 7, 0]], np.int32)}
 
 
 def test_rank_promotion_raises_in_the_whole_suite():
@@ -71,15 +86,16 @@ def test_method_contract_on_a_tiny_batch(name):
   assert starts[0] == 0 and all(b > a for a, b in zip(starts, starts[1:]))
   extra = method.extra_consts()
   assert isinstance(extra, dict)
-  consts = {"text_CxE": jnp.asarray(text), **extra}
+  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **extra}
   batch = {k: jnp.asarray(v) for k, v in tiny_batch().items()}
 
   params = method.init(jax.random.key(0), batch, consts)["params"]
   for start in starts:
     labels = method.param_labels(params, start)
     assert jax.tree.structure(labels) == jax.tree.structure(params)
-    assert set(jax.tree.leaves(labels)) <= {"train", "freeze"}
-    assert "train" in jax.tree.leaves(labels)
+    assert all(l in ("train", "freeze") or l.startswith("train@")
+               for l in jax.tree.leaves(labels))
+    assert any(train.is_trained(l) for l in jax.tree.leaves(labels))
 
   def loss_fn(p):
     return method.loss(p, batch, consts, jax.random.key(2), jnp.int32(0))
@@ -117,7 +133,7 @@ def test_every_weighted_term_has_a_gradient_at_init(name):
   config = recipe(name)
   text = np.random.default_rng(1).normal(size=(C, DIMS["text"])).astype(np.float32)
   method = methods.get_method(config, C, DIMS, class_names=[f"Class{c}" for c in range(C)])
-  consts = {"text_CxE": jnp.asarray(text), **method.extra_consts()}
+  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **method.extra_consts()}
   batch = tiny_batch()
   batch["label_BxC"][0, 1] = 1.0   # the two videos share class 1 (pair terms: L_oppo, ...)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
