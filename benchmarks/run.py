@@ -196,7 +196,12 @@ BENCH_METHODS = {
     "pvlr": (SHAPES_CO2NET, True),
     "ju2023": (SHAPES_JU, True),
     "delu": (SHAPES_CO2NET, False),   # CO2-Net's protocol and shapes
+    "mllm4wtal": (SHAPES_CO2NET, False),   # on DELU; its batches also carry descriptions
 }
+# Methods whose batches carry description tokens (config.data.descriptions): vocabulary and
+# word-vector width per shape family (THUMOS14: GloVe 300-d, a vocabulary of the order of
+# the descriptions' distinct words; built-in: its synthetic 50-d vectors, ~200 words).
+TEXT_SHAPES = {"thumos14": (2000, 300), "small": (200, 50), "tiny": (50, 8)}
 TRAIN_METHODS = tuple(BENCH_METHODS)
 TIMED_METHODS = tuple(m for m in TRAIN_METHODS if m != "base")   # base: the torch comparison
 
@@ -210,10 +215,11 @@ def uses_vlm(method_name) -> bool:
   return BENCH_METHODS[method_name][1]
 
 
-def make_train_batch(shapes: Shapes, seed=0, with_vlm=True):
+def make_train_batch(shapes: Shapes, seed=0, with_vlm=True, text_lengths=None):
   """A fixed-T training batch (numpy, the input pipeline's keys); I3D-like features >= 0.
   vlm_BxTxE (the VLM / CLIP stream) is left out when `with_vlm` is False, as the input
-  pipeline does for a config without config.data.vlm_feature."""
+  pipeline does for a config without config.data.vlm_feature. text_lengths (L_key,
+  L_complete): description tokens as well (ids of the TEXT_SHAPES vocabulary)."""
   rng = np.random.default_rng(seed)
   b, t = shapes.batch, shapes.num_t
   label = np.zeros((b, NUM_CLASSES), np.float32)
@@ -226,7 +232,29 @@ def make_train_batch(shapes: Shapes, seed=0, with_vlm=True):
       "scale_B": np.ones(b, np.float32)}
   if not with_vlm:
     del batch["vlm_BxTxE"]
+  if text_lengths:
+    vocab = TEXT_SHAPES[shapes.name][0]
+    for field, length in zip(("key_tokens_BxL", "complete_tokens_BxL"), text_lengths):
+      batch[field] = rng.integers(2, vocab, (b, length)).astype(np.int32)
   return batch
+
+
+def _description_consts(config, shapes: Shapes):
+  """dims and constants as run_setup.description_consts gives them (random vectors)."""
+  vocab, width = TEXT_SHAPES[shapes.name]
+  rng = np.random.default_rng(2)
+  lk, lc = int(config.data.max_key_tokens), int(config.data.max_complete_tokens)
+  toks = lambda n: rng.integers(2, vocab, (NUM_CLASSES, n)).astype(np.int32)
+  return {"words": width, "vocab": vocab}, {
+      "word_vectors_VxD": rng.standard_normal((vocab, width)).astype(np.float32),
+      "class_name_tokens_CxL": toks(lk), "class_key_tokens_CxL": toks(lk),
+      "template_tokens_CxL": toks(lc)}
+
+
+def text_lengths(config):
+  if not config.data.get("descriptions"):
+    return None
+  return int(config.data.max_key_tokens), int(config.data.max_complete_tokens)
 
 
 def _text(dim, seed=1):
@@ -249,6 +277,10 @@ def _setup(method_name, shapes: Shapes, config_overrides=None):
   else:
     dims = {"feat": shapes.feat_dim, "vlm": shapes.vlm_dim, "text": shapes.vlm_dim}
     consts = {"text_CxE": _text(shapes.vlm_dim)}
+  if config.data.get("descriptions"):
+    more_dims, more = _description_consts(config, shapes)
+    dims.update(more_dims)
+    consts.update(more)
   method = methods.get_method(config, NUM_CLASSES, dims,
                               class_names=[f"class {i}" for i in range(NUM_CLASSES)])
   consts.update(method.extra_consts())
@@ -277,7 +309,8 @@ def jax_train_stepper(method_name, shapes: Shapes):
       last_loss() -> float).
   """
   config, run = _setup(method_name, shapes)
-  batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name)))
+  batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name),
+                                         text_lengths=text_lengths(config)))
   params = run.init_params(jax.random.key(0), batch)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0),
                             alternate_steps=getattr(run.method, "alternate_steps", 1))
@@ -477,10 +510,10 @@ def run_train(args, result):
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
   result["notes"].append(
-      "train_*_{vlpo,co2net,pvlr,ju2023,delu}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
-      "768-d; co2net / pvlr / delu T=320, batch 10, 2048-d (+ 1024-d CLIP for pvlr); ju2023 "
+      "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
+      "768-d; co2net / pvlr / delu / mllm4wtal T=320, batch 10, 2048-d (+ 1024-d CLIP for pvlr); ju2023 "
       "T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step); *_small: "
-      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr / delu T=128, batch 10; ju2023 "
+      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 "
       "T=256, batch 16; 128-d + 64-d)")
 
 

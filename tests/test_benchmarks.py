@@ -161,7 +161,7 @@ def test_train_shapes_follow_the_configs():
   assert bench.method_shapes("vlpo", "thumos14").vlm_dim == 768
 
 
-@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023", "delu"])
+@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023", "delu", "mllm4wtal"])
 def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   """The benchmark's set-up (dims, constants, batch keys) fits the method: the trainer's step
   traces (jax.eval_shape: no compilation, which costs 15-40 s for these two)."""
@@ -171,11 +171,14 @@ def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
 
   shapes = bench.method_shapes(method, "tiny")
   config, run = bench._setup(method, shapes)  # pylint: disable=protected-access
-  batch = bench.make_train_batch(shapes, with_vlm=method != "co2net")
-  assert ("vlm_BxTxE" in batch) == (method != "co2net")
+  batch = bench.make_train_batch(shapes, with_vlm=bench.uses_vlm(method),
+                                 text_lengths=bench.text_lengths(config))
+  assert ("vlm_BxTxE" in batch) == bench.uses_vlm(method)
+  assert ("key_tokens_BxL" in batch) == (method == "mllm4wtal")
   init = run._init_params  # pylint: disable=protected-access
   params = jax.eval_shape(init, jax.random.key(0), batch, run.consts)
-  tx = train.make_optimizer(config, run.method.param_labels(params, 0))
+  tx = train.make_optimizer(config, run.method.param_labels(params, 0),
+                            alternate_steps=getattr(run.method, "alternate_steps", 1))
   state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
            "opt_state": jax.eval_shape(tx.init, params)}
   new_state, terms = jax.eval_shape(train.make_train_step(run, tx), state, batch, run.consts,
