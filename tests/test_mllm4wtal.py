@@ -103,6 +103,15 @@ def test_a_weighted_attention_matches_numpy():
   zero = np.asarray(M.a_weighted_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v),
                                            jnp.zeros_like(a), jnp.asarray(mask)))
   np.testing.assert_allclose(zero[0], np.broadcast_to(v[0].mean(0), (5, 3)), rtol=1e-5)
+  # gate='probs': softmax(logit + log a) = the probabilities weighted by a, renormalised.
+  probs = np.asarray(M.a_weighted_attention(*(jnp.asarray(x) for x in (q, kk, v, a, mask)),
+                                            gate="probs"))
+  for b in range(2):
+    valid = mask[b] > 0
+    logits = q[b] @ kk[b][valid].T / 2.0
+    w = np.exp(logits - logits.max(1, keepdims=True)) * a[b][valid]
+    w /= w.sum(1, keepdims=True)
+    np.testing.assert_allclose(probs[b], w @ v[b][valid], rtol=1e-4, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------

@@ -124,6 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.text_heads = 4
   c.num_context = 8           # N_context learnable context tokens
   c.csr_dim = 512             # d_h (Eq. 14-15)
+  c.csr_gate = "logits"       # Eq. 14-15 as printed: A_CSR multiplies the attention logits;
+                              # 'probs': it weights the attention probabilities (an option)
   c.mask_ratio = 1.0 / 3.0    # masked share of the complete description's words
   c.pseudo_threshold = 0.5    # A_KSM above this: a pseudo-instance snippet (Eq. 18)
   c.loc_hidden = 256
@@ -138,7 +140,7 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.mllm4wtal.{field}={cfg.get(field)!r}: {why}")
   for field, choices in (("base", BASES), ("ksm_text", KSM_TEXTS), ("csr_text", CSR_TEXTS),
                          ("inference", INFERENCES), ("loc_video_score", ("base", "loc")),
-                         ("loc_cas", ("base", "loc"))):
+                         ("loc_cas", ("base", "loc")), ("csr_gate", ("logits", "probs"))):
     if cfg[field] not in choices:
       bad(field, f"choose one of {choices}")
   for field in ("ksm_dim", "text_dim", "text_layers", "text_heads", "csr_dim", "loc_hidden",
@@ -216,11 +218,16 @@ class KSMText(nn.Module):
     return nn.Dense(self.out_dim, name="out")(nn.LayerNorm(name="ln")(x[:, 0]))
 
 
-def a_weighted_attention(q_BxQxD, k_BxTxD, v_BxTxD, a_BxT, mask_BxT):
-  """Eq. 14-15: softmax over the keys of (q k^T / sqrt(d)) * a_key, padded keys excluded."""
+def a_weighted_attention(q_BxQxD, k_BxTxD, v_BxTxD, a_BxT, mask_BxT, gate: str = "logits"):
+  """Eq. 14-15: softmax over the keys of (q k^T / sqrt(d)) * a_key, padded keys excluded.
+  gate='probs' (an option): the attention probabilities are weighted by a_key instead,
+  softmax(q k^T / sqrt(d) + log a_key), so a key with a ~ 0 gets no weight."""
   d = q_BxQxD.shape[-1]
   logits = jnp.einsum("bqd,btd->bqt", q_BxQxD, k_BxTxD) / jnp.sqrt(jnp.float32(d))
-  logits = logits * a_BxT[:, None, :]
+  if gate == "probs":
+    logits = logits + jnp.log(jnp.maximum(a_BxT, 1e-12))[:, None, :]
+  else:
+    logits = logits * a_BxT[:, None, :]
   logits = jnp.where(mask_BxT[:, None, :] > 0, logits, -1e30)
   return jnp.einsum("bqt,btd->bqd", jax.nn.softmax(logits, axis=-1), v_BxTxD)
 
@@ -231,6 +238,7 @@ class CSR(nn.Module):
   dim: int
   vocab: int
   dropout: float
+  gate: str = "logits"
 
   @nn.compact
   def __call__(self, feat_BxTxD, mask_BxT, tokens_BxL, masked_BxL, word_vectors_VxD,
@@ -242,7 +250,7 @@ class CSR(nn.Module):
     drop = nn.Dropout(self.dropout, deterministic=not train)
     f_fg = a_weighted_attention(nn.Dense(self.dim, name="wq")(f), nn.Dense(self.dim,
                                 name="wk")(f), nn.Dense(self.dim, name="wv")(f), a_BxT,
-                                mask_BxT)                                         # Eq. 14
+                                mask_BxT, self.gate)                              # Eq. 14
     f_fg = drop(zero_padding(f_fg, mask_BxT))
     words = nn.Dense(self.dim, name="word_embed")(word_vectors_VxD[tokens_BxL])
     mask_token = self.param("mask_token", nn.initializers.normal(0.02), (self.dim,))
@@ -251,7 +259,8 @@ class CSR(nn.Module):
     f_c = words + pos[None]
     hidden = a_weighted_attention(nn.Dense(self.dim, name="wqd")(f_c),
                                   nn.Dense(self.dim, name="wkd")(f_fg),
-                                  nn.Dense(self.dim, name="wvd")(f_fg), a_BxT, mask_BxT)
+                                  nn.Dense(self.dim, name="wvd")(f_fg), a_BxT, mask_BxT,
+                                  self.gate)
     hidden = nn.LayerNorm(name="ln")(drop(hidden) + f_c)                          # Eq. 15
     return a_BxT, nn.Dense(self.vocab, name="vocab")(hidden)                      # Eq. 16
 
@@ -419,7 +428,7 @@ class MLLM4WTAL:
     self.ksm_text = KSMText(int(cfg.text_dim), int(cfg.ksm_dim), int(cfg.text_layers),
                             int(cfg.text_heads), int(cfg.num_context), float(cfg.dropout))
     self.ksm_video = nn.Dense(int(cfg.ksm_dim))
-    self.csr = CSR(int(cfg.csr_dim), int(dims["vocab"]), float(cfg.dropout))
+    self.csr = CSR(int(cfg.csr_dim), int(dims["vocab"]), float(cfg.dropout), cfg.csr_gate)
     self.loc = LocHead(self.num_classes, int(cfg.loc_hidden))
     self.topk_divisor = int(self.base.cfg.topk_divisor)
     self.eval_topk_divisor = int(self.base.cfg.eval_topk_divisor)
