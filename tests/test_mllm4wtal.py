@@ -8,16 +8,14 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from wstal_jax import methods, train
 from wstal_jax.data import descriptions as desc
-from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
 from wstal_jax.methods import mllm4wtal as M
-from test_co2net import C, D, ROOT, _main, garbage_padded, key, make_batch
+from test_co2net import C, D, ROOT, _main, _write_dataset, garbage_padded, key, make_batch
 
 V, WD, LK, LC = 14, 5, 6, 10     # vocabulary, word-vector width, key / complete lengths
 
@@ -360,37 +358,24 @@ def test_table_rows_build_and_bad_settings():
 
 
 def _write_described(tmp_path):
-  rng = np.random.default_rng(1)
-  splits, texts = {}, {}
-  words = ["throws", "ball", "pitch", "jumps", "long", "sand", "dives", "pool", "the",
-           "person", "then"]
-  names = ["BaseballPitch", "LongJump", "Diving"]
+  """test_co2net's tiny dataset (classes a, b, c; video i of a split has class i % 3) plus
+  descriptions and word vectors."""
+  plain = _write_dataset(tmp_path / "plain")
+  texts = {}
   for split, n in (("train", 6), ("test", 3)):
-    videos = []
     for i in range(n):
-      num_t, cls = int(rng.integers(10, 24)), i % C
-      i3d = rng.normal(size=(num_t, D)).astype(np.float32)
-      i3d[2:8, cls] += 2.0
-      videos.append(data_format.VideoRecord(
-          name=f"{split}_{i}", duration=num_t * 0.64, features={"i3d": i3d},
-          label=np.eye(C, dtype=np.float32)[cls],
-          segments=np.array([[2 * 0.64, 8 * 0.64]], np.float32),
-          segment_labels=np.array([cls], np.int32)))
-      texts[f"{split}_{i}"] = {"key": ["the person throws the ball", "the person jumps long",
-                                       "the person dives"][cls],
+      texts[f"{split}_{i}"] = {"key": ["a person throws the ball", "b person jumps long",
+                                       "c person dives"][i % C],
                                "complete": ["throws the ball then pitch", "jumps long sand",
-                                            "dives then pool"][cls]}
-    splits[split] = videos
-  plain = tmp_path / "plain"
-  data_format.write_dataset(str(plain), dataset="tiny", classes=names,
-                            feature_dims={"i3d": D}, splits=splits, num_shards=1)
+                                            "dives then pool"][i % C]}
   (tmp_path / "desc.json").write_text(json.dumps(texts))
+  words = ["a", "b", "c", "throws", "ball", "pitch", "jumps", "long", "sand", "dives", "pool",
+           "the", "person", "then"]
   rng = np.random.default_rng(2)
-  extra = ["baseball", "diving"]
   (tmp_path / "glove.txt").write_text("".join(
-      f"{w} {' '.join(f'{x:.4f}' for x in rng.normal(size=4))}\n" for w in words + extra))
+      f"{w} {' '.join(f'{x:.4f}' for x in rng.normal(size=4))}\n" for w in words))
   out = tmp_path / "data"
-  desc.add_descriptions(str(plain), str(out), descriptions=str(tmp_path / "desc.json"),
+  desc.add_descriptions(plain, str(out), descriptions=str(tmp_path / "desc.json"),
                         word_vectors=str(tmp_path / "glove.txt"))
   return str(out)
 

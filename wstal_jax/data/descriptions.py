@@ -38,7 +38,6 @@ non-number, a class name with no word in the vectors.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from typing import Iterable, Mapping
@@ -78,13 +77,7 @@ def decode(raw: bytes) -> np.ndarray:
 
 def read_descriptions(path: str) -> dict[str, tuple[str, str]]:
   """{video: (key, complete)} from the JSON file; WstalError naming the file and video."""
-  try:
-    with tf.io.gfile.GFile(path, "r") as fh:
-      data = json.loads(fh.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise WstalError(f"{path}: not valid JSON ({e})") from None
-  except (tf.errors.OpError, OSError) as e:
-    raise WstalError(f"{path}: cannot read ({e})") from None
+  data = fmt.read_json(path)
   if not isinstance(data, dict) or not data:
     raise WstalError(f"{path}: expected a non-empty JSON object {{video: {{\"key\": ..., "
                      "\"complete\": ...}}}")

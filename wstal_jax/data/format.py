@@ -474,6 +474,17 @@ def _require(cond, path, what):
     raise WstalError(f"{path}: {what}")
 
 
+def read_json(path: str):
+  """The parsed JSON file; WstalError naming the file when it cannot be read or parsed."""
+  try:
+    with tf.io.gfile.GFile(path, "r") as fh:
+      return json.loads(fh.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise WstalError(f"{path}: not valid JSON ({e})") from None
+  except (tf.errors.OpError, OSError) as e:
+    raise WstalError(f"{path}: cannot read ({e})") from None
+
+
 def read_manifest(data_dir: str) -> dict:
   """Reads and validates DIR/manifest.json (schema, version, listed shards present and sized).
 
@@ -486,13 +497,7 @@ def read_manifest(data_dir: str) -> dict:
     raise WstalError(f"{path}: not found ({data_dir} is not a wstal_jax dataset directory; "
                      "create one with python -m wstal_jax.data.convert or "
                      "python -m wstal_jax.data.synthetic)")
-  try:
-    with tf.io.gfile.GFile(path, "r") as fh:
-      m = json.loads(fh.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise WstalError(f"{path}: not valid JSON ({e})") from None
-  except (tf.errors.OpError, OSError) as e:
-    raise WstalError(f"{path}: cannot read ({e})") from None
+  m = read_json(path)
   _require(isinstance(m, dict), path, "top level must be a JSON object")
   _require(m.get("format_version") == FORMAT_VERSION, path,
            f"format_version {m.get('format_version')!r} is not supported (expected "
