@@ -95,6 +95,8 @@ ROWS = {
                         "MLLM4WTAL Table 5: class name instead of the key description"),
     "mllm_template": (MLLM, ["--config.mllm4wtal.csr_text=template"],
                       "MLLM4WTAL Table 5: 'a video of the [CLS]' instead of the complete one"),
+    "mllm_alternate": (MLLM, ["--config.mllm4wtal.dpid_steps=1"],
+                       "MLLM4WTAL, DPID phases taking turns of one step"),
     "mllm_gate_probs": (MLLM, ["--config.mllm4wtal.csr_gate=probs"],
                         "MLLM4WTAL, A_CSR weighting the attention probabilities (not logits)"),
     "pvlr_det": ("configs/pvlr.py", ["--config.pvlr.num_samples=0"],

@@ -219,7 +219,7 @@ def test_regression_vote_by_hand():
 
 
 def test_dpid_phases_update_their_own_parameters():
-  config = tiny_config()
+  config = tiny_config(dpid_steps=1)
   method = methods.get_method(config, C, DIMS)
   assert method.alternate_steps == 1
   cst = consts()
@@ -255,6 +255,17 @@ def test_dpid_phases_update_their_own_parameters():
         for upd in (tx2.update(jax.tree.map(jnp.ones_like, params),
                                _advance(tx2, params, n), params)[0] for n in range(4))]
   assert on == [[True, False], [True, False], [False, True], [False, True]]
+  # dpid_steps=0 (default): both groups every step; the CSR group's gradient is still only
+  # L_rec's (the KSM-side terms do not reach it).
+  both = methods.get_method(tiny_config(), C, DIMS)
+  assert set(jax.tree.leaves(both.param_labels(params, 0))) == {"train"}
+  g_total = jax.grad(lambda p: both.loss(p, batch, cst, key(0), jnp.int32(0))[0])(params)
+  def rec(p):
+    terms = both.loss(p, batch, cst, key(0), jnp.int32(0))[1]
+    return terms["l_csr"] + 1.5 * terms["l_distill_csr"]
+  g_rec = jax.grad(rec)(params)
+  for x, y in zip(jax.tree.leaves(g_total["csr"]), jax.tree.leaves(g_rec["csr"])):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
 
 
 def _advance(tx, params, n):
@@ -284,7 +295,7 @@ def test_loss_terms_act_and_add_up():
       params)
   assert norm(g["base"]) > 0 and norm(g["csr"]) == 0
   # Ablations drop their terms.
-  plain = methods.get_method(tiny_config(use_ksm=False, use_csr=False), C, DIMS)
+  plain = methods.get_method(tiny_config(use_ksm=False, use_csr=False, dpid_steps=1), C, DIMS)
   assert not {"l_ksm", "l_csr"} & set(plain.loss_weights())
   assert set(jax.tree.leaves(plain.param_labels(params, 0))) == {"train"}
 
