@@ -98,6 +98,7 @@ from wstal_jax.data import descriptions as desc
 from wstal_jax.errors import WstalError
 from wstal_jax.layers import (MaskedTemporalConv, l2_normalize, masked_topk_mean,
                               snippet_mean, topk_count, video_mean, zero_padding)
+from wstal_jax.methods import co2net
 
 BASES = ("delu", "co2net")
 KSM_TEXTS = ("key", "class_name")
@@ -295,7 +296,6 @@ class LocHead(nn.Module):
 
 def ksm_loss(sim_BxTxC1, attn_BxT, label_BxC, mask_BxT, k_B):
   """Eq. 6-10 per video: -> l_B."""
-  from wstal_jax.methods import co2net   # pylint: disable=import-outside-toplevel
   s = masked_topk_mean(sim_BxTxC1, mask_BxT, k_B)
   s_hat = masked_topk_mean(attn_BxT[:, :, None] * sim_BxTxC1, mask_BxT, k_B)
   y = co2net.labels_with_background(label_BxC, 1.0)
@@ -305,7 +305,7 @@ def ksm_loss(sim_BxTxC1, attn_BxT, label_BxC, mask_BxT, k_B):
 
 
 def mask_words(rng, tokens_BxL, weights_V, ratio: float):
-  """Boolean [B, L]: ceil-free round(ratio * n) (at least 1) of each row's n valid words,
+  """Boolean [B, L]: round(ratio * n) (at least 1) of each row's n valid words,
   drawn without replacement with probabilities proportional to weights_V[token] (Gumbel
   top-k); deterministic in rng."""
   valid = tokens_BxL != desc.PAD
