@@ -300,6 +300,24 @@ def test_loss_terms_act_and_add_up():
   assert set(jax.tree.leaves(plain.param_labels(params, 0))) == {"train"}
 
 
+def test_distillation_targets_by_hand():
+  """Eq. 19-20's MSE(a, psi(target)) over the valid snippets: psi='soft' (stop-gradient) and
+  'binary' (1[target > threshold]); the gradient never reaches the target."""
+  a = jnp.asarray([[0.2, 0.9, 0.6, 0.5]])
+  t = jnp.asarray([[0.7, 0.4, 0.55, 0.0]])
+  mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
+  soft = ((0.2 - 0.7) ** 2 + (0.9 - 0.4) ** 2 + (0.6 - 0.55) ** 2) / 3
+  binary = ((0.2 - 1) ** 2 + (0.9 - 0) ** 2 + (0.6 - 1) ** 2) / 3
+  np.testing.assert_allclose(M.attention_mse(a, t, mask), [soft], rtol=1e-6)
+  np.testing.assert_allclose(M.attention_mse(a, t, mask, "binary", 0.5), [binary], rtol=1e-6)
+  np.testing.assert_allclose(M.attention_mse(a, t, mask, "binary", 0.6), [
+      ((0.2 - 1) ** 2 + 0.9 ** 2 + 0.6 ** 2) / 3], rtol=1e-6)
+  for psi in M.PSIS:
+    g_a, g_t = jax.grad(lambda x, y: M.attention_mse(x, y, mask, psi)[0], (0, 1))(a, t)
+    assert float(jnp.abs(g_t).sum()) == 0 and float(jnp.abs(g_a[:, 3]).sum()) == 0
+    assert float(jnp.abs(g_a).sum()) > 0
+
+
 def test_key_descriptions_drive_the_queries():
   """ksm_text='key' reads the video's own description for its classes, 'class_name' does not."""
   cst = consts()
@@ -324,9 +342,20 @@ def test_predict_padding_invariant_and_loc_inference():
   a = predict(params, jnp_batch(evalb))
   b = predict(params, jnp_batch(garbage_padded(evalb, 24)))
   valid = short["mask_BxT"] > 0
-  for name in ("cas_BxTxC", "actionness_BxT"):
+  for name in ("cas_BxTxC", "actionness_BxT", "frame_ksm_BxTxC", "frame_csr_BxTxC"):
     np.testing.assert_allclose(np.asarray(b[name])[:, :16][valid], np.asarray(a[name])[valid],
                                rtol=1e-5, atol=1e-6)
+  # The two priors' frame scores (the Evaluator's fg / bg mIoU): A_KSM is the base's
+  # attention, A_CSR the CSR branch's own (it reads no text), each the same for every class.
+  out = method.base.forward(params["base"], jnp_batch(evalb), cst)
+  np.testing.assert_allclose(np.asarray(a["frame_ksm_BxTxC"])[..., 1],
+                             np.asarray(out["attn_BxT"]), rtol=1e-6)
+  a_csr = method.csr.apply({"params": params["csr"]}, jnp.asarray(short["feat_BxTxD"]),
+                           jnp.asarray(short["mask_BxT"]), jnp.asarray(short["complete_tokens_BxL"]),
+                           jnp.zeros_like(jnp.asarray(short["complete_tokens_BxL"]), bool),
+                           cst["word_vectors_VxD"], False)[0]
+  np.testing.assert_allclose(np.asarray(a["frame_csr_BxTxC"])[..., 2], np.asarray(a_csr),
+                             rtol=1e-6)
   np.testing.assert_allclose(b["video_scores_BxC"], a["video_scores_BxC"], rtol=1e-5)
   assert np.asarray(a["actionness_BxT"]).max() == pytest.approx(1.0)
   # The head decides the actionness (its regression vote); by default the base's classifier
@@ -356,6 +385,8 @@ def test_table_rows_build_and_bad_settings():
   assert type(methods.get_method(tiny_config("base=co2net"), C, DIMS).base).__name__ == "CO2Net"
   with pytest.raises(WstalError, match=r"config.mllm4wtal.ksm_text='names'"):
     methods.get_method(tiny_config(ksm_text="names"), C, DIMS)
+  with pytest.raises(WstalError, match=r"config.mllm4wtal.psi='hard'.*'binary'"):
+    methods.get_method(tiny_config(psi="hard"), C, DIMS)
   with pytest.raises(WstalError, match=r"inference.*needs use_loc=True"):
     methods.get_method(tiny_config(use_loc=False), C, DIMS)
   with pytest.raises(WstalError, match=r"needs video descriptions"):

@@ -104,6 +104,7 @@ BASES = ("delu", "co2net")
 KSM_TEXTS = ("key", "class_name")
 CSR_TEXTS = ("complete", "template")
 INFERENCES = ("loc", "base")
+PSIS = ("soft", "binary")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -123,6 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.lambda1 = 1.5             # MSE(A_KSM, sg(A_CSR)) in L_match
   c.lambda2 = 1.5             # MSE(A_CSR, sg(A_KSM)) in L_rec
   c.mu1 = 1.0                 # L_loc in L_match
+  c.psi = "soft"              # psi of Eq. 19-20 (the paper leaves it undefined): 'soft': the
+                              # other attention, gradient stopped; 'binary': 1[other >
+                              # pseudo_threshold], gradient stopped (a pseudo-label target)
   c.dpid_steps = 0            # 0: each step updates both phases' parameters (each with its
                               # own phase's loss); L >= 1: phases take turns of L steps
   c.ksm_dim = 512             # width of the matching space (video projection, queries)
@@ -148,7 +152,8 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.mllm4wtal.{field}={cfg.get(field)!r}: {why}")
   for field, choices in (("base", BASES), ("ksm_text", KSM_TEXTS), ("csr_text", CSR_TEXTS),
                          ("inference", INFERENCES), ("loc_video_score", ("base", "loc")),
-                         ("loc_cas", ("base", "loc")), ("csr_gate", ("logits", "probs"))):
+                         ("loc_cas", ("base", "loc")), ("csr_gate", ("logits", "probs")),
+                         ("psi", PSIS)):
     if cfg[field] not in choices:
       bad(field, f"choose one of {choices}")
   for field in ("ksm_dim", "text_dim", "text_layers", "text_heads", "csr_dim", "loc_hidden"):
@@ -251,10 +256,13 @@ class CSR(nn.Module):
   @nn.compact
   def __call__(self, feat_BxTxD, mask_BxT, tokens_BxL, masked_BxL, word_vectors_VxD,
                train: bool):
+    """tokens_BxL=None: A_CSR alone (it reads no text; inference diagnostics)."""
     f = zero_padding(nn.Dense(self.dim, name="embed")(feat_BxTxD), mask_BxT)      # Eq. 12
     h = nn.relu(MaskedTemporalConv(self.dim // 2, 3, name="attn1")(f, mask_BxT))
     a_BxT = jax.nn.sigmoid(MaskedTemporalConv(1, 1, name="attn2")(h, mask_BxT)[..., 0])
     a_BxT = jnp.where(mask_BxT > 0, a_BxT, 0.0)                                   # Eq. 13
+    if tokens_BxL is None:
+      return a_BxT
     drop = nn.Dropout(self.dropout, deterministic=not train)
     f_fg = a_weighted_attention(nn.Dense(self.dim, name="wq")(f), nn.Dense(self.dim,
                                 name="wk")(f), nn.Dense(self.dim, name="wv")(f), a_BxT,
@@ -336,9 +344,13 @@ def csr_loss(logits_BxLxV, tokens_BxL, masked_BxL):
   return jnp.sum(nll * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
 
 
-def attention_mse(a_BxT, target_BxT, mask_BxT):
-  """MSE(a, sg(target)) over valid snippets, per video (Eq. 19-20): -> l_B."""
-  return snippet_mean((a_BxT - jax.lax.stop_gradient(target_BxT)) ** 2, mask_BxT)
+def attention_mse(a_BxT, target_BxT, mask_BxT, psi: str = "soft", threshold: float = 0.5):
+  """MSE(a, psi(target)) over valid snippets, per video (Eq. 19-20): -> l_B. psi='soft':
+  sg(target); 'binary': sg(1[target > threshold])."""
+  target = jax.lax.stop_gradient(target_BxT)
+  if psi == "binary":
+    target = (target > threshold).astype(a_BxT.dtype)
+  return snippet_mean((a_BxT - target) ** 2, mask_BxT)
 
 
 def pseudo_instances(attn_BxT, cas_BxTxC, label_BxC, mask_BxT, threshold: float):
@@ -560,8 +572,11 @@ class MLLM4WTAL:
                                      tokens, masked, consts["word_vectors_VxD"], True,
                                      rngs={"dropout": r_csr})
       terms["l_csr"] = video_mean(csr_loss(logits, tokens, masked), valid_B)
-      terms["l_distill_ksm"] = video_mean(attention_mse(a_ksm, a_csr, mask_BxT), valid_B)
-      terms["l_distill_csr"] = video_mean(attention_mse(a_csr, a_ksm, mask_BxT), valid_B)
+      psi, thr = str(m.psi), float(m.pseudo_threshold)
+      terms["l_distill_ksm"] = video_mean(attention_mse(a_ksm, a_csr, mask_BxT, psi, thr),
+                                          valid_B)
+      terms["l_distill_csr"] = video_mean(attention_mse(a_csr, a_ksm, mask_BxT, psi, thr),
+                                          valid_B)
     if m.use_loc:
       feat = jax.lax.stop_gradient(out["feat_BxTxF"])
       logits_loc, dist = self.loc.apply({"params": params["loc"]}, feat, mask_BxT)
@@ -579,6 +594,21 @@ class MLLM4WTAL:
 
   def predict(self, params, batch, consts):
     out = self.base.forward(params["base"], batch, consts)
+    pred = self._predict(params, out, batch)
+    # Frame-level quality of the two priors (Sec. 3.3: KSM incomplete, CSR over-complete):
+    # A_KSM and A_CSR as every class's frame score; the Evaluator restricts them to the
+    # video's labelled classes and reports fg / bg mIoU at 0.5 (metrics.json: *_mIoU_ksm,
+    # *_mIoU_csr).
+    num_c = self.num_classes
+    frames = {"ksm": out["attn_BxT"]}
+    if self.m.use_csr:
+      frames["csr"] = self.csr.apply({"params": params["csr"]}, batch["feat_BxTxD"],
+                                     batch["mask_BxT"], None, None, None, False)
+    for name, a_BxT in frames.items():
+      pred[f"frame_{name}_BxTxC"] = jnp.broadcast_to(a_BxT[..., None], a_BxT.shape + (num_c,))
+    return pred
+
+  def _predict(self, params, out, batch):
     if self.m.inference == "base":
       return self.base.predict_from_out(out, batch)
     mask_BxT = batch["mask_BxT"]
