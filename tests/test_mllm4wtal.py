@@ -15,6 +15,7 @@ from wstal_jax import methods, train
 from wstal_jax.data import descriptions as desc
 from wstal_jax.errors import WstalError
 from wstal_jax.methods import mllm4wtal as M
+from wstal_jax.models import mllm4wtal as mllm_models
 from test_co2net import C, D, ROOT, _main, _write_dataset, garbage_padded, key, make_batch
 
 V, WD, LK, LC = 14, 5, 6, 10     # vocabulary, word-vector width, key / complete lengths
@@ -93,17 +94,17 @@ def test_a_weighted_attention_matches_numpy():
   a = rng.uniform(size=(2, 7)).astype(np.float32)
   mask = np.ones((2, 7), np.float32)
   mask[1, 4:] = 0
-  got = np.asarray(M.a_weighted_attention(*(jnp.asarray(x) for x in (q, kk, v, a, mask))))
+  attend = mllm_models.a_weighted_attention
+  got = np.asarray(attend(*(jnp.asarray(x) for x in (q, kk, v, a, mask))))
   for b in range(2):
     np.testing.assert_allclose(got[b], np_a_weighted_attention(q[b], kk[b], v[b], a[b],
                                                                mask[b]), rtol=1e-5, atol=1e-6)
   # a = 0 on a key makes its logit 0, not -inf: it keeps a share (Eq. 14 as printed).
-  zero = np.asarray(M.a_weighted_attention(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v),
-                                           jnp.zeros_like(a), jnp.asarray(mask)))
+  zero = np.asarray(attend(jnp.asarray(q), jnp.asarray(kk), jnp.asarray(v), jnp.zeros_like(a),
+                           jnp.asarray(mask)))
   np.testing.assert_allclose(zero[0], np.broadcast_to(v[0].mean(0), (5, 3)), rtol=1e-5)
   # gate='probs': softmax(logit + log a) = the probabilities weighted by a, renormalised.
-  probs = np.asarray(M.a_weighted_attention(*(jnp.asarray(x) for x in (q, kk, v, a, mask)),
-                                            gate="probs"))
+  probs = np.asarray(attend(*(jnp.asarray(x) for x in (q, kk, v, a, mask)), gate="probs"))
   for b in range(2):
     valid = mask[b] > 0
     logits = q[b] @ kk[b][valid].T / 2.0
@@ -350,9 +351,9 @@ def test_predict_padding_invariant_and_loc_inference():
   out = method.base.forward(params["base"], jnp_batch(evalb), cst)
   np.testing.assert_allclose(np.asarray(a["frame_ksm_BxTxC"])[..., 1],
                              np.asarray(out["attn_BxT"]), rtol=1e-6)
+  words = jnp.asarray(short["complete_tokens_BxL"])
   a_csr = method.csr.apply({"params": params["csr"]}, jnp.asarray(short["feat_BxTxD"]),
-                           jnp.asarray(short["mask_BxT"]), jnp.asarray(short["complete_tokens_BxL"]),
-                           jnp.zeros_like(jnp.asarray(short["complete_tokens_BxL"]), bool),
+                           jnp.asarray(short["mask_BxT"]), words, jnp.zeros_like(words, bool),
                            cst["word_vectors_VxD"], False)[0]
   np.testing.assert_allclose(np.asarray(a["frame_csr_BxTxC"])[..., 2], np.asarray(a_csr),
                              rtol=1e-6)
