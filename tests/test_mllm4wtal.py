@@ -319,6 +319,34 @@ def test_distillation_targets_by_hand():
     assert float(jnp.abs(g_a).sum()) > 0
 
 
+def test_grad_reach_shares_within_a_parameter_group():
+  """benchmarks/grad_reach.py: only the terms that reach a group get a share there (CSR's
+  attention: L_CSR and the CSR-side distillation; with the printed logits gate L_CSR's share
+  is smaller than with the probability gate), the shares add up to 100, a bad glob is one
+  error."""
+  spec = importlib.util.spec_from_file_location("wstal_bench_grad_reach",
+                                                ROOT / "benchmarks" / "grad_reach.py")
+  reach = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(reach)
+  cst = consts()
+  batches = [jnp_batch(described_batch(seed=s)) for s in (0, 1)]
+  got = {}
+  for gate in ("probs", "logits"):
+    method = methods.get_method(tiny_config(csr_gate=gate), C, DIMS)
+    params = method.init(key(0), batches[0], cst)["params"]
+    got[gate] = reach.group_shares(method, params, batches, cst, 0,
+                                   {"csr_attn": "csr/attn*", "base": "base/*"})
+    assert set(got[gate]["csr_attn"]) == {"l_csr", "l_distill_csr"}
+    assert "l_csr" not in got[gate]["base"] and "l_edl" in got[gate]["base"]
+    for shares in got[gate].values():
+      assert sum(shares.values()) == pytest.approx(100.0, abs=1e-3)
+  assert got["probs"]["csr_attn"]["l_csr"] > got["logits"]["csr_attn"]["l_csr"]
+  with pytest.raises(WstalError, match=r"group x='nothing/\*' matches no parameter"):
+    reach.group_shares(method, params, batches, cst, 0, {"x": "nothing/*"})
+  with pytest.raises(WstalError, match="is not NAME=GLOB"):
+    reach.parse_groups("csr/attn*")
+
+
 def test_key_descriptions_drive_the_queries():
   """ksm_text='key' reads the video's own description for its classes, 'class_name' does not."""
   cst = consts()
