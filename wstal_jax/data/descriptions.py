@@ -215,28 +215,12 @@ def add_descriptions(data_dir: str, out: str, *, descriptions: str, word_vectors
   aux["sources"] = ({"descriptions": str(descriptions), "word_vectors": str(word_vectors)}
                     if provenance is None else {"generated": provenance})
 
-  def records(split):
-    for rec in fmt.read_videos(data_dir, split):
-      if rec.name in tokens:
-        key, comp = tokens[rec.name]
-        rec.extras = dict(rec.extras, key_tokens=encode(key), complete_tokens=encode(comp))
-      yield rec
-
-  old_aux = {name: fmt.load_aux(data_dir, name, manifest) for name in manifest["aux"]}
-  text = fmt.load_text_embeddings(data_dir, manifest)
-  per_feature = {f: fmt.load_text_embeddings(data_dir, manifest, feature=f)
-                 for f in manifest["feature_text_embeddings"]}
-  return fmt.write_dataset(
-      out, dataset=manifest["dataset"], classes=manifest["classes"],
-      feature_dims={k: v["dim"] for k, v in manifest["features"].items()},
-      splits={s: records(s) for s in manifest["splits"]},
-      num_shards={s: len(e["shards"]) for s, e in manifest["splits"].items()},
-      text_embeddings=text, primary_feature=manifest["primary_feature"],
-      snippet_frames=manifest["snippet_frames"], fps=manifest["fps"],
-      feature_text_embeddings=per_feature,
-      source=dict(manifest["source"], descriptions=provenance or str(descriptions)),
-      optional_fields=sorted(set(manifest["optional_fields"]) | set(FIELDS)),
-      aux=dict(old_aux, descriptions=aux, word_vectors=matrix), overwrite=overwrite)
+  extras = {name: {"key_tokens": encode(key), "complete_tokens": encode(comp)}
+            for name, (key, comp) in tokens.items()}
+  return fmt.copy_with_extras(data_dir, out, extras,
+                              source={"descriptions": provenance or str(descriptions)},
+                              aux={"descriptions": aux, "word_vectors": matrix},
+                              overwrite=overwrite)
 
 
 def load(data_dir: str, manifest: dict | None = None) -> dict | None:

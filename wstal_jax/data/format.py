@@ -835,6 +835,38 @@ def load_text_embeddings(data_dir: str, manifest: dict | None = None,
   return arr.astype(np.float32)
 
 
+def copy_with_extras(data_dir: str, out: str, extras: Mapping[str, Mapping[str, bytes]], *,
+                     source: Mapping[str, Any] | None = None,
+                     aux: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict:
+  """Writes `out`: a copy of the dataset at `data_dir` (features, annotations, text
+  embeddings, artefacts, shard counts) with per-video extras fields added ({video name:
+  {field: bytes}}; videos not named keep theirs), `source` entries added to the manifest's
+  source and `aux` artefacts added. Atomic like write_dataset; returns the new manifest."""
+  manifest = read_manifest(data_dir)
+  fields = {f for per_video in extras.values() for f in per_video}
+
+  def records(split):
+    for rec in read_videos(data_dir, split):
+      if rec.name in extras:
+        rec.extras = dict(rec.extras, **extras[rec.name])
+      yield rec
+
+  old_aux = {name: load_aux(data_dir, name, manifest) for name in manifest["aux"]}
+  per_feature = {f: load_text_embeddings(data_dir, manifest, feature=f)
+                 for f in manifest["feature_text_embeddings"]}
+  return write_dataset(
+      out, dataset=manifest["dataset"], classes=manifest["classes"],
+      feature_dims={k: v["dim"] for k, v in manifest["features"].items()},
+      splits={s: records(s) for s in manifest["splits"]},
+      num_shards={s: len(e["shards"]) for s, e in manifest["splits"].items()},
+      text_embeddings=load_text_embeddings(data_dir, manifest),
+      primary_feature=manifest["primary_feature"], snippet_frames=manifest["snippet_frames"],
+      fps=manifest["fps"], feature_text_embeddings=per_feature,
+      source=dict(manifest["source"], **(source or {})),
+      optional_fields=sorted(set(manifest["optional_fields"]) | fields),
+      aux=dict(old_aux, **(aux or {})), overwrite=overwrite)
+
+
 def load_aux(data_dir: str, name: str, manifest: dict | None = None):
   """The dataset-level artefact `name` written by write_dataset(aux=...): a dict (JSON) or a
   numpy array; None when the dataset has none."""
