@@ -154,7 +154,9 @@ def _number(x, where: str) -> float:
   return v
 
 
-def _segment(seg, where: str):
+def segment(seg, where: str):
+  """(start, end) of a [start, end] pair of finite numbers with end >= start (WstalError
+  naming `where` otherwise)."""
   if not isinstance(seg, (list, tuple)) or len(seg) != 2:
     raise WstalError(f"{where}: expected [start, end], got {seg!r}")
   s = _number(seg[0], where)
@@ -197,7 +199,7 @@ def ground_truth_table(gt: Mapping, subset: str | None = None,
         raise WstalError(f"{w}: expected an object with 'segment' and 'label'")
       if not isinstance(ann["label"], str):
         raise WstalError(f"{w}.label: expected a class name string, got {ann['label']!r}")
-      s, e = _segment(ann["segment"], f"{w}.segment")
+      s, e = segment(ann["segment"], f"{w}.segment")
       video.append(vid)
       label.append(ann["label"])
       start.append(s)
@@ -230,7 +232,7 @@ def results_table(results: Mapping, source: str = "results") -> ResultsTable:
         raise WstalError(f"{w}: expected an object with 'label', 'score' and 'segment'")
       if not isinstance(p["label"], str):
         raise WstalError(f"{w}.label: expected a class name string, got {p['label']!r}")
-      s, e = _segment(p["segment"], f"{w}.segment")
+      s, e = segment(p["segment"], f"{w}.segment")
       video.append(vid)
       label.append(p["label"])
       score.append(_number(p["score"], f"{w}.score"))

@@ -1,0 +1,136 @@
+"""Tests of wstal_jax/data/proposals.py: candidate proposals from results files into a
+dataset's per-video field (units, clipping, duplicates), every bad proposal file giving one
+error with nothing written, the command line, and the real CO2-Net proposal files."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from wstal_jax.data import format as fmt
+from wstal_jax.data import proposals as P
+from wstal_jax.errors import WstalError
+from test_co2net import ROOT, _write_dataset
+
+SPS = 0.64
+
+
+def test_to_snippets_units_clipping_and_duplicates():
+  seg = np.array([[-1.0, 3.2], [5.0, 100.0], [200.0, 300.0], [-1.0, 3.2], [0.64, 1.28]])
+  got, dropped = P.to_snippets(seg, SPS, 20)
+  np.testing.assert_allclose(got, [[0, 5], [5 / SPS, 20], [0, 5], [1, 2]], rtol=1e-6)
+  assert dropped == 1 and got.dtype == np.float32
+  got, _ = P.to_snippets(seg, SPS, 20, dedupe=True)
+  np.testing.assert_allclose(got, [[0, 5], [5 / SPS, 20], [1, 2]], rtol=1e-6)
+  np.testing.assert_array_equal(P.decode(P.encode(got)), got)
+
+
+def _results(videos):
+  return {"version": "VERSION 1.3", "external_data": {},
+          "results": {v: [{"segment": list(s), "label": "a", "score": 0.5} for s in segs]
+                      for v, segs in videos.items()}}
+
+
+def _files(tmp_path, train=None, test=None):
+  """Results files for test_co2net's tiny dataset (train_0..5, test_0..2; 10-23 snippets)."""
+  train = train or {f"train_{i}": [(0.64, 3.2), (1.28, 4.48), (0.64, 3.2)] for i in range(6)}
+  test = test or {f"test_{i}": [(0.0, 1.92), (2.56, 99.0)] for i in range(3)}
+  out = {}
+  for split, videos in (("train", train), ("test", test)):
+    path = tmp_path / f"{split}.json"
+    path.write_text(json.dumps(_results(videos)))
+    out[split] = str(path)
+  return out
+
+
+def test_add_proposals_writes_the_field_and_keeps_the_rest(tmp_path):
+  data = _write_dataset(tmp_path / "plain")
+  files = _files(tmp_path)
+  manifest = P.add_proposals(data, str(tmp_path / "out"), files)
+  assert "proposals" in manifest["optional_fields"]
+  assert manifest["source"]["proposals_train"] == files["train"]
+  for split in ("train", "test"):
+    before = {r.name: r for r in fmt.read_videos(data, split)}
+    for info in fmt.read_video_info(str(tmp_path / "out"), split):
+      seg = P.load(info)
+      if split == "train":   # duplicates kept, seconds -> snippets
+        np.testing.assert_allclose(seg, [[1, 5], [2, 7], [1, 5]], rtol=1e-6)
+      else:                  # clipped to the video's T
+        np.testing.assert_allclose(seg, [[0, 3], [4, info.num_snippets]], rtol=1e-6)
+    for rec in fmt.read_videos(str(tmp_path / "out"), split):
+      np.testing.assert_array_equal(rec.features["i3d"], before[rec.name].features["i3d"])
+      np.testing.assert_array_equal(rec.label, before[rec.name].label)
+  P.add_proposals(data, str(tmp_path / "dedup"), files, dedupe=True)
+  info = fmt.read_video_info(str(tmp_path / "dedup"), "train")[0]
+  np.testing.assert_allclose(P.load(info), [[1, 5], [2, 7]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("case,match", [
+    ("unknown", r"train.json: video 'train_9' is not in the train split"),
+    ("reversed", r"train.json: results\['train_0'\]\[1\].segment: ends before it starts"),
+    ("nan", r"train.json: results\['train_0'\]\[0\].segment: not finite"),
+    ("empty", r"train.json: train video 'train_2' has no proposals"),
+    ("missing", r"train.json: no proposals for train video 'train_5'"),
+    ("past_end", r"train.json: train video 'train_1' has no proposals inside its \d+ snippets "
+                 r"\(1 lie past the end"),
+    ("format", r"train.json: expected an object with a 'results' object"),
+    ("segment", r"train.json: results\['train_0'\]\[0\]: expected an object with a 'segment'"),
+])
+def test_bad_proposal_files_one_error_nothing_written(tmp_path, case, match):
+  data = _write_dataset(tmp_path / "plain")
+  train = {f"train_{i}": [(0.64, 3.2)] for i in range(6)}
+  if case == "unknown":
+    train["train_9"] = [(0.0, 1.0)]
+  elif case == "reversed":
+    train["train_0"] = [(0.64, 3.2), (4.0, 2.0)]
+  elif case == "nan":
+    train["train_0"] = [(float("nan"), 3.2)]
+  elif case == "empty":
+    train["train_2"] = []
+  elif case == "missing":
+    del train["train_5"]
+  elif case == "past_end":
+    train["train_1"] = [(500.0, 600.0)]
+  files = _files(tmp_path, train=train)
+  if case == "format":
+    (tmp_path / "train.json").write_text(json.dumps({"database": {}}))
+  elif case == "segment":
+    (tmp_path / "train.json").write_text(json.dumps({"results": {"train_0": [{"seg": 1}]}}))
+  with pytest.raises(WstalError, match=match):
+    P.add_proposals(data, str(tmp_path / "out"), files)
+  assert not os.path.exists(tmp_path / "out")
+  assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_command_line_writes_and_fails_in_one_line(tmp_path):
+  data = _write_dataset(tmp_path / "plain")
+  files = _files(tmp_path)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  run = lambda *a: subprocess.run([sys.executable, "-m", "wstal_jax.data.proposals",
+                                   f"--data_dir={data}", *a], capture_output=True, text=True,
+                                  env=env, timeout=300)
+  ok = run(f"--train={files['train']}", f"--test={files['test']}", f"--out={tmp_path / 'o'}")
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert "wrote" in ok.stdout and (tmp_path / "o" / "manifest.json").exists()
+  (tmp_path / "bad.json").write_text(json.dumps(_results({"nope": [(0, 1)]})))
+  bad = run(f"--test={tmp_path / 'bad.json'}", f"--out={tmp_path / 'o2'}")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr
+  assert "error: " in bad.stderr and "video 'nope' is not in the test split" in bad.stderr
+  assert not (tmp_path / "o2").exists()
+
+
+def test_real_co2net_proposal_files(shared_data):
+  """The CO2-Net proposals of THUMOS14 (SEAL's P_w, P-MIL's inputs): every endpoint is a
+  whole snippet (multiples of 0.64 s), and duplicates are frequent."""
+  folder = shared_data / "thumos14" / "proposals_co2net"
+  for split, videos in (("train", 200), ("test", 212)):
+    segs = P.read_file(str(folder / f"detection_result_base_{split}.json"))
+    assert len(segs) == videos
+    allseg = np.concatenate(list(segs.values()))
+    snip = allseg / SPS
+    np.testing.assert_allclose(snip, np.round(snip), atol=1e-3)
+    assert np.all(allseg[:, 1] > allseg[:, 0])
+    dups = sum(len(s) - len(np.unique(np.round(s / SPS), axis=0)) for s in segs.values())
+    assert 0.25 < dups / len(allseg) < 0.6
