@@ -134,3 +134,62 @@ def test_real_co2net_proposal_files(shared_data):
     assert np.all(allseg[:, 1] > allseg[:, 0])
     dups = sum(len(s) - len(np.unique(np.round(s / SPS), axis=0)) for s in segs.values())
     assert 0.25 < dups / len(allseg) < 0.6
+
+
+def _with_proposals(tmp_path, train=None):
+  data = _write_dataset(tmp_path / "plain")
+  out = str(tmp_path / "data")
+  P.add_proposals(data, out, _files(tmp_path, train=train))
+  return out
+
+
+def test_training_batches_carry_proposals_in_batch_coordinates(tmp_path):
+  """Resampled ('uniform', T=8): proposals / scale_B; 'pad': shifted by the window start;
+  clipped to the valid length; capped by a random subset that is deterministic per (seed,
+  step) and keeps the stored order; padding masked."""
+  from wstal_jax import input_pipeline as ip
+  # Video i's proposals: [1, 5], [2, 7], [3, 4 + i] snippets (0.64 s each).
+  train = {f"train_{i}": [(0.64, 3.2), (1.28, 4.48), (1.92, (4 + i) * SPS)] for i in range(6)}
+  data = _with_proposals(tmp_path, train)
+  lengths = {info.index: info.num_snippets for info in fmt.read_video_info(data, "train")}
+  stored = {info.index: P.load(info) for info in fmt.read_video_info(data, "train")}
+  kw = dict(split="train", batch_size=3, seed=4)
+  batch = next(ip.train_batches(data, num_snippets=8, sampling="uniform", max_proposals=5, **kw))
+  assert batch["proposals_BxMx2"].shape == (3, 5, 2)
+  for b, idx in enumerate(batch["index_B"]):
+    np.testing.assert_allclose(batch["proposals_BxMx2"][b, :3],
+                               np.minimum(stored[idx] * 8 / lengths[idx], 8), rtol=1e-5)
+    np.testing.assert_array_equal(batch["proposal_mask_BxM"][b], [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(batch["proposals_BxMx2"][b, 3:], 0)
+  # 'pad' with a random window of 6 snippets: proposals shifted by the window start
+  # (idx_T[0]) and clipped to [0, 6]; those outside the window dropped.
+  for batch in [b for _, b in zip(range(3), ip.train_batches(
+      data, num_snippets=6, sampling="pad", max_proposals=3, **kw))]:
+    feats = {i: r.features["i3d"] for i, r in enumerate(fmt.read_videos(data, "train"))}
+    for b, idx in enumerate(batch["index_B"]):
+      start = int(np.argmax(np.all(feats[idx] == batch["feat_BxTxD"][b, 0], axis=1)))
+      want = np.clip(stored[idx] - start, 0, 6)
+      want = want[want[:, 1] > want[:, 0]]
+      n = len(want)
+      np.testing.assert_allclose(batch["proposals_BxMx2"][b, :n], want, rtol=1e-5)
+      assert batch["proposal_mask_BxM"][b].sum() == n
+  # The cap: 2 of the 3, in stored order, the same for the same (seed, step), varying by step.
+  def capped(seed):
+    out = []
+    for _, batch in zip(range(4), ip.train_batches(data, num_snippets=8, sampling="uniform",
+                                                   max_proposals=2, split="train",
+                                                   batch_size=3, seed=seed)):
+      for b, idx in enumerate(batch["index_B"]):
+        full = np.minimum(stored[idx] * 8 / lengths[idx], 8)
+        rows = [int(np.argmin(np.abs(full - p).sum(1))) for p in batch["proposals_BxMx2"][b]]
+        assert rows == sorted(rows) and len(set(rows)) == 2
+        assert batch["proposal_mask_BxM"][b].tolist() == [1, 1]
+        out.append(tuple(rows))
+    return out
+  first = capped(4)
+  assert capped(4) == first and len(set(first)) > 1
+  with pytest.raises(WstalError, match="max_proposals must be >= 1"):
+    next(ip.train_batches(data, num_snippets=8, max_proposals=0, **kw))
+  plain = str(tmp_path / "plain")
+  with pytest.raises(WstalError, match="the dataset has no 'proposals' field"):
+    next(ip.train_batches(plain, num_snippets=8, max_proposals=4, **kw))

@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from wstal_jax.data import format as fmt
+from wstal_jax.data.proposals import FIELD as PROPOSALS
 from wstal_jax.errors import WstalError
 
 try:  # JAX owns the accelerators; TF only reads files.
@@ -176,6 +177,31 @@ def _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, valid):
   return out
 
 
+def _proposal_batch(seg_flat, idx_T, mask_T, scale, windowed: bool, cap: int, key=None):
+  """A video's stored proposals (float32 [2M] raw, original snippet units) in the batch's
+  snippet coordinates: shifted by the window start (windowed: 'pad' sampling, and whole-video
+  evaluation) or divided by `scale` (resampled), clipped to the valid length, those empty
+  after clipping dropped. More than `cap`: a random subset of `cap` (stateless in key; in
+  their stored order), or the first `cap` without a key. Padded to `cap`.
+  -> proposals_BxMx2 float32 [cap, 2], proposal_mask_BxM float32 [cap]."""
+  seg = tf.reshape(seg_flat, [-1, 2])
+  if windowed:
+    seg = seg - tf.cast(idx_T[0], tf.float32)
+  else:
+    seg = seg / scale
+  seg = tf.clip_by_value(seg, 0.0, tf.reduce_sum(mask_T))
+  seg = tf.boolean_mask(seg, seg[:, 1] > seg[:, 0])
+  num_m = tf.shape(seg)[0]
+  if key is not None:
+    order = tf.argsort(tf.random.stateless_uniform([num_m], seed=key))
+    seg = tf.gather(seg, tf.sort(order[:cap]))
+  else:
+    seg = seg[:cap]
+  n = tf.shape(seg)[0]
+  return {"proposals_BxMx2": tf.pad(seg, [[0, cap - n], [0, 0]]),
+          "proposal_mask_BxM": tf.cast(tf.range(cap) < n, tf.float32)}
+
+
 def _numpy_batches(ds, data_dir, split, check=None) -> Iterator[dict]:
   """Iterates a tf.data dataset as numpy, turning TF read errors into WstalError."""
   for step, batch in enumerate(fmt.iterate(ds.as_numpy_iterator(), data_dir, split)):
@@ -192,7 +218,8 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
                   vlm_feature: str | None = None, video_indices: Sequence[int] | None = None,
                   process_index: int | None = None, process_count: int | None = None,
                   shuffle_buffer: int = 512,
-                  token_fields: Mapping[str, int] | None = None) -> Iterator[dict]:
+                  token_fields: Mapping[str, int] | None = None,
+                  max_proposals: int | None = None) -> Iterator[dict]:
   """Infinite per-process training batches of fixed shape [batch_size, num_snippets, ...].
 
   Args:
@@ -212,13 +239,21 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
       most this many videos.
     token_fields: {optional field: L}: also emit each int32 token field (the description
       tokens of `data.descriptions`) as <field>_BxL, truncated or padded with 0 to L.
+    max_proposals: M: also emit the video's candidate proposals (`data.proposals`) in the
+      batch's snippet coordinates (divided by scale_B; shifted by the window start for
+      'pad'), clipped to the sampled length, as proposals_BxMx2 with proposal_mask_BxM: all
+      of them when they are at most M, else a random subset of M (P-MIL's cap, 1,000),
+      drawn from (seed, the video's position in the stream): resumable like the snippets.
 
   Yields:
     dicts of numpy arrays: feat_BxTxD float32, [vlm_BxTxE float32], mask_BxT float32,
     label_BxC float32, index_B int32, valid_B float32 (ones), scale_B float32 (T_v / T),
-    [<field>_BxL int32 per token field].
+    [<field>_BxL int32 per token field], [proposals_BxMx2 float32, proposal_mask_BxM
+    float32].
   """
   token_fields = dict(token_fields or {})
+  if max_proposals is not None and int(max_proposals) < 1:
+    raise WstalError(f"max_proposals must be >= 1, got {max_proposals}")
   if any(int(n) < 1 for n in token_fields.values()):
     raise WstalError(f"token field lengths must be >= 1, got {token_fields}")
   if sampling not in SAMPLINGS:
@@ -267,8 +302,10 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     lo, hi = p * batch_size, (p + 1) * batch_size
     ds = ds.filter(lambda k, rec: tf.logical_and(k % global_batch >= lo,
                                                  k % global_batch < hi))
-  parse = fmt.tf_parse_fn(manifest, names, int_extras=tuple(token_fields))
+  parse = fmt.tf_parse_fn(manifest, names, int_extras=tuple(token_fields),
+                          float_extras=(PROPOSALS,) if max_proposals else ())
   random_window = sampling == "pad"
+  proposal_seed64 = tf.constant((int(seed) ^ 0x9E3779B9) % (1 << 63), tf.int64)
 
   def element(counter, serialized):
     ex = parse(serialized)
@@ -281,6 +318,10 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     for field, length in token_fields.items():
       tokens = ex[f"extra/{field}"][:length]
       out[f"{field}_BxL"] = tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]])
+    if max_proposals:
+      out.update(_proposal_batch(ex[f"extra/{PROPOSALS}"], idx_T, mask_T, scale,
+                                 random_window, int(max_proposals),
+                                 tf.stack([proposal_seed64, counter])))
     return out
 
   ds = ds.map(element, num_parallel_calls=_AUTOTUNE, deterministic=True)

@@ -650,7 +650,7 @@ def _check_feature_names(manifest, feature_names):
 
 
 def tf_parse_fn(manifest: dict, feature_names, annotations: bool = False,
-                int_extras=()):
+                int_extras=(), float_extras=()):
   """Returns parse(serialized scalar tf.string) -> dict of tensors, for tf.data.map.
 
   Output: name tf.string []; index int32 []; duration float32 []; num_snippets int32 [];
@@ -658,13 +658,14 @@ def tf_parse_fn(manifest: dict, feature_names, annotations: bool = False,
   annotations=True also segments float32 [N, 2], segment_labels int32 [N], ambiguous
   float32 [M, 2]. With int_extras (names of optional fields holding int32 little-endian raw
   bytes, e.g. the description tokens of `data.descriptions`): extra/<name> int32 [L] (L = 0
-  when the record lacks it). A record whose feature bytes do not hold [T, dim] float32 fails at run time
+  when the record lacks it); float_extras likewise as float32 [L] (the proposals of
+  `data.proposals`). A record whose feature bytes do not hold [T, dim] float32 fails at run time
   with tf.errors.InvalidArgumentError (callers turn it into a WstalError).
   """
   feature_names = list(feature_names)
   _check_feature_names(manifest, feature_names)
   spec = _parse_spec(manifest, feature_names, annotations)
-  for key in int_extras:
+  for key in (*int_extras, *float_extras):
     if key not in manifest.get("optional_fields", []):
       raise WstalError(f"the dataset has no {key!r} field (its optional fields: "
                        f"{manifest.get('optional_fields', [])})")
@@ -690,6 +691,9 @@ def tf_parse_fn(manifest: dict, feature_names, annotations: bool = False,
       out["ambiguous"] = tf.reshape(tf.sparse.to_dense(ex["ambiguous"]), [-1, 2])
     for key in int_extras:
       out[f"extra/{key}"] = tf.io.decode_raw(ex[f"extra/{key}"], tf.int32, little_endian=True)
+    for key in float_extras:
+      out[f"extra/{key}"] = tf.io.decode_raw(ex[f"extra/{key}"], tf.float32,
+                                             little_endian=True)
     return out
 
   return parse
