@@ -191,5 +191,45 @@ def test_training_batches_carry_proposals_in_batch_coordinates(tmp_path):
   with pytest.raises(WstalError, match="max_proposals must be >= 1"):
     next(ip.train_batches(data, num_snippets=8, max_proposals=0, **kw))
   plain = str(tmp_path / "plain")
-  with pytest.raises(WstalError, match="the dataset has no 'proposals' field"):
+  with pytest.raises(WstalError, match="plain: the dataset has no candidate proposals"):
     next(ip.train_batches(plain, num_snippets=8, max_proposals=4, **kw))
+
+
+def test_eval_batches_carry_every_proposal(tmp_path):
+  """Whole videos: every stored proposal, as stored; resampled to T: divided by scale_B; M
+  padded per batch to a bucket that all processes share; dummy rows all zero."""
+  from wstal_jax import input_pipeline as ip
+  test = {f"test_{i}": [(0.0, 1.92), (2.56, 99.0)] + [(0.64, 1.28)] * (3 * i)
+          for i in range(3)}
+  data = _write_dataset(tmp_path / "plain")
+  P.add_proposals(data, str(tmp_path / "data"), _files(tmp_path, test=test))
+  data = str(tmp_path / "data")
+  np.testing.assert_array_equal(P.counts(data, "test"), [2, 5, 8])
+  stored = {i.index: P.load(i) for i in fmt.read_video_info(data, "test")}
+  lengths = {i.index: i.num_snippets for i in fmt.read_video_info(data, "test")}
+  shapes = {}
+  for proc in (0, 1):
+    batches = list(ip.eval_batches(data, split="test", batch_size=1, proposals=True,
+                                   proposal_buckets=(4, 8), process_index=proc,
+                                   process_count=2))
+    shapes[proc] = [b["proposals_BxMx2"].shape for b in batches]
+    for b in batches:
+      for row, idx in enumerate(b["index_B"]):
+        if idx < 0:
+          assert not b["proposal_mask_BxM"][row].any()
+          assert not b["proposals_BxMx2"][row].any()
+          continue
+        m = len(stored[idx])
+        np.testing.assert_allclose(b["proposals_BxMx2"][row, :m], stored[idx], rtol=1e-6)
+        assert b["proposal_mask_BxM"][row].sum() == m
+  assert shapes[0] == shapes[1] and {s[1] for s in shapes[0]} <= {4, 8}
+  for b in ip.eval_batches(data, split="test", batch_size=3, proposals=True, num_snippets=8):
+    assert b["proposals_BxMx2"].shape[1] == 64     # default buckets start at 64
+    for row, idx in enumerate(b["index_B"]):
+      np.testing.assert_allclose(b["proposals_BxMx2"][row, :len(stored[idx])],
+                                 np.minimum(stored[idx] * 8 / lengths[idx], 8), rtol=1e-5)
+  with pytest.raises(WstalError, match=r"proposal buckets \[4\] cannot hold a video with 8"):
+    next(ip.eval_batches(data, split="test", batch_size=3, proposals=True,
+                         proposal_buckets=(4,)))
+  with pytest.raises(WstalError, match="plain: the dataset has no candidate proposals"):
+    next(ip.eval_batches(str(tmp_path / "plain"), split="test", batch_size=3, proposals=True))

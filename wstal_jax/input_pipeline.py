@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from wstal_jax.data import format as fmt
+from wstal_jax.data import proposals as proposals_lib
 from wstal_jax.data.proposals import FIELD as PROPOSALS
 from wstal_jax.errors import WstalError
 
@@ -302,6 +303,8 @@ def train_batches(data_dir: str, *, split: str, batch_size: int, num_snippets: i
     lo, hi = p * batch_size, (p + 1) * batch_size
     ds = ds.filter(lambda k, rec: tf.logical_and(k % global_batch >= lo,
                                                  k % global_batch < hi))
+  if max_proposals:
+    _require_proposals(manifest, data_dir)
   parse = fmt.tf_parse_fn(manifest, names, int_extras=tuple(token_fields),
                           float_extras=(PROPOSALS,) if max_proposals else ())
   random_window = sampling == "pad"
@@ -410,6 +413,36 @@ def eval_plan(manifest, data_dir, split, *, batch_size, buckets=None, num_snippe
   return videos_P, length_J
 
 
+def _require_proposals(manifest, data_dir):
+  if PROPOSALS not in manifest.get("optional_fields", []):
+    raise WstalError(f"{data_dir}: the dataset has no candidate proposals (add them with "
+                     "python -m wstal_jax.data.proposals)")
+
+
+def _proposal_slots(data_dir, split, manifest, videos_P, batch_size, num_batches, buckets):
+  """(padded M of every video index [N] int32, padded M of every batch [J]): batch j's M is
+  the smallest bucket holding the most proposals of a video of the j-th batch of any
+  process (so every process's batch j has the same shapes)."""
+  counts_N = proposals_lib.counts(data_dir, split, manifest)
+  buckets = sorted(buckets or default_buckets(int(counts_N.max(initial=1))))
+  most_J = np.ones(num_batches, np.int64)
+  for videos in videos_P:
+    for j in range(num_batches):
+      rows = np.asarray(videos[j * batch_size:(j + 1) * batch_size], np.int64)
+      if len(rows):
+        most_J[j] = max(most_J[j], int(counts_N[rows].max()))
+  if most_J.max() > buckets[-1]:
+    raise WstalError(f"proposal buckets {buckets} cannot hold a video with {most_J.max()} "
+                     "proposals")
+  length_m_J = np.array([next(b for b in buckets if b >= m) for m in most_J], np.int32)
+  slot_m_N = np.ones(len(counts_N), np.int32)
+  for videos in videos_P:
+    for j in range(num_batches):
+      slot_m_N[np.asarray(videos[j * batch_size:(j + 1) * batch_size], np.int64)] = \
+          length_m_J[j]
+  return slot_m_N, length_m_J
+
+
 def _peak_held_bytes(videos_W, bytes_W) -> float:
   """Most bytes held at once when the records of videos_W arrive by increasing index and are
   released in list order (a video is held from its arrival until it and every video before
@@ -448,7 +481,8 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
                  num_snippets: int | None = None, video_indices: Sequence[int] | None = None,
                  process_index: int | None = None, process_count: int | None = None,
                  order: str = "length", sampling: str = "uniform",
-                 buffer_bytes: int = EVAL_BUFFER_BYTES) -> Iterator[dict]:
+                 buffer_bytes: int = EVAL_BUFFER_BYTES, proposals: bool = False,
+                 proposal_buckets: Sequence[int] | None = None) -> Iterator[dict]:
   """Whole-video per-process eval batches; every process yields the same number and shapes.
 
   The batches follow `eval_plan(order=order)`. A process reads only its own shards, whose
@@ -476,10 +510,15 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
     order: 'length' (longest first) or 'manifest' (by index); see `eval_plan`. Each video's
       batch row holds the same values in both; only the batching (and padding) differs.
     buffer_bytes: bound on the reorder buffer (see above).
+    proposals: also emit every candidate proposal of each video (`data.proposals`; none
+      dropped) as proposals_BxMx2 (batch snippet coordinates: as stored, or divided by
+      scale_B when resampling) and proposal_mask_BxM, M padded per batch to the smallest of
+      `proposal_buckets` (default `default_buckets(most proposals of a video)`) holding the
+      batch's largest count on any process.
 
   Yields:
-    dicts of numpy arrays as in train_batches, with T varying by batch; dummy entries have
-    index_B -1, valid_B 0, an all-zero mask and zero features.
+    dicts of numpy arrays as in train_batches, with T (and M) varying by batch; dummy entries
+    have index_B -1, valid_B 0, an all-zero mask and zero features (and proposals).
   """
   if batch_size < 1 or (num_snippets is not None and num_snippets < 1):
     raise WstalError(f"batch_size ({batch_size}) and num_snippets ({num_snippets}) must be >= 1")
@@ -500,11 +539,17 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
   lengths_N = None if num_snippets is not None else _video_lengths(manifest, data_dir, split)
   dims = {n: manifest["features"][n]["dim"] for n in names}
   num_c = len(manifest["classes"])
-  parse = fmt.tf_parse_fn(manifest, names)
+  if proposals:
+    _require_proposals(manifest, data_dir)
+  parse = fmt.tf_parse_fn(manifest, names, float_extras=(PROPOSALS,) if proposals else ())
   # Padded T of each of this process's videos; records of other videos are never parsed.
   slot_N = np.ones(num_videos, np.int32)
   slot_N[mine] = pad_T[:len(mine)]
   slot_tf = tf.constant(slot_N)
+  if proposals:
+    slot_m_N, length_m_J = _proposal_slots(data_dir, split, manifest, videos_P, batch_size,
+                                           num_batches, proposal_buckets)
+    slot_m_tf = tf.constant(slot_m_N)
   # Video i is in shard i % num_shards; process p reads shards p, p + P, ...
   mine_N = (np.arange(num_videos) % len(paths)) % num_procs == p
   bytes_K = pad_T[:len(mine)] * 4 * sum(dims.values())
@@ -523,7 +568,12 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
       mask_T = tf.cast(pos_T < num_t, tf.float32)
       idx_T, scale = tf.minimum(pos_T, num_t - 1), tf.constant(1.0, tf.float32)
     feats = {n: ex[f"feature/{n}"] for n in names}
-    return _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+    out = _to_batch(ex, feats, primary, vlm_feature, idx_T, mask_T, scale, 1.0)
+    if proposals:
+      slot_m = tf.gather(slot_m_tf, tf.clip_by_value(index, 0, num_videos - 1))
+      out.update(_proposal_batch(ex[f"extra/{PROPOSALS}"], idx_T, mask_T, scale,
+                                 num_snippets is None, slot_m))
+    return out
 
   def read_pass(take_N):
     """This process's records of the videos in take_N, parsed, by increasing index. Records
@@ -566,7 +616,7 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
       if pos < hi:
         raise mismatch(f"no record of video index {int(mine[pos])}")
 
-  def dummy(slot_t):
+  def dummy(slot_t, slot_m):
     out = {
         "feat_BxTxD": np.zeros([slot_t, dims[primary]], np.float32),
         "mask_BxT": np.zeros([slot_t], np.float32),
@@ -577,6 +627,9 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
     }
     if vlm_feature is not None:
       out["vlm_BxTxE"] = np.zeros([slot_t, dims[vlm_feature]], np.float32)
+    if proposals:
+      out["proposals_BxMx2"] = np.zeros([slot_m, 2], np.float32)
+      out["proposal_mask_BxM"] = np.zeros([slot_m], np.float32)
     return out
 
   def check(batch, want):
@@ -593,7 +646,8 @@ def eval_batches(data_dir: str, *, split: str, batch_size: int,
       rows = mine[j * batch_size:(j + 1) * batch_size]
       want[:len(rows)] = rows
       exs = [next(videos) for _ in rows]
-      exs += [dummy(int(length_J[j]))] * (batch_size - len(rows))
+      exs += [dummy(int(length_J[j]), int(length_m_J[j]) if proposals else 0)] * (
+          batch_size - len(rows))
       batch = {k: np.stack([ex[k] for ex in exs]) for k in exs[0]}
       check(batch, want)
       yield batch

@@ -10,7 +10,9 @@ own with `--mode=eval --config.eval.export_proposals=raw`):
 
 `add_proposals` writes a copy of a dataset with, per video of the given splits, the field
 `extra/proposals`: float32 little-endian raw bytes, [M, 2] (start, end) in *snippet units*
-(seconds / seconds_per_snippet), clipped to [0, T] of the video. Only the segment is kept:
+(seconds / seconds_per_snippet), clipped to [0, T] of the video; and the artefact
+'proposals' ({"counts": {split: [M per video index]}, "dedupe": bool}: evaluation pads each
+batch's proposals to a length bucket from these). Only the segment is kept:
 label and score are the producing model's and are not inputs of the proposal methods.
 
 Choices (P-MIL's released loader in parentheses):
@@ -106,7 +108,7 @@ def add_proposals(data_dir: str, out: str, files: Mapping[str, str], *, dedupe: 
   splits in `files` ({split: results file}). Returns the new manifest."""
   manifest = fmt.read_manifest(data_dir)
   sps = fmt.seconds_per_snippet(manifest)
-  extras, stats = {}, []
+  extras, stats, counts_by_split = {}, [], {}
   for split, path in files.items():
     if split not in manifest["splits"]:
       raise WstalError(f"{data_dir}: no split {split!r} to add {path} to (splits: "
@@ -122,7 +124,7 @@ def add_proposals(data_dir: str, out: str, files: Mapping[str, str], *, dedupe: 
     if missing:
       raise WstalError(f"{path}: no proposals for {split} video {missing[0]!r}"
                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    counts, dropped_total, dup_total = [], 0, 0
+    num_m, dropped_total, dup_total = [], 0, 0
     for name, info in infos.items():
       seg, dropped = to_snippets(segments[name], sps, info.num_snippets, dedupe)
       if not len(seg):
@@ -131,16 +133,30 @@ def add_proposals(data_dir: str, out: str, files: Mapping[str, str], *, dedupe: 
                             "the end of its features)" if dropped else ""))
       dropped_total += dropped
       dup_total += len(seg) - len(np.unique(seg, axis=0))
-      counts.append(len(seg))
+      num_m.append(len(seg))
       extras[name] = {FIELD: encode(seg)}
-    stats.append((split, len(counts), int(np.sum(counts)), int(np.max(counts)), dropped_total,
+    stats.append((split, len(num_m), int(np.sum(num_m)), int(np.max(num_m)), dropped_total,
                   dup_total))
+    counts_by_split[split] = [int(c) for c in num_m]
   for split, n, total, most, dropped, dups in stats:
     logging.info("proposals: %s: %d videos, %d proposals (at most %d a video; %d identical "
                  "to an earlier one of their video, %s), %d dropped as empty after clipping",
                  split, n, total, most, dups, "removed" if dedupe else "kept", dropped)
   source = {f"proposals_{s}": provenance or str(p) for s, p in files.items()}
-  return fmt.copy_with_extras(data_dir, out, extras, source=source, overwrite=overwrite)
+  old = fmt.load_aux(data_dir, FIELD, manifest) or {"counts": {}}
+  aux = {"counts": dict(old["counts"], **counts_by_split), "dedupe": bool(dedupe)}
+  return fmt.copy_with_extras(data_dir, out, extras, source=source, aux={FIELD: aux},
+                              overwrite=overwrite)
+
+
+def counts(data_dir: str, split: str, manifest: dict | None = None) -> np.ndarray:
+  """Proposals of each video of `split` (by video index), from the dataset's 'proposals'
+  artefact; WstalError when the split has none."""
+  aux = fmt.load_aux(data_dir, FIELD, manifest)
+  if aux is None or split not in aux.get("counts", {}):
+    raise WstalError(f"{data_dir}: the {split} split has no candidate proposals (add them "
+                     "with python -m wstal_jax.data.proposals)")
+  return np.asarray(aux["counts"][split], np.int64)
 
 
 def load(info: fmt.VideoInfo) -> np.ndarray | None:
