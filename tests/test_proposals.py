@@ -233,3 +233,44 @@ def test_eval_batches_carry_every_proposal(tmp_path):
                          proposal_buckets=(4,)))
   with pytest.raises(WstalError, match="plain: the dataset has no candidate proposals"):
     next(ip.eval_batches(str(tmp_path / "plain"), split="test", batch_size=3, proposals=True))
+
+
+def test_trained_method_exports_raw_proposals_that_convert(tmp_path):
+  """The loop P-MIL's users ask for: train CO2-Net, export its raw proposals (before NMS) for
+  both splits, add them to the dataset, read them in training batches."""
+  from test_co2net import _main
+  from wstal_jax import input_pipeline as ip
+  data = _write_dataset(tmp_path / "data")
+  workdir = tmp_path / "run"
+  common = ["--config.eval.batch_size=4", "--config.co2net.attn_hidden=8",
+            "--config.eval.num_plots=0"]
+  proc = _main([f"--config={ROOT / 'configs' / 'co2net.py'}", f"--config.data.dir={data}",
+                f"--workdir={workdir}", "--config.train.num_steps=2",
+                "--config.train.eval_every=2", "--config.data.num_snippets=16",
+                "--config.train.batch_size=4", *common], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = _main(["--mode=eval", f"--workdir={workdir}", f"--eval_dir={tmp_path / 'ev'}",
+                "--config.eval.export_proposals=raw"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  for split, n in (("train", 6), ("test", 3)):
+    res = json.loads((tmp_path / "ev" / f"proposals_{split}.json").read_text())
+    assert len(res["results"]) == n and all(res["results"].values())
+  raw = P.read_file(str(tmp_path / "ev" / "proposals_test.json"))
+  # Before NMS: at least what the evaluation kept after NMS, scores not decayed.
+  kept = json.loads((tmp_path / "ev" / "results.json").read_text())["results"]
+  assert sum(len(v) for v in raw.values()) >= sum(len(v) for v in kept.values()) >= 3
+  raw_scores = json.loads((tmp_path / "ev" / "proposals_test.json").read_text())["results"]
+  assert max(p["score"] for v in raw_scores.values() for p in v) >= max(
+      p["score"] for v in kept.values() for p in v)
+  out = str(tmp_path / "with_proposals")
+  P.add_proposals(data, out, {s: str(tmp_path / "ev" / f"proposals_{s}.json")
+                              for s in ("train", "test")})
+  batch = next(ip.train_batches(out, split="train", batch_size=2, num_snippets=16, seed=0,
+                                max_proposals=8))
+  assert batch["proposal_mask_BxM"].sum() > 0
+  assert np.all(batch["proposals_BxMx2"][..., 1] >= batch["proposals_BxMx2"][..., 0])
+  bad = _main(["--mode=eval", f"--workdir={workdir}", "--config.eval.export_proposals=all"],
+              tmp_path)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  assert "eval.export_proposals" in bad.stderr

@@ -147,6 +147,10 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   # ground-truth labels instead of predicting them, as some released code does. Every table
   # and metrics.json of such a run is marked `oracle_labels: true`; never a result to quote.
   c.eval.oracle_labels = False
+  # --mode=eval only: 'raw' also writes proposals_<split>.json for every split of the dataset
+  # (ActivityNet results format, seconds): the method's proposals before NMS, the candidate
+  # proposals of proposal-based methods (python -m wstal_jax.data.proposals adds them).
+  c.eval.export_proposals = "none"
   # Post-processing: the method's preset (postprocess.get_preset(method.postprocess_preset))
   # with these fields replaced. A method config fills it with its full preset so that every
   # field is overridable from the command line.

@@ -286,5 +286,39 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint: str = "best",
   extra = {"step": step, "selected_on": ckpt_metrics.get("selected_on", checkpoint),
            "checkpoint": str(checkpoint), "split": result.split}
   content = write_outputs(eval_dir or workdir, result, run, extra=extra)
+  if config.eval.get("export_proposals", "none") == "raw":
+    export_raw_proposals(run, params, eval_dir or workdir)
   ckpts.close()
   return content
+
+
+def export_raw_proposals(run: run_setup.Setup, params, out_dir: str) -> dict[str, str]:
+  """Writes OUT/proposals_<split>.json for every split of the dataset: the method's
+  proposals before NMS (the post-processing preset with nms.method='none': every
+  threshold's every region of every selected class, duplicates included), ActivityNet
+  results format in seconds. A video with none gets one proposal spanning the whole video
+  (score 0, class 0: proposal methods read only the segment; no label of the video is used),
+  so that every video has candidates (`data.proposals` refuses a video without). Only
+  process 0 writes. -> {split: path}."""
+  paths = {}
+  for split in run.manifest["splits"]:
+    evaluator = Evaluator(run, split=split)
+    evaluator.pp_config.nms.method = "none"
+    result = evaluator(params)
+    found, filled = {}, 0
+    for i in evaluator.video_indices:
+      info = evaluator.infos[int(i)]
+      props = result.proposals[info.name]
+      if not len(props):
+        filled += 1
+        props = postprocess.Proposals(np.zeros(1, np.int64), np.zeros(1), np.zeros(1),
+                                      np.array([info.duration]))
+      found[info.name] = props
+    paths[split] = os.path.join(out_dir, f"proposals_{split}.json")
+    if jax.process_index() == 0:
+      tf.io.gfile.makedirs(out_dir)
+      results_io.write_results(paths[split], found, run.classes)
+    logging.info("raw proposals of %d %s videos (%d in all%s) -> %s", len(found), split,
+                 sum(len(p) for p in found.values()),
+                 f"; {filled} without any got the whole video" if filled else "", paths[split])
+  return paths

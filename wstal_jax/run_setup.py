@@ -44,6 +44,8 @@ def validate_config(config):
   need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
   need(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   need(config.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")
+  need(config.eval.get("export_proposals", "none") in ("none", "raw"), "eval.export_proposals",
+       f"must be 'none' or 'raw', got {config.eval.get('export_proposals')!r}")
   need(config.eval.select_on in ("test", "heldout"), "eval.select_on",
        f"must be 'test' or 'heldout', got {config.eval.select_on!r}")
   if config.eval.select_on == "heldout":
