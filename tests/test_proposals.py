@@ -274,3 +274,55 @@ def test_trained_method_exports_raw_proposals_that_convert(tmp_path):
               tmp_path)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   assert "eval.export_proposals" in bad.stderr
+
+
+def _tree_digest(path):
+  import hashlib
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(path)):
+    with open(os.path.join(path, name), "rb") as fh:
+      h.update(name.encode() + fh.read())
+  return h.hexdigest()
+
+
+def _iou(a, b):
+  inter = np.maximum(0, np.minimum(a[:, None, 1], b[None, :, 1])
+                     - np.maximum(a[:, None, 0], b[None, :, 0]))
+  union = (a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter
+  return inter / union
+
+
+def test_builtin_proposals_byte_identical_and_weak_localizer_like(tmp_path):
+  """The built-in benchmark's candidate proposals: byte-identical per seed, and like a weak
+  localizer's raw output: most instances covered at tIoU 0.5, many background candidates,
+  frequent duplicates."""
+  from wstal_jax import run_setup
+  from wstal_jax.data import synthetic_proposals as sp
+  a = sp.ensure_builtin("small", 0, cache_dir=str(tmp_path / "a"))
+  b = sp.ensure_builtin("small", 0, cache_dir=str(tmp_path / "b"))
+  assert _tree_digest(a) == _tree_digest(b)
+  assert sorted(os.listdir(tmp_path / "a")) == sorted(os.listdir(tmp_path / "b"))
+  sps = fmt.seconds_per_snippet(fmt.read_manifest(a))
+  recall, background, dups = [], [], []
+  for info in fmt.read_video_info(a, "test"):
+    seg = P.load(info)
+    assert len(seg) >= 1 and np.all(seg[:, 1] > seg[:, 0])
+    assert seg.max() <= info.num_snippets
+    unique = np.unique(seg, axis=0)
+    dups.append(1 - len(unique) / len(seg))
+    if len(info.segments):
+      m = _iou(info.segments / sps, unique)
+      recall.append(np.mean(m.max(1) >= 0.5))
+      background.append(np.mean(m.max(0) < 0.3))
+  assert np.mean(recall) > 0.6 and np.mean(background) > 0.3 and np.mean(dups) > 0.2
+  # The config flag selects it; descriptions and proposals together are refused.
+  from test_co2net import load_config
+  config = load_config()
+  with config.unlocked():
+    config.data.proposals = True
+    config.data.cache_dir = str(tmp_path / "a")
+  assert run_setup.resolve_data_dir(config) == a
+  with config.unlocked():
+    config.data.descriptions = True
+  with pytest.raises(WstalError, match="descriptions or with proposals, not both"):
+    run_setup.resolve_data_dir(config)

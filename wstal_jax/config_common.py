@@ -109,6 +109,12 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.data.descriptions = False
   c.data.max_key_tokens = 24
   c.data.max_complete_tokens = 64
+  # Candidate proposals (data/proposals.py; P-MIL, SEAL): training batches carry
+  # proposals_BxMx2 / proposal_mask_BxM (at most max_proposals a video, a random subset beyond:
+  # P-MIL's 1,000), evaluation batches every proposal; the built-in preset uses synthetic
+  # weak-localizer proposals (data/synthetic_proposals.py).
+  c.data.proposals = False
+  c.data.max_proposals = 1000
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 16            # global, over all processes and devices

@@ -118,7 +118,8 @@ class Evaluator:
         vlm_feature=config.data.vlm_feature, num_snippets=config.eval.num_snippets,
         video_indices=self.video_indices, order=self.order,
         sampling=config.eval.get("sampling", "uniform"),
-        process_index=jax.process_index(), process_count=jax.process_count())
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        proposals=bool(config.data.get("proposals", False)))
 
   def __call__(self, params, *, keep_scores: int = 0) -> EvalResult:
     num_c = len(self.run.classes)

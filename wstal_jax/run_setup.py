@@ -44,6 +44,8 @@ def validate_config(config):
   need(config.optim.lr > 0, "optim.lr", f"must be > 0, got {config.optim.lr}")
   need(config.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
   need(config.optim.grad_clip_norm >= 0, "optim.grad_clip_norm", "must be >= 0 (0: off)")
+  need(int(config.data.get("max_proposals", 1)) >= 1, "data.max_proposals",
+       f"must be >= 1, got {config.data.get('max_proposals')}")
   need(config.eval.get("export_proposals", "none") in ("none", "raw"), "eval.export_proposals",
        f"must be 'none' or 'raw', got {config.eval.get('export_proposals')!r}")
   need(config.eval.select_on in ("test", "heldout"), "eval.select_on",
@@ -121,6 +123,14 @@ def resolve_data_dir(config) -> str:
   from wstal_jax.data import synthetic  # only the built-in preset needs the generator
   logging.info("no --config.data.dir: using the built-in %r benchmark (seed %d)",
                config.data.builtin_size, config.data.builtin_seed)
+  if config.data.get("proposals"):
+    if config.data.get("descriptions"):
+      raise WstalError("the built-in benchmark comes with descriptions or with proposals, not "
+                       "both (config.data.descriptions and config.data.proposals)")
+    from wstal_jax.data import synthetic_proposals
+    return synthetic_proposals.ensure_builtin(
+        config.data.builtin_size, seed=config.data.builtin_seed,
+        cache_dir=config.data.cache_dir)
   if config.data.get("descriptions"):
     from wstal_jax.data import synthetic_descriptions
     return synthetic_descriptions.ensure_builtin(
@@ -200,6 +210,11 @@ def setup(config, *, method=None) -> Setup:
   consts = jax.device_put(consts, replicated)
   return Setup(config=config, data_dir=data_dir, manifest=manifest, method=method,
                consts=consts, mesh=mesh)
+
+
+def max_proposals(config) -> int | None:
+  """M of the proposals training batches carry (None without config.data.proposals)."""
+  return int(config.data.max_proposals) if config.data.get("proposals") else None
 
 
 def token_fields(config) -> dict:

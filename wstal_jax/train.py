@@ -525,7 +525,8 @@ class _Loop:
         num_snippets=config.data.num_snippets, seed=config.seed, start_step=start_step,
         sampling=config.data.sampling, vlm_feature=config.data.vlm_feature,
         video_indices=self.train_idx, process_index=jax.process_index(),
-        process_count=jax.process_count(), token_fields=run_setup.token_fields(config))
+        process_count=jax.process_count(), token_fields=run_setup.token_fields(config),
+        max_proposals=run_setup.max_proposals(config))
     batch = run.put_batch(next(batches))
     self.restore_or_init(batch, start_step)
     train_key = self.train_key = jax.random.split(jax.random.key(config.seed))[1]
