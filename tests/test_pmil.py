@@ -1,5 +1,6 @@
 """Tests of P-MIL (wstal_jax/models/pmil.py, wstal_jax/methods/pmil.py): SCFE's bins against a
 numpy transcription on hand-made proposals, the proposal IoU."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,3 +60,86 @@ def test_proposal_iou_by_hand():
   b = jnp.asarray([[[2.0, 6.0], [5.0, 7.0], [0.0, 4.0]]])
   got = np.asarray(pm.proposal_iou(a, b))
   np.testing.assert_allclose(got, [[[2 / 6, 0, 1], [1 / 4, 0, 1 / 4]]], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# Loss and scoring terms (methods/pmil.py).
+
+from wstal_jax.methods import pmil as P  # noqa: E402
+
+
+def test_ramp_up_values():
+  np.testing.assert_allclose([float(P.ramp_up(e)) for e in (1, 10, 20, 30, 45)],
+                             [np.exp(-5 * (29 / 30) ** 2), np.exp(-5 * (2 / 3) ** 2),
+                              np.exp(-5 * (1 / 3) ** 2), 1.0, 1.0], rtol=1e-6)
+
+
+PROPS = np.array([[[0, 4], [1, 3], [5, 8], [6, 9], [10, 12], [0, 12]]], np.float32)
+
+
+def test_pseudo_instances_greedy_by_hand():
+  attn = jnp.asarray([[0.9, 0.95, 0.5, 0.85, 0.2, 0.99]])
+  mask = jnp.asarray([[1, 1, 1, 1, 1, 0]], jnp.float32)     # the whole-video one is padding
+  got = np.asarray(P.pseudo_instances(attn, jnp.asarray(PROPS), mask))
+  # max 0.95 -> candidates > 0.76: 0, 1, 3; take 1 (drops 0, overlapping it), then 3.
+  np.testing.assert_array_equal(got, [[False, True, False, True, False, False]])
+  loss = P.completeness_loss(jnp.zeros((1, 6)), jnp.asarray(PROPS), jnp.asarray(got), mask)
+  # targets: best tIoU with [1, 3] or [6, 9]: 2/4, 1, 2/4, 1, 0 (the padded row not counted)
+  want = np.mean((0.5 - np.array([0.5, 1.0, 0.5, 1.0, 0.0])) ** 2)
+  np.testing.assert_allclose(float(loss[0]), want, rtol=1e-5)
+
+
+def np_rank_consistency(cas_s, cas_t, attn_t, props, label, mask):
+  """L_IRC for one video with loops, float64."""
+  valid = [i for i in range(len(mask)) if mask[i]]
+  anchors = [i for i in valid if attn_t[i] > np.mean(attn_t[valid])]
+  total, classes = 0.0, [c for c in range(len(label)) if label[c]]
+  for c in classes:
+    rows = []
+    for i in anchors:
+      js = [j for j in valid if min(props[i, 1], props[j, 1]) - max(props[i, 0], props[j, 0]) > 0]
+      p = np.exp(cas_t[js, c] - cas_t[js, c].max()); p /= p.sum()
+      q = np.exp(cas_s[js, c] - cas_s[js, c].max()); q /= q.sum()
+      rows.append(np.sum(p * (np.log(p) - np.log(q))))
+    total += np.mean(rows) if rows else 0.0
+  return total / max(len(classes), 1)
+
+
+def test_rank_consistency_matches_a_loop_and_only_the_student_learns():
+  rng = np.random.default_rng(3)
+  cas_s = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  cas_t = rng.normal(size=(2, 6, 4)).astype(np.float32)
+  attn_t = rng.uniform(size=(2, 6)).astype(np.float32)
+  props = np.concatenate([PROPS, PROPS[:, ::-1]], axis=0)
+  label = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
+  mask = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 1, 1]], np.float32)
+  got = np.asarray(P.rank_consistency(*map(jnp.asarray, (cas_s, cas_t, attn_t, props, label,
+                                                         mask))))
+  for b in range(2):
+    np.testing.assert_allclose(got[b], np_rank_consistency(
+        cas_s[b].astype(np.float64), cas_t[b].astype(np.float64), attn_t[b], props[b],
+        label[b], mask[b]), rtol=1e-4, atol=1e-6)
+  g_s, g_t = jax.grad(lambda s, t: jnp.sum(P.rank_consistency(
+      s, t, *map(jnp.asarray, (attn_t, props, label, mask)))), (0, 1))(
+          jnp.asarray(cas_s), jnp.asarray(cas_t))
+  assert float(jnp.abs(g_t).sum()) == 0 and float(jnp.abs(g_s).sum()) > 0
+  assert float(jnp.abs(g_s[..., 3]).sum()) == 0          # the background column is not used
+
+
+def test_proposal_scores_by_hand():
+  rng = np.random.default_rng(5)
+  outs = {m: {"cas_BxMxC1": jnp.asarray(rng.normal(size=(1, 3, 3)), jnp.float32),
+              "attn_logit_BxM": jnp.asarray(rng.normal(size=(1, 3)), jnp.float32),
+              "iou_logit_BxM": jnp.asarray(rng.normal(size=(1, 3)), jnp.float32)}
+          for m in ("rgb", "flow")}
+  mask = jnp.asarray([[1, 1, 0]], jnp.float32)
+  score, video = map(np.asarray, P.proposal_scores(outs, mask, video_bonus=0.2))
+  sm = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  p = np.mean([sm(np.asarray(o["cas_BxMxC1"][0], np.float64)) for o in outs.values()], 0)
+  a = np.mean([sig(np.asarray(o["attn_logit_BxM"][0], np.float64)) for o in outs.values()], 0)
+  q = np.mean([sig(np.asarray(o["iou_logit_BxM"][0], np.float64)) for o in outs.values()], 0)
+  v = (p[:2, :2] * a[:2, None]).sum(0) / (a[:2].sum() + 1e-6)
+  np.testing.assert_allclose(video[0], v, rtol=1e-5)
+  np.testing.assert_allclose(score[0, :2], p[:2, :2] * (a * q)[:2, None] + 0.2 * v, rtol=1e-5)
+  np.testing.assert_array_equal(score[0, 2], 0)
