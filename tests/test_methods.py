@@ -54,7 +54,12 @@ def tiny_batch(seed=0):
           "index_B": np.arange(B, dtype=np.int32), "valid_B": np.ones(B, np.float32),
           "scale_B": np.ones(B, np.float32),
           "key_tokens_BxL": np.array([[6, 2, 11, 0], [7, 3, 4, 8]], np.int32),
-          "complete_tokens_BxL": np.array([[9, 2, 11, 4, 0, 0], [10, 3, 5, 6, 7, 0]], np.int32)}
+          "complete_tokens_BxL": np.array([[9, 2, 11, 4, 0, 0], [10, 3, 5, 6, 7, 0]], np.int32),
+          # Candidate proposals (P-MIL's, SEAL's inputs), overlapping; the second video's
+          # last one is padding.
+          "proposals_BxMx2": np.array([[[0, 6], [2, 8], [3, 5], [10, 20], [12, 24]],
+                                       [[0, 4], [1, 6], [5, 9], [8, 12], [0, 0]]], np.float32),
+          "proposal_mask_BxM": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], np.float32)}
 
 
 def test_rank_promotion_raises_in_the_whole_suite():

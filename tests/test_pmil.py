@@ -119,6 +119,13 @@ def test_rank_consistency_matches_a_loop_and_only_the_student_learns():
     np.testing.assert_allclose(got[b], np_rank_consistency(
         cas_s[b].astype(np.float64), cas_t[b].astype(np.float64), attn_t[b], props[b],
         label[b], mask[b]), rtol=1e-4, atol=1e-6)
+  # Only the first `max_classes` labelled classes of a video enter.
+  first = np.asarray(P.rank_consistency(*map(jnp.asarray, (cas_s, cas_t, attn_t, props, label,
+                                                           mask)), max_classes=1))
+  np.testing.assert_allclose(first[0], np_rank_consistency(
+      cas_s[0].astype(np.float64), cas_t[0].astype(np.float64), attn_t[0], props[0],
+      np.array([1, 0, 0]), mask[0]), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(first[1], got[1], rtol=1e-6)
   g_s, g_t = jax.grad(lambda s, t: jnp.sum(P.rank_consistency(
       s, t, *map(jnp.asarray, (attn_t, props, label, mask)))), (0, 1))(
           jnp.asarray(cas_s), jnp.asarray(cas_t))
@@ -143,3 +150,115 @@ def test_proposal_scores_by_hand():
   np.testing.assert_allclose(video[0], v, rtol=1e-5)
   np.testing.assert_allclose(score[0, :2], p[:2, :2] * (a * q)[:2, None] + 0.2 * v, rtol=1e-5)
   np.testing.assert_array_equal(score[0, 2], 0)
+
+
+# ------------------------------------------------------------------------------------------
+# The method end to end.
+
+
+def _pmil_config(data_dir, **fields):
+  import importlib.util
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("pmil_recipe", os.path.join(root, "configs",
+                                                                            "pmil.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.dir = data_dir
+  config.data.num_snippets = 24
+  config.data.max_proposals = 4
+  config.train.batch_size = 2
+  config.mesh.num_devices = 1
+  config.train.num_steps = 6
+  config.train.log_every = 2
+  config.train.eval_every = 3
+  config.train.checkpoint_every = 2
+  config.checkpoint.keep_latest = 20
+  config.checkpoint.async_save = False
+  config.eval.batch_size = 2
+  config.eval.num_plots = 1
+  config.pmil.hidden, config.pmil.head_hidden = 8, 8
+  config.pmil.steps_per_epoch, config.pmil.ramp_epochs = 1, 4   # the ramp moves every step
+  for k, v in fields.items():
+    config.pmil[k] = v
+  return config
+
+
+def _dataset_with_proposals(tmp_path):
+  from test_proposals import _files, _write_dataset
+  from wstal_jax.data import proposals
+  plain = _write_dataset(tmp_path / "plain")
+  train = {f"train_{i}": [(0.64, 3.2), (1.28, 4.48), (1.92, 5.12), (5.0, 9.0), (0.0, 2.0)]
+           for i in range(6)}
+  out = str(tmp_path / "data")
+  proposals.add_proposals(plain, out, _files(tmp_path, train=train))
+  return out
+
+
+def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
+  import json
+  import os
+  import shutil
+  from wstal_jax import methods, train
+  data = _dataset_with_proposals(tmp_path)
+  config = _pmil_config(data)
+  full = str(tmp_path / "full")
+  metrics = train.train_and_evaluate(config, full)
+  assert np.isfinite(metrics["average_mAP"])
+  results = json.loads(open(os.path.join(full, "results.json")).read())["results"]
+  assert set(results) == {"test_0", "test_1", "test_2"}
+  # Detections are candidate segments (test videos' candidates: [0, 1.92] and [2.56, end]).
+  starts = {round(p["segment"][0], 2) for v in results.values() for p in v}
+  assert starts <= {0.0, 2.56}
+  assert os.path.exists(os.path.join(full, "plots", "scores.npz"))
+  # Resumed from the step-2 checkpoint: the same metrics.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
+                                                               "results.json", "plots"))
+  ckpt_dir = os.path.join(resumed, "checkpoints")
+  for name in os.listdir(ckpt_dir):
+    if name.isdigit() and int(name) > 2:
+      shutil.rmtree(os.path.join(ckpt_dir, name))
+  assert train.train_and_evaluate(config, resumed) == json.load(
+      open(os.path.join(full, "metrics.json")))
+
+  # predict: padded proposals and padded snippets change no valid output.
+  method = methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
+  rng = np.random.default_rng(0)
+  feat = rng.normal(size=(2, 12, 8)).astype(np.float32)
+  feat[1, 9:] = 0
+  batch = {"feat_BxTxD": feat, "mask_BxT": (np.arange(12)[None] < [[12], [9]]).astype(
+               np.float32),
+           "proposals_BxMx2": np.array([[[0, 4], [2, 9], [5, 12]], [[1, 3], [0, 9], [0, 0]]],
+                                       np.float32),
+           "proposal_mask_BxM": np.array([[1, 1, 1], [1, 1, 0]], np.float32),
+           "label_BxC": np.eye(3, dtype=np.float32)[:2]}
+  params = method.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()},
+                       {})["params"]
+  a = method.predict(params, {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  big = dict(batch)
+  big["feat_BxTxD"] = np.pad(feat, ((0, 0), (0, 6), (0, 0)))
+  big["mask_BxT"] = np.pad(batch["mask_BxT"], ((0, 0), (0, 6)))
+  big["proposals_BxMx2"] = np.pad(batch["proposals_BxMx2"], ((0, 0), (0, 3), (0, 0)),
+                                  constant_values=7.0)
+  big["proposal_mask_BxM"] = np.pad(batch["proposal_mask_BxM"], ((0, 0), (0, 3)))
+  b = method.predict(params, {k: jnp.asarray(v) for k, v in big.items()}, {})
+  np.testing.assert_allclose(b["video_scores_BxC"], a["video_scores_BxC"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(b["proposal_scores_BxMxC"])[:, :3],
+                             a["proposal_scores_BxMxC"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(b["cas_BxTxC"])[:, :12], a["cas_BxTxC"], rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(b["proposal_scores_BxMxC"])[:, 3:], 0)
+
+
+def test_pmil_config_errors():
+  from wstal_jax import methods
+  from wstal_jax.errors import WstalError
+  config = _pmil_config("unused", branches="fused")
+  with pytest.raises(WstalError, match=r"config.pmil.w_irc=2.0: rank consistency needs two"):
+    methods.get_method(config, 3, {"feat": 8})
+  config = _pmil_config("unused")
+  config.data.proposals = False
+  with pytest.raises(WstalError, match="scores candidate proposals: set config.data.proposals"):
+    methods.get_method(config, 3, {"feat": 8})

@@ -89,8 +89,9 @@ class Evaluator:
     def predict(params, batch, consts):
       out = dict(run.method.predict(params, batch, consts))
       # Carried through so every process reads the global batch's rows from one place.
-      for key in ("index_B", "mask_BxT", "scale_B"):
-        out[key] = batch[key]
+      for key in ("index_B", "mask_BxT", "scale_B", "proposals_BxMx2", "proposal_mask_BxM"):
+        if key in batch:
+          out[key] = batch[key]
       return out
 
     self._predict = jax.jit(predict,
@@ -130,6 +131,9 @@ class Evaluator:
     # all videos after the loop: the same proposals as video_proposals per video, faster).
     index_V, cas, actionness, sps, durations, ambiguous = [], [], [], [], [], []
     oic_scores = []   # predict's optional oic_scores_BxC (the OIC gamma term's scores)
+    # Proposal methods (predict gives proposal_scores_BxMxC): per video the valid candidates'
+    # scores [M_v, C] and segments in seconds; detections come from these, not from the CAS.
+    cand_scores, cand_segments = [], []
     frame_ious = {}   # name -> metrics.FrameIoU for predict's optional frame_<name>_BxTxC
     frame_threshold = float(getattr(self.run.method, "frame_threshold", 0.5))
     for batch in self.batches():
@@ -148,6 +152,11 @@ class Evaluator:
         if "oic_scores_BxC" in out:
           oic_scores.append(np.asarray(out["oic_scores_BxC"][b], np.float32))
         video_sps = self.sps * float(scale_B[b])
+        if "proposal_scores_BxMxC" in out:
+          valid_m = out["proposal_mask_BxM"][b] > 0
+          cand_scores.append(np.asarray(out["proposal_scores_BxMxC"][b][valid_m], np.float32))
+          cand_segments.append(np.asarray(out["proposals_BxMx2"][b][valid_m], np.float64)
+                               * video_sps)
         frame_keys = [k for k in out if k.startswith("frame_") and k.endswith("_BxTxC")]
         if frame_keys:
           gt_TxC = metrics_lib.snippet_labels(info.segments, info.segment_labels, num_t,
@@ -177,10 +186,15 @@ class Evaluator:
     if missing:
       raise WstalError(f"{self.run.data_dir}: split {self.split!r}: evaluation saw no output for "
                        f"{len(missing)} video(s) (first index {missing[0]})")
-    found = postprocess.proposals_for_videos(
-        [video_scores[i] for i in index_V], cas, actionness, seconds_per_snippet=sps,
-        durations=durations, config=self.pp_config, ambiguous=ambiguous,
-        oic_scores=oic_scores or None)
+    if cand_scores:
+      found = postprocess.proposals_from_candidates(
+          [video_scores[i] for i in index_V], cand_scores, cand_segments,
+          config=self.pp_config, ambiguous=ambiguous)
+    else:
+      found = postprocess.proposals_for_videos(
+          [video_scores[i] for i in index_V], cas, actionness, seconds_per_snippet=sps,
+          durations=durations, config=self.pp_config, ambiguous=ambiguous,
+          oic_scores=oic_scores or None)
     proposals = {self.infos[i].name: p for i, p in zip(index_V, found)}
     metrics = self._metrics(video_scores, proposals, num_c)
     for name, acc in sorted(frame_ious.items()):   # Ju et al. Table 3's pseudo-label quality

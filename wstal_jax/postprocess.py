@@ -87,7 +87,7 @@ FPS = 25.0
 SECONDS_PER_SNIPPET = SNIPPET_FRAMES / FPS  # 0.64 s, THUMOS14 / ActivityNet I3D features
 
 THRESHOLD_SEQUENCES = ("cas", "actionness")
-PRESETS = ("vlpo", "co2net", "pvlr", "ju2023", "delu")
+PRESETS = ("vlpo", "co2net", "pvlr", "ju2023", "delu", "pmil", "seal")
 SCORE_MODES = ("oic", "max", "max_video")
 
 
@@ -185,7 +185,7 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
                                      # it changes nothing unless action_thresholds grows
     nms.length_offset_s = 0.0
     cfg.filter_ambiguous = False     # the official ActivityNet algorithm, no filtering
-  elif name in ("co2net", "pvlr", "delu"):
+  elif name in ("co2net", "pvlr", "delu", "pmil", "seal"):
     cfg.class_threshold = 0.2        # CO2-Net code: pred_vid_score >= 0.2
     cfg.threshold_sequence = "actionness"  # CO2-Net code: thresholds the attention
     cfg.action_thresholds = tuple(np.linspace(0.1, 0.9, 10).tolist())  # CO2-Net code
@@ -208,6 +208,12 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
       cfg.oic_gamma = 0.05           # PVLR code act_gamma_oic
       nms.sigma = 0.2                # PVLR code sigma 0.2
       cas.enabled = True
+    # pmil / seal: proposal methods score given candidates (`proposals_from_candidates`
+    # reads only class_threshold, nms and filter_ambiguous). P-MIL code: class threshold 0.2,
+    # Gaussian soft-NMS sigma 0.3 on snippet units with "+1", the ambiguous filter.
+    if name == "seal":               # SEAL code: class threshold 0.25, sigma 0.1
+      cfg.class_threshold = 0.25
+      nms.sigma = 0.1
   else:
     raise WstalError(f"unknown post-processing preset {name!r}; choose one of {PRESETS}")
   cfg.score_mode = "max_video" if name == "ju2023" else "oic"   # step 3
@@ -628,6 +634,53 @@ def proposals_for_videos(video_scores, cas, actionness, *, seconds_per_snippet, 
   out.score = score
   cuts = np.searchsorted(video[index], np.arange(1, num_videos))
   parts = [out.take(slice(lo, hi)) for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(out)])]
+  if cfg.filter_ambiguous and amb is not None:
+    parts = [p if a is None else remove_ambiguous(p, a) for p, a in zip(parts, amb)]
+  return parts
+
+
+def proposals_from_candidates(video_scores, scores, segments, *, config,
+                              ambiguous=None) -> list:
+  """Detections of proposal-based methods (P-MIL, SEAL) -> list of Proposals, one per video.
+
+  Per video: the classes kept by `class_threshold` (argmax if none passes); for each, every
+  candidate segment with its score for the class (the method's score, video bonus included);
+  per-class NMS (`config.nms`); the ambiguous filter. No thresholding, no OIC: the method
+  scored the candidates.
+
+  Args:
+    video_scores: per video, [C].
+    scores: per video, [M_v, C] candidate scores (valid candidates only).
+    segments: per video, [M_v, 2] candidate segments in seconds.
+    config: a `get_preset('pmil' | 'seal')` ConfigDict.
+    ambiguous: None, or per video [A, 2] ambiguous segments in seconds (or None).
+  """
+  cfg = _Settings.of(config)
+  num_videos = len(video_scores)
+  amb = _per_video(ambiguous, num_videos, "ambiguous") if ambiguous is not None else None
+  rows = []
+  for v in range(num_videos):
+    seg = np.asarray(segments[v], np.float64).reshape(-1, 2)
+    sc = np.asarray(scores[v], np.float64).reshape(len(seg), -1)
+    for c in select_classes(video_scores[v], cfg.class_threshold):
+      rows.append((np.full(len(seg), v), np.full(len(seg), c), sc[:, c], seg[:, 0], seg[:, 1]))
+  if not rows:
+    return [Proposals.empty() for _ in range(num_videos)]
+  video, label, score, start, end = (np.concatenate([r[k] for r in rows]) for k in range(5))
+  bad = np.flatnonzero(~np.isfinite(score) | ~np.isfinite(start) | ~np.isfinite(end))
+  if bad.size:
+    raise WstalError(f"post-processing: video {int(video[bad[0]])} (of {num_videos}) has a "
+                     "non-finite candidate score or segment")
+  flat = Proposals(label.astype(np.int64), score, start, end)
+  key = video.astype(np.int64) * (int(label.max()) + 1) + label.astype(np.int64)
+  bounds = np.append(np.flatnonzero(np.diff(key, prepend=-1)), len(flat))
+  index, kept_score = nms_groups(flat.start, flat.end, flat.score, bounds,
+                                 method=cfg.nms_method, iou_threshold=cfg.iou_threshold,
+                                 sigma=cfg.sigma, length_offset=cfg.length_offset_s)
+  out = flat.take(index)
+  out.score = kept_score
+  video = video[index]
+  parts = [out.take(video == v) for v in range(num_videos)]
   if cfg.filter_ambiguous and amb is not None:
     parts = [p if a is None else remove_ambiguous(p, a) for p, a in zip(parts, amb)]
   return parts

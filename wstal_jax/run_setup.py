@@ -195,7 +195,8 @@ def setup(config, *, method=None) -> Setup:
   text = data_format.load_text_embeddings(data_dir, manifest, feature=vlm)
   dims = {"feat": features[manifest["primary_feature"]]["dim"],
           "vlm": features[vlm]["dim"] if vlm else None,
-          "text": None if text is None else int(text.shape[1])}
+          "text": None if text is None else int(text.shape[1]),
+          "train_videos": int(manifest["splits"].get("train", {}).get("num_videos", 0))}
   words = description_consts(config, data_dir, manifest)
   if words:
     dims["words"], dims["vocab"] = (int(words["word_vectors_VxD"].shape[1]),

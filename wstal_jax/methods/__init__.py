@@ -28,6 +28,7 @@ REGISTRY = {
     "ju2023": "ju2023:Ju2023",    # Ju et al. 2023 (ju2023_distill_vlp.txt): CBP + VLP branches
     "delu": "delu:DELU",          # DELU (Chen et al. 2022) on CO2-Net, MLLM4WTAL's base
     "mllm4wtal": "mllm4wtal:MLLM4WTAL",  # MLLM4WTAL (mllm4wtal.txt) on DELU / CO2-Net
+    "pmil": "pmil:PMIL",          # P-MIL (Ren et al. 2023) on candidate proposals, SEAL's base
 }
 METHODS = tuple(REGISTRY)
 

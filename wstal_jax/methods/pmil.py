@@ -1,9 +1,5 @@
 """P-MIL (Ren et al., CVPR 2023), SEAL's base: proposal-based multiple instance learning.
 
-STATUS: the pure loss and scoring terms below are implemented and tested
-(tests/test_pmil.py); the method class, its config (configs/pmil.py), the evaluator's
-proposal path and the registry row are not yet written (issue 14).
-
 P-MIL scores candidate proposals another model produced (`data/proposals.py`). Its network
 (models/pmil.py) pools each proposal's surrounding-contrastive features (SCFE) and has three
 heads per modality (RGB, flow): class logits over C + 1 (last: background), an attention
@@ -31,8 +27,56 @@ q = sigmoid(completeness)), from the paper and its released code (PEERS.md):
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
-from wstal_jax.models.pmil import proposal_iou
+from wstal_jax import methods
+from wstal_jax.errors import WstalError
+from wstal_jax.layers import topk_count, video_mean
+from wstal_jax.methods import co2net
+from wstal_jax.models.pmil import PMILModel, proposal_iou
+
+BRANCHES = ("separate", "fused")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.pmil` block (THUMOS14, the released code's settings)."""
+  c = ml_collections.ConfigDict()
+  c.branches = "separate"     # P-MIL: RGB and flow branches; 'fused': one (SEAL's code)
+  c.hidden = 1024             # backbone width per branch (P-MIL: 3072 -> 1024)
+  c.head_hidden = 512         # each head's hidden width
+  c.dropout = 0.5
+  c.topk_divisor = 8          # MIL: k = max(1, M_valid // 8)
+  c.w_orig = 2.0              # L_orig
+  c.w_supp = 1.0              # L_supp
+  c.w_irc = 2.0               # L_IRC (x ramp-up); needs two branches
+  c.irc_max_classes = 4       # labelled classes a video that L_IRC reads (datasets: <= 3)
+  c.w_comp = 20.0             # L_comp (x ramp-up)
+  c.ramp_epochs = 30.0        # r(epoch) reaches 1 here
+  c.steps_per_epoch = 0       # 0: training videos // batch size (P-MIL drops the last batch)
+  c.pseudo_ratio = 0.8        # pseudo-instances: attention > 0.8 x max (the release)
+  c.video_bonus = 0.2         # inference: + 0.2 x video score
+  return c
+
+
+def validate_config(cfg) -> None:
+  def bad(field, why):
+    raise WstalError(f"config.pmil.{field}={cfg.get(field)!r}: {why}")
+  if cfg.branches not in BRANCHES:
+    bad("branches", f"choose one of {BRANCHES}")
+  for field in ("hidden", "head_hidden", "topk_divisor", "irc_max_classes"):
+    if int(cfg[field]) < 1:
+      bad(field, "must be >= 1")
+  for field in ("w_orig", "w_supp", "w_irc", "w_comp", "video_bonus", "steps_per_epoch"):
+    if cfg[field] < 0:
+      bad(field, "must be >= 0")
+  if cfg.ramp_epochs <= 0:
+    bad("ramp_epochs", "must be > 0")
+  if not 0.0 <= cfg.dropout < 1.0:
+    bad("dropout", "must be in [0, 1)")
+  if not 0.0 < cfg.pseudo_ratio <= 1.0:
+    bad("pseudo_ratio", "must be in (0, 1]")
+  if cfg.branches == "fused" and cfg.w_irc > 0:
+    bad("w_irc", "rank consistency needs two branches (branches='separate'); set it to 0")
 
 IRC_MASK = -1000.0   # additive logit mask of non-overlapping proposals (the release's value)
 
@@ -44,10 +88,14 @@ def ramp_up(epoch, length: float = 30.0):
 
 
 def rank_consistency(cas_s_BxMxC1, cas_t_BxMxC1, attn_t_BxM, proposals_BxMx2, label_BxC,
-                     mask_BxM):
-  """L_IRC per video (module docstring): -> l_B. The teacher side carries no gradient. One
-  class at a time (lax.map): the [B, M, M] distributions of all C classes at once would not
-  fit at M = 1,000."""
+                     mask_BxM, max_classes: int = 4):
+  """L_IRC per video (module docstring): -> l_B. The teacher side carries no gradient.
+
+  Only labelled classes enter, so each video's first `max_classes` labelled classes (by
+  class index) are gathered and processed one at a time (lax.map): all C classes' [B, M, M]
+  distributions would not fit at M = 1,000, and computing the unlabelled ones is C / L times
+  the work for nothing. THUMOS14, ActivityNet and the built-in benchmark have at most 3
+  labelled classes a video; a video with more uses its first `max_classes`."""
   valid = mask_BxM > 0
   overlap = (proposal_iou(proposals_BxMx2, proposals_BxMx2) > 0) & valid[:, None, :]
   logit_mask = jnp.where(overlap, 0.0, IRC_MASK)                          # [B, M, M]
@@ -65,11 +113,13 @@ def rank_consistency(cas_s_BxMxC1, cas_t_BxMxC1, attn_t_BxM, proposals_BxMx2, la
     return (jnp.sum(jnp.where(anchor, kl_BxM, 0.0), axis=1)
             / jnp.maximum(jnp.sum(anchor, axis=1), 1))
 
-  cols = (jnp.moveaxis(cas_s_BxMxC1[..., :-1], -1, 0),
-          jnp.moveaxis(cas_t_BxMxC1[..., :-1], -1, 0))
-  per_class_CxB = jax.lax.map(per_class, cols)
-  labelled = label_BxC > 0
-  return (jnp.sum(jnp.where(labelled, per_class_CxB.T, 0.0), axis=1)
+  num_l = min(int(max_classes), label_BxC.shape[1])
+  order = jnp.argsort(jnp.where(label_BxC > 0, 0, 1), axis=1, stable=True)[:, :num_l]  # [B, L]
+  labelled = jnp.take_along_axis(label_BxC > 0, order, axis=1)
+  pick = lambda cas: jnp.moveaxis(jnp.take_along_axis(cas[..., :-1], order[:, None, :], 2),
+                                  -1, 0)                                   # [L, B, M]
+  per_class_LxB = jax.lax.map(per_class, (pick(cas_s_BxMxC1), pick(cas_t_BxMxC1)))
+  return (jnp.sum(jnp.where(labelled, per_class_LxB.T, 0.0), axis=1)
           / jnp.maximum(jnp.sum(labelled, axis=1), 1))
 
 
@@ -85,7 +135,7 @@ def pseudo_instances(attn_BxM, proposals_BxMx2, mask_BxM, ratio: float = 0.8):
   overlap = proposal_iou(proposals_BxMx2, proposals_BxMx2) > 0
   m = attn.shape[1]
 
-  def body(_, state):
+  def body(state):
     left, chosen = state
     score = jnp.where(left, attn, -jnp.inf)
     i = jnp.argmax(score, axis=1)
@@ -94,7 +144,9 @@ def pseudo_instances(attn_BxM, proposals_BxMx2, mask_BxM, ratio: float = 0.8):
     hit = jnp.take_along_axis(overlap, i[:, None, None], axis=1)[:, 0] | pick
     return left & ~(hit & any_left[:, None]), chosen | pick
 
-  _, chosen = jax.lax.fori_loop(0, m, body, (cand, jnp.zeros_like(cand)))
+  # As many rounds as the most pseudo-instances of a video (a few), not M.
+  _, chosen = jax.lax.while_loop(lambda state: jnp.any(state[0]), body,
+                                 (cand, jnp.zeros_like(cand)))
   return chosen
 
 
@@ -124,3 +176,124 @@ def proposal_scores(outs, mask_BxM, video_bonus: float = 0.2, eps: float = 1e-6)
            / (jnp.sum(a, axis=1, keepdims=True) + eps))
   score = p * (a * q)[..., None] + video_bonus * video[:, None, :]
   return jnp.where(valid, score, 0.0), video
+
+
+# ------------------------------------------------------------------------------------------
+# The method object.
+
+
+class PMIL:
+  """P-MIL (method 'pmil', configured by config.pmil), a `methods.Method`. Batches carry the
+  candidate proposals (config.data.proposals: proposals_BxMx2, proposal_mask_BxM)."""
+  postprocess_preset = "pmil"
+  phase_starts = (0,)
+  block = "pmil"
+
+  def __init__(self, config, num_classes: int, dims: dict, class_names=None):
+    del class_names
+    cfg = methods.config_block(config, self.block, default_config)
+    validate_config(cfg)
+    if not config.data.get("proposals"):
+      raise WstalError(f"method {self.block!r} scores candidate proposals: set "
+                       "config.data.proposals=True (configs/pmil.py does) with a dataset that "
+                       "has them (python -m wstal_jax.data.proposals)")
+    self.cfg = cfg
+    self.num_classes = int(num_classes)
+    self.model = PMILModel(num_classes=self.num_classes, split=co2net.rgb_dim_of(dims),
+                           hidden=int(cfg.hidden), head_hidden=int(cfg.head_hidden),
+                           dropout=float(cfg.dropout), branches=cfg.branches)
+    per_epoch = int(cfg.steps_per_epoch) or max(
+        int(dims.get("train_videos", 0)) // int(config.train.batch_size), 1)
+    self.steps_per_epoch = per_epoch
+
+  def extra_consts(self):
+    return {}
+
+  def epoch(self, step):
+    """P-MIL's epoch counter (from 1, constant within an epoch) at training step `step`."""
+    return jnp.asarray(step, jnp.int32) // self.steps_per_epoch + 1
+
+  def loss_weights(self):
+    c = self.cfg
+    w = {"l_orig": float(c.w_orig), "l_supp": float(c.w_supp)}
+    if c.w_comp > 0:
+      w["l_comp"] = float(c.w_comp)
+    if c.w_irc > 0:
+      w["l_irc"] = float(c.w_irc)
+    return w
+
+  def init(self, rng, batch, consts):
+    del consts
+    params_rng, dropout_rng = jax.random.split(rng)
+    return self.model.init({"params": params_rng, "dropout": dropout_rng}, batch["feat_BxTxD"],
+                           batch["proposals_BxMx2"], False)
+
+  def forward(self, params, batch, rng=None):
+    if rng is None:
+      return self.model.apply({"params": params}, batch["feat_BxTxD"],
+                              batch["proposals_BxMx2"], False)
+    return self.model.apply({"params": params}, batch["feat_BxTxD"], batch["proposals_BxMx2"],
+                            True, rngs={"dropout": rng})
+
+  def terms_from_out(self, outs, batch, step):
+    """Unweighted terms {l_orig, l_supp, [l_comp, l_irc]} (the completeness and rank terms
+    already times the ramp-up), each the mean over the branches, per batch."""
+    c = self.cfg
+    props, mask = batch["proposals_BxMx2"], batch["proposal_mask_BxM"]
+    label, valid_B = batch["label_BxC"], batch["valid_B"]
+    # A video none of whose proposals survived the sampling window takes no part.
+    valid_B = valid_B * (jnp.sum(mask, axis=1) > 0)
+    k_B = topk_count(mask, int(c.topk_divisor))
+    names = list(outs)
+    ramp = ramp_up(self.epoch(step), float(c.ramp_epochs))
+    terms = {"l_orig": 0.0, "l_supp": 0.0}
+    for name in names:
+      o = outs[name]
+      attn = jax.nn.sigmoid(o["attn_logit_BxM"])
+      terms["l_orig"] += video_mean(co2net.mil_loss(o["cas_BxMxC1"], label, mask, k_B, 1.0),
+                                    valid_B)
+      terms["l_supp"] += video_mean(co2net.mil_loss(o["cas_BxMxC1"] * attn[..., None], label,
+                                                    mask, k_B, 0.0), valid_B)
+      if c.w_comp > 0:
+        other = outs[names[1 - names.index(name)]] if len(names) == 2 else o
+        inst = pseudo_instances(jax.nn.sigmoid(other["attn_logit_BxM"]), props, mask,
+                                float(c.pseudo_ratio))
+        terms["l_comp"] = terms.get("l_comp", 0.0) + ramp * video_mean(
+            completeness_loss(o["iou_logit_BxM"], props, inst, mask), valid_B)
+      if c.w_irc > 0:
+        other = outs[names[1 - names.index(name)]]
+        terms["l_irc"] = terms.get("l_irc", 0.0) + ramp * video_mean(rank_consistency(
+            o["cas_BxMxC1"], other["cas_BxMxC1"], jax.nn.sigmoid(other["attn_logit_BxM"]),
+            props, label, mask, int(c.irc_max_classes)), valid_B)
+    return {k: v / len(names) for k, v in terms.items()}
+
+  def loss(self, params, batch, consts, rng, step):
+    del consts
+    terms = self.terms_from_out(self.forward(params, batch, rng), batch, step)
+    total = sum(w * terms[k] for k, w in self.loss_weights().items())
+    return total, terms
+
+  def predict(self, params, batch, consts):
+    del consts
+    outs = self.forward(params, batch)
+    mask = batch["proposal_mask_BxM"]
+    score, video = proposal_scores(outs, mask, float(self.cfg.video_bonus))
+    return {"video_scores_BxC": video, "proposal_scores_BxMxC": score,
+            "cas_BxTxC": snippet_scores(score, batch["proposals_BxMx2"], mask,
+                                        batch["mask_BxT"])}
+
+  def param_labels(self, params, step):
+    del step
+    return jax.tree.map(lambda _: "train", params)
+
+
+def snippet_scores(score_BxMxC, proposals_BxMx2, mask_BxM, mask_BxT):
+  """A per-snippet view of the proposal scores for plots (`cas_BxTxC`; detections come from
+  the proposals): the mean score of the valid proposals covering each snippet's centre."""
+  t = jnp.arange(mask_BxT.shape[1], dtype=jnp.float32)[None, :, None] + 0.5
+  cover = ((proposals_BxMx2[:, None, :, 0] <= t) & (t < proposals_BxMx2[:, None, :, 1])
+           & (mask_BxM[:, None, :] > 0)).astype(jnp.float32)                # [B, T, M]
+  total = jnp.einsum("btm,bmc->btc", cover, score_BxMxC)
+  count = jnp.sum(cover, axis=2)[..., None]
+  return jnp.where((mask_BxT[..., None] > 0) & (count > 0), total / jnp.maximum(count, 1.0),
+                   0.0)
