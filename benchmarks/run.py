@@ -187,6 +187,15 @@ SHAPES_JU = {
     "small": Shapes("small", 16, 256, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
+# P-MIL (configs/pmil.py): whole videos padded to T ('pad' sampling; THUMOS14: 1024, about
+# the 90th percentile of the training videos, for a representative row) with
+# config.data.max_proposals candidates each (THUMOS14: 1000, the built-in preset 512), all
+# valid; built-in: its longest video, 400.
+SHAPES_PMIL = {
+    "thumos14": Shapes("thumos14", 10, 1024, 2048, 1024, "dataset=thumos14"),
+    "small": Shapes("small", 10, 400, 128, 64, "dataset=builtin"),
+    "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
+}
 # One row per method (a new method adds its row): its train-step shapes, and whether its
 # batches carry the second feature stream (VLM / CLIP) with class text embeddings in its space.
 BENCH_METHODS = {
@@ -197,6 +206,7 @@ BENCH_METHODS = {
     "ju2023": (SHAPES_JU, True),
     "delu": (SHAPES_CO2NET, False),   # CO2-Net's protocol and shapes
     "mllm4wtal": (SHAPES_CO2NET, False),   # on DELU; its batches also carry descriptions
+    "pmil": (SHAPES_PMIL, False),   # its batches carry candidate proposals
 }
 # Methods whose batches carry description tokens (config.data.descriptions): vocabulary and
 # word-vector width per shape family (THUMOS14: GloVe 300-d, a vocabulary of the order of
@@ -215,11 +225,14 @@ def uses_vlm(method_name) -> bool:
   return BENCH_METHODS[method_name][1]
 
 
-def make_train_batch(shapes: Shapes, seed=0, with_vlm=True, text_lengths=None):
+def make_train_batch(shapes: Shapes, seed=0, with_vlm=True, text_lengths=None,
+                     num_proposals=None):
   """A fixed-T training batch (numpy, the input pipeline's keys); I3D-like features >= 0.
   vlm_BxTxE (the VLM / CLIP stream) is left out when `with_vlm` is False, as the input
   pipeline does for a config without config.data.vlm_feature. text_lengths (L_key,
-  L_complete): description tokens as well (ids of the TEXT_SHAPES vocabulary)."""
+  L_complete): description tokens as well (ids of the TEXT_SHAPES vocabulary).
+  num_proposals M: candidate proposals as well (random segments of 1 to T / 4 snippets,
+  all valid)."""
   rng = np.random.default_rng(seed)
   b, t = shapes.batch, shapes.num_t
   label = np.zeros((b, NUM_CLASSES), np.float32)
@@ -232,6 +245,11 @@ def make_train_batch(shapes: Shapes, seed=0, with_vlm=True, text_lengths=None):
       "scale_B": np.ones(b, np.float32)}
   if not with_vlm:
     del batch["vlm_BxTxE"]
+  if num_proposals:
+    length = rng.uniform(1.0, max(t / 4, 1.0), (b, num_proposals))
+    start = rng.uniform(0.0, 1.0, (b, num_proposals)) * (t - length)
+    batch["proposals_BxMx2"] = np.stack([start, start + length], -1).astype(np.float32)
+    batch["proposal_mask_BxM"] = np.ones((b, num_proposals), np.float32)
   if text_lengths:
     vocab = TEXT_SHAPES[shapes.name][0]
     for field, length in zip(("key_tokens_BxL", "complete_tokens_BxL"), text_lengths):
@@ -249,6 +267,11 @@ def _description_consts(config, shapes: Shapes):
       "word_vectors_VxD": rng.standard_normal((vocab, width)).astype(np.float32),
       "class_name_tokens_CxL": toks(lk), "class_key_tokens_CxL": toks(lk),
       "template_tokens_CxL": toks(lc)}
+
+
+def proposal_count(config):
+  """M of the method's training batches (None without candidate proposals)."""
+  return int(config.data.max_proposals) if config.data.get("proposals") else None
 
 
 def text_lengths(config):
@@ -310,7 +333,8 @@ def jax_train_stepper(method_name, shapes: Shapes):
   """
   config, run = _setup(method_name, shapes)
   batch = run.put_batch(make_train_batch(shapes, with_vlm=uses_vlm(method_name),
-                                         text_lengths=text_lengths(config)))
+                                         text_lengths=text_lengths(config),
+                                         num_proposals=proposal_count(config)))
   params = run.init_params(jax.random.key(0), batch)
   tx = train.make_optimizer(config, run.method.param_labels(params, 0),
                             alternate_steps=getattr(run.method, "alternate_steps", 1))
@@ -510,11 +534,12 @@ def run_train(args, result):
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
   result["notes"].append(
-      "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal}: THUMOS14 shapes (vlpo T=750, batch 16, 2048 + "
-      "768-d; co2net / pvlr / delu / mllm4wtal T=320, batch 10, 2048-d (+ 1024-d CLIP for pvlr); ju2023 "
-      "T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step); *_small: "
-      "built-in small shapes (vlpo T=128, batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 "
-      "T=256, batch 16; 128-d + 64-d)")
+      "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal,pmil}: THUMOS14 shapes (vlpo T=750, batch "
+      "16, 2048 + 768-d; co2net / pvlr / delu / mllm4wtal T=320, batch 10, 2048-d (+ 1024-d CLIP "
+      "for pvlr); ju2023 T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step; pmil "
+      "T=1024, batch 10, 1000 proposals a video); *_small: built-in small shapes (vlpo T=128, "
+      "batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 T=256, batch 16; pmil "
+      "T=400, batch 10, 512 proposals; 128-d + 64-d)")
 
 
 # --------------------------------------------------------------------------------------- eval
