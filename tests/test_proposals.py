@@ -13,6 +13,7 @@ from wstal_jax.data import format as fmt
 from wstal_jax.data import proposals as P
 from wstal_jax.errors import WstalError
 from test_co2net import ROOT, _write_dataset
+from test_descriptions import _tree_digest
 
 SPS = 0.64
 
@@ -274,15 +275,6 @@ def test_trained_method_exports_raw_proposals_that_convert(tmp_path):
               tmp_path)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   assert "eval.export_proposals" in bad.stderr
-
-
-def _tree_digest(path):
-  import hashlib
-  h = hashlib.sha256()
-  for name in sorted(os.listdir(path)):
-    with open(os.path.join(path, name), "rb") as fh:
-      h.update(name.encode() + fh.read())
-  return h.hexdigest()
 
 
 def _iou(a, b):

@@ -776,6 +776,29 @@ def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> st
   return target
 
 
+def ensure_derived(plain: str, suffix: str, add) -> str:
+  """`plain`-<suffix>: the built-in dataset `plain` with inputs a method adds (descriptions,
+  proposals), made on first use by add(sources_dir, target) (which writes its source files
+  into the temporary sources_dir and the dataset at target, atomically). A process that loses
+  a race to another one keeps the winner's (identical) copy."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from wstal_jax.data import format as fmt
+  target = f"{plain}-{suffix}"
+  if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
+    return target
+  sources = f"{plain}-{suffix}-sources.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  try:
+    try:
+      add(sources, target)
+    except WstalError:
+      if not tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):   # not a lost race
+        raise
+  finally:
+    if tf.io.gfile.exists(sources):
+      tf.io.gfile.rmtree(sources)
+  return target
+
+
 # --------------------------------------------------------------------------------------- CLI
 
 

@@ -23,8 +23,6 @@ streams, so the features are unchanged):
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 from absl import logging
 import numpy as np
@@ -32,7 +30,6 @@ import tensorflow as tf
 
 from wstal_jax.data import descriptions as desc
 from wstal_jax.data import synthetic
-from wstal_jax.errors import WstalError
 
 DIM = 50
 FILLERS = ("a", "the", "person", "athlete", "player", "camera", "then", "and", "while",
@@ -117,23 +114,13 @@ def write_sources(out_dir: str, size: str, seed: int) -> tuple[str, str]:
 def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> str:
   """The built-in benchmark with synthetic descriptions (cache_dir/<name>-descriptions),
   generated on first use next to the plain one (`synthetic.ensure_builtin`)."""
-  from wstal_jax.data import format as fmt  # pylint: disable=import-outside-toplevel
   plain = synthetic.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
-  target = f"{plain}-descriptions"
   logging.info("MLLM4WTAL inputs: the built-in benchmark's synthetic descriptions and word "
                "vectors (per-class templates, no LLM; data/synthetic_descriptions.py)")
-  if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
-  sources = f"{plain}-description-sources.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
+
+  def add(sources, target):
     json_path, vec_path = write_sources(sources, size, seed)
-    try:
-      desc.add_descriptions(plain, target, descriptions=json_path, word_vectors=vec_path,
-                            provenance=f"synthetic_descriptions {size} seed {seed}")
-    except WstalError:
-      if not tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):   # not a lost race
-        raise
-  finally:
-    if tf.io.gfile.exists(sources):
-      tf.io.gfile.rmtree(sources)
-  return target
+    desc.add_descriptions(plain, target, descriptions=json_path, word_vectors=vec_path,
+                          provenance=f"synthetic_descriptions {size} seed {seed}")
+
+  return synthetic.ensure_derived(plain, "descriptions", add)

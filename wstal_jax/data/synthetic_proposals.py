@@ -24,8 +24,6 @@ temporary folder (the same path a user's files take).
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 from absl import logging
 import numpy as np
@@ -34,7 +32,6 @@ import tensorflow as tf
 from wstal_jax.data import format as fmt
 from wstal_jax.data import proposals as proposals_lib
 from wstal_jax.data import synthetic
-from wstal_jax.errors import WstalError
 
 THRESHOLDS = tuple(np.round(np.arange(1, 10) / 10.0, 2))
 _SPLIT_KEY = {"train": 1, "test": 2}
@@ -122,21 +119,11 @@ def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> st
   """The built-in benchmark with candidate proposals (cache_dir/<name>-proposals), generated
   on first use next to the plain one (`synthetic.ensure_builtin`)."""
   plain = synthetic.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
-  target = f"{plain}-proposals"
   logging.info("candidate proposals: the built-in benchmark's synthetic weak-localizer "
                "proposals (from the annotations, no trained model; data/synthetic_proposals.py)")
-  if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
-  sources = f"{plain}-proposal-sources.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    files = write_sources(sources, plain, seed)
-    try:
-      proposals_lib.add_proposals(plain, target, files,
-                                  provenance=f"synthetic_proposals {size} seed {seed}")
-    except WstalError:
-      if not tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):   # not a lost race
-        raise
-  finally:
-    if tf.io.gfile.exists(sources):
-      tf.io.gfile.rmtree(sources)
-  return target
+
+  def add(sources, target):
+    proposals_lib.add_proposals(plain, target, write_sources(sources, plain, seed),
+                                provenance=f"synthetic_proposals {size} seed {seed}")
+
+  return synthetic.ensure_derived(plain, "proposals", add)
