@@ -271,6 +271,13 @@ def test_trained_method_exports_raw_proposals_that_convert(tmp_path):
                                 max_proposals=8))
   assert batch["proposal_mask_BxM"].sum() > 0
   assert np.all(batch["proposals_BxMx2"][..., 1] >= batch["proposals_BxMx2"][..., 0])
+  # ... and P-MIL trains and evaluates on them.
+  from test_pmil import _pmil_config
+  from wstal_jax import train
+  config = _pmil_config(out)
+  config.train.num_steps, config.train.eval_every, config.eval.num_plots = 2, 2, 0
+  metrics = train.train_and_evaluate(config, str(tmp_path / "pmil"))
+  assert np.isfinite(metrics["average_mAP"])
   bad = _main(["--mode=eval", f"--workdir={workdir}", "--config.eval.export_proposals=all"],
               tmp_path)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
