@@ -262,3 +262,30 @@ def test_pmil_config_errors():
   config.data.proposals = False
   with pytest.raises(WstalError, match="scores candidate proposals: set config.data.proposals"):
     methods.get_method(config, 3, {"feat": 8})
+
+
+def test_detections_from_candidates_by_hand():
+  """postprocess.proposals_from_candidates: the kept classes' candidates with their scores,
+  per-class Gaussian soft-NMS (an exact duplicate decays by exp(-1 / sigma)), the ambiguous
+  filter; a video without candidates gives none."""
+  from wstal_jax import postprocess
+  cfg = postprocess.get_preset("pmil")
+  cfg.nms.length_offset_s = 0.0
+  video_scores = [np.array([0.9, 0.1, 0.3]), np.array([0.1, 0.15, 0.1]), np.array([0.5, 0, 0])]
+  scores = [np.array([[0.8, 0.5, 0.2], [0.6, 0.4, 0.1], [0.6, 0.4, 0.3]]),
+            np.array([[0.2, 0.3, 0.1]]), np.zeros((0, 3))]
+  segments = [np.array([[0.0, 2.0], [5.0, 7.0], [0.0, 2.0]]), np.array([[1.0, 3.0]]),
+              np.zeros((0, 2))]
+  got = postprocess.proposals_from_candidates(video_scores, scores, segments, config=cfg,
+                                              ambiguous=[np.array([[5.5, 6.0]]), None, None])
+  # Video 0: classes 0 and 2 pass 0.2; the [5, 7] candidate overlaps an ambiguous segment.
+  v0 = got[0]
+  assert sorted(set(v0.label.tolist())) == [0, 2] and not np.any(v0.start == 5.0)
+  c0 = np.sort(v0.score[v0.label == 0])[::-1]
+  np.testing.assert_allclose(c0, [0.8, 0.6 * np.exp(-1 / 0.3)], rtol=1e-6)
+  # Video 1: nothing passes, the argmax class (1) is kept.
+  assert got[1].label.tolist() == [1] and got[1].score.tolist() == [0.3]
+  assert len(got[2]) == 0
+  empty = postprocess.proposals_from_candidates([np.ones(3)], [np.zeros((0, 3))],
+                                                [np.zeros((0, 2))], config=cfg)
+  assert len(empty) == 1 and len(empty[0]) == 0

@@ -661,10 +661,10 @@ def proposals_from_candidates(video_scores, scores, segments, *, config,
   rows = []
   for v in range(num_videos):
     seg = np.asarray(segments[v], np.float64).reshape(-1, 2)
-    sc = np.asarray(scores[v], np.float64).reshape(len(seg), -1)
+    sc = np.asarray(scores[v], np.float64).reshape(len(seg), len(video_scores[v]))
     for c in select_classes(video_scores[v], cfg.class_threshold):
       rows.append((np.full(len(seg), v), np.full(len(seg), c), sc[:, c], seg[:, 0], seg[:, 1]))
-  if not rows:
+  if not sum(len(r[0]) for r in rows):
     return [Proposals.empty() for _ in range(num_videos)]
   video, label, score, start, end = (np.concatenate([r[k] for r in rows]) for k in range(5))
   bad = np.flatnonzero(~np.isfinite(score) | ~np.isfinite(start) | ~np.isfinite(end))
