@@ -187,12 +187,11 @@ SHAPES_JU = {
     "small": Shapes("small", 16, 256, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
-# P-MIL (configs/pmil.py): whole videos padded to T ('pad' sampling; THUMOS14: 1024, about
-# the 90th percentile of the training videos, for a representative row) with
-# config.data.max_proposals candidates each (THUMOS14: 1000, the built-in preset 512), all
-# valid; built-in: its longest video, 400.
+# P-MIL (configs/pmil.py): whole videos padded to T ('pad' sampling: the config's T, the
+# longest training video: THUMOS14 2304, built-in 400) with config.data.max_proposals
+# candidates each (THUMOS14: 1000, the built-in preset 512), all valid.
 SHAPES_PMIL = {
-    "thumos14": Shapes("thumos14", 10, 1024, 2048, 1024, "dataset=thumos14"),
+    "thumos14": Shapes("thumos14", 10, 2304, 2048, 1024, "dataset=thumos14"),
     "small": Shapes("small", 10, 400, 128, 64, "dataset=builtin"),
     "tiny": Shapes("tiny", 4, 32, 32, 16, "dataset=builtin"),
 }
@@ -537,7 +536,7 @@ def run_train(args, result):
       "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal,pmil}: THUMOS14 shapes (vlpo T=750, batch "
       "16, 2048 + 768-d; co2net / pvlr / delu / mllm4wtal T=320, batch 10, 2048-d (+ 1024-d CLIP "
       "for pvlr); ju2023 T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step; pmil "
-      "T=1024, batch 10, 1000 proposals a video); *_small: built-in small shapes (vlpo T=128, "
+      "T=2304, batch 10, 1000 proposals a video); *_small: built-in small shapes (vlpo T=128, "
       "batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 T=256, batch 16; pmil "
       "T=400, batch 10, 512 proposals; 128-d + 64-d)")
 
