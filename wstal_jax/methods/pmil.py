@@ -24,6 +24,14 @@ q = sigmoid(completeness)), from the paper and its released code (PEERS.md):
   inference per modality softmax(cas) over C + 1, a, q averaged over the modalities;
             score[i, c] = p[i, c] a_i q_i (+ 0.2 times the video score, added per class);
             video score v_c = sum_i p[i, c] a_i / sum_i a_i (`proposal_scores`).
+
+Choices (ours): epochs are P-MIL's counter (from 1, constant within an epoch), epoch =
+step // steps_per_epoch + 1 with steps_per_epoch = training videos // batch size (the
+release drops the last batch) unless `steps_per_epoch` is set; L_IRC reads each video's first
+`irc_max_classes` (4) labelled classes only (the datasets have at most 3); a video none of
+whose proposals falls inside its training window takes no part in the batch's means;
+`branches='fused'` (SEAL's code: one branch on the whole feature) takes its completeness
+pseudo-instances from its own attention and has no L_IRC.
 """
 import jax
 import jax.numpy as jnp
