@@ -30,7 +30,7 @@ def get_config(arg=None):
 
 
 def pmil_protocol(config, dataset):
-  """Proposal batches and the released optimiser settings (also SEAL's, configs/seal.py)."""
+  """Proposal batches and the released optimiser settings (SEAL, to come, will share them)."""
   config.data.proposals = True
   config.data.max_proposals = 1000
   config.data.sampling = "pad"

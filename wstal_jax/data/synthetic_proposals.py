@@ -2,7 +2,7 @@
 
 Proposal-based methods score segments another model produced (the CO2-Net proposals of
 THUMOS14 in the papers). The built-in benchmark has its own, so `configs/pmil.py` and
-`configs/seal.py` run with no external file (the run logs that it uses them). They imitate
+SEAL (issue 14, to come) run with no external file (the run logs that it uses them). They imitate
 the *raw* multi-threshold proposals of a weakly supervised localizer (before NMS), made from
 the annotations with the defects such proposals have, not from a trained model:
 
