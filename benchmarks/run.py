@@ -206,6 +206,7 @@ BENCH_METHODS = {
     "delu": (SHAPES_CO2NET, False),   # CO2-Net's protocol and shapes
     "mllm4wtal": (SHAPES_CO2NET, False),   # on DELU; its batches also carry descriptions
     "pmil": (SHAPES_PMIL, False),   # its batches carry candidate proposals
+    "seal": (SHAPES_PMIL, False),   # P-MIL's protocol and proposals, fused network
 }
 # Methods whose batches carry description tokens (config.data.descriptions): vocabulary and
 # word-vector width per shape family (THUMOS14: GloVe 300-d, a vocabulary of the order of
@@ -306,6 +307,8 @@ def _setup(method_name, shapes: Shapes, config_overrides=None):
   method = methods.get_method(config, NUM_CLASSES, dims,
                               class_names=[f"class {i}" for i in range(NUM_CLASSES)])
   consts.update(method.extra_consts())
+  if hasattr(method, "dataset_consts"):     # from the training split: random stand-ins
+    consts.update(method.stand_in_consts())
   mesh = run_setup.make_mesh(config)
   consts = jax.device_put(consts, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   run = run_setup.Setup(config=config, data_dir="<benchmark: in-memory batches>", manifest={},
@@ -533,11 +536,11 @@ def run_train(args, result):
     result["notes"].append("torch is not installed: torch fields are null "
                            "(pip install torch to measure them)")
   result["notes"].append(
-      "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal,pmil}: THUMOS14 shapes (vlpo T=750, batch "
+      "train_*_{vlpo,co2net,pvlr,ju2023,delu,mllm4wtal,pmil,seal}: THUMOS14 shapes (vlpo T=750, batch "
       "16, 2048 + 768-d; co2net / pvlr / delu / mllm4wtal T=320, batch 10, 2048-d (+ 1024-d CLIP "
-      "for pvlr); ju2023 T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step; pmil "
+      "for pvlr); ju2023 T=1000, batch 16, 2048-d + 512-d CLIP, its warm-up phase's step; pmil / seal "
       "T=2304, batch 10, 1000 proposals a video); *_small: built-in small shapes (vlpo T=128, "
-      "batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 T=256, batch 16; pmil "
+      "batch 16; co2net / pvlr / delu / mllm4wtal T=128, batch 10; ju2023 T=256, batch 16; pmil / seal "
       "T=400, batch 10, 512 proposals; 128-d + 64-d)")
 
 

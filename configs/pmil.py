@@ -30,7 +30,7 @@ def get_config(arg=None):
 
 
 def pmil_protocol(config, dataset):
-  """Proposal batches and the released optimiser settings (SEAL, to come, will share them)."""
+  """Proposal batches and the released optimiser settings (configs/seal.py shares them)."""
   config.data.proposals = True
   config.data.max_proposals = 1000
   config.data.sampling = "pad"

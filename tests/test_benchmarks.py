@@ -161,7 +161,8 @@ def test_train_shapes_follow_the_configs():
   assert bench.method_shapes("vlpo", "thumos14").vlm_dim == 768
 
 
-@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023", "delu", "mllm4wtal", "pmil"])
+@pytest.mark.parametrize("method", ["co2net", "pvlr", "ju2023", "delu", "mllm4wtal", "pmil",
+                                    "seal"])
 def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   """The benchmark's set-up (dims, constants, batch keys) fits the method: the trainer's step
   traces (jax.eval_shape: no compilation, which costs 15-40 s for these two)."""
@@ -174,7 +175,7 @@ def test_co2net_and_pvlr_train_steps_trace_at_tiny_shapes(method):
   batch = bench.make_train_batch(shapes, with_vlm=bench.uses_vlm(method),
                                  text_lengths=bench.text_lengths(config),
                                  num_proposals=bench.proposal_count(config))
-  assert ("proposals_BxMx2" in batch) == (method == "pmil")
+  assert ("proposals_BxMx2" in batch) == (method in ("pmil", "seal"))
   assert ("vlm_BxTxE" in batch) == bench.uses_vlm(method)
   assert ("key_tokens_BxL" in batch) == (method == "mllm4wtal")
   init = run._init_params  # pylint: disable=protected-access

@@ -32,6 +32,12 @@ def description_consts():
           "template_tokens_CxL": toks([[9, 10, 2], [9, 10, 3], [9, 10, 5]], LC)}
 
 
+def dataset_stand_ins(method):
+  """Stand-ins for what run_setup adds from the dataset (`dataset_consts`: SEAL's
+  descriptors; tests/test_seal.py computes real ones)."""
+  return method.stand_in_consts() if hasattr(method, "dataset_consts") else {}
+
+
 def recipe(name):
   """configs/<name>.py's get_config() (built-in preset), loaded by path as main.py does."""
   path = ROOT / "configs" / f"{name}.py"
@@ -55,11 +61,15 @@ def tiny_batch(seed=0):
           "scale_B": np.ones(B, np.float32),
           "key_tokens_BxL": np.array([[6, 2, 11, 0], [7, 3, 4, 8]], np.int32),
           "complete_tokens_BxL": np.array([[9, 2, 11, 4, 0, 0], [10, 3, 5, 6, 7, 0]], np.int32),
-          # Candidate proposals (P-MIL's, SEAL's inputs), overlapping; the second video's
-          # last one is padding.
-          "proposals_BxMx2": np.array([[[0, 6], [2, 8], [3, 5], [10, 20], [12, 24]],
-                                       [[0, 4], [1, 6], [5, 9], [8, 12], [0, 0]]], np.float32),
-          "proposal_mask_BxM": np.array([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]], np.float32)}
+          # Candidate proposals (P-MIL's, SEAL's inputs), overlapping; 18 in the first video
+          # (top-k sets of k = 18 // 8 = 2: SEAL's L_st needs two), 4 in the second, whose
+          # other rows are padding.
+          "proposals_BxMx2": np.array(
+              [[[0, 6], [2, 8], [3, 5], [10, 20], [12, 24], [1, 3], [4, 9], [6, 12], [7, 10],
+                [9, 14], [11, 16], [13, 18], [15, 19], [16, 22], [17, 21], [18, 23], [19, 24],
+                [20, 24]],
+               [[0, 4], [1, 6], [5, 9], [8, 12]] + [[0, 0]] * 14], np.float32),
+          "proposal_mask_BxM": np.array([[1] * 18, [1] * 4 + [0] * 14], np.float32)}
 
 
 def test_rank_promotion_raises_in_the_whole_suite():
@@ -91,7 +101,8 @@ def test_method_contract_on_a_tiny_batch(name):
   assert starts[0] == 0 and all(b > a for a, b in zip(starts, starts[1:]))
   extra = method.extra_consts()
   assert isinstance(extra, dict)
-  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **extra}
+  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **extra,
+            **dataset_stand_ins(method)}
   batch = {k: jnp.asarray(v) for k, v in tiny_batch().items()}
 
   params = method.init(jax.random.key(0), batch, consts)["params"]
@@ -138,7 +149,8 @@ def test_every_weighted_term_has_a_gradient_at_init(name):
   config = recipe(name)
   text = np.random.default_rng(1).normal(size=(C, DIMS["text"])).astype(np.float32)
   method = methods.get_method(config, C, DIMS, class_names=[f"Class{c}" for c in range(C)])
-  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **method.extra_consts()}
+  consts = {"text_CxE": jnp.asarray(text), **description_consts(), **method.extra_consts(),
+            **dataset_stand_ins(method)}
   batch = tiny_batch()
   batch["label_BxC"][0, 1] = 1.0   # the two videos share class 1 (pair terms: L_oppo, ...)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}

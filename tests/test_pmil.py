@@ -156,12 +156,14 @@ def test_proposal_scores_by_hand():
 # The method end to end.
 
 
-def _pmil_config(data_dir, **fields):
+def _pmil_config(data_dir, recipe="pmil", **fields):
+  """configs/<recipe>.py (pmil or seal) shrunk to the tiny dataset; `fields` set in its
+  block."""
   import importlib.util
   import os
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  spec = importlib.util.spec_from_file_location("pmil_recipe", os.path.join(root, "configs",
-                                                                            "pmil.py"))
+  spec = importlib.util.spec_from_file_location(f"{recipe}_recipe",
+                                                os.path.join(root, "configs", f"{recipe}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -178,10 +180,13 @@ def _pmil_config(data_dir, **fields):
   config.checkpoint.async_save = False
   config.eval.batch_size = 2
   config.eval.num_plots = 1
-  config.pmil.hidden, config.pmil.head_hidden = 8, 8
-  config.pmil.steps_per_epoch, config.pmil.ramp_epochs = 1, 4   # the ramp moves every step
+  block = config[recipe]
+  block.hidden, block.head_hidden = 8, 8
+  block.steps_per_epoch = 1                  # the epoch schedules move every step
+  if recipe == "pmil":
+    block.ramp_epochs = 4
   for k, v in fields.items():
-    config.pmil[k] = v
+    block[k] = v
   return config
 
 

@@ -207,6 +207,9 @@ def setup(config, *, method=None) -> Setup:
   consts = {} if text is None else {"text_CxE": text}
   consts.update(words)
   consts.update(method.extra_consts())
+  dataset_consts = getattr(method, "dataset_consts", None)
+  if dataset_consts is not None:
+    consts.update(dataset_consts(data_dir, training_indices(config, manifest)))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   consts = jax.device_put(consts, replicated)
   return Setup(config=config, data_dir=data_dir, manifest=manifest, method=method,
@@ -280,6 +283,14 @@ def heldout_split(num_videos: int, fraction: float, seed: int) -> tuple[np.ndarr
                      "leaves no held-out or no training video")
   perm = np.random.default_rng([seed, 0x4E1D]).permutation(num_videos)
   return np.sort(perm[num_held:]), np.sort(perm[:num_held])
+
+
+def training_indices(config, manifest) -> np.ndarray | None:
+  """The positions in the train split of the videos that train (None = all of them)."""
+  if config.eval.select_on != "heldout":
+    return None
+  return heldout_split(manifest["splits"]["train"]["num_videos"],
+                       config.eval.heldout_fraction, config.seed)[0]
 
 
 def selection(config, run: Setup) -> tuple[np.ndarray | None, Selection]:

@@ -29,6 +29,7 @@ REGISTRY = {
     "delu": "delu:DELU",          # DELU (Chen et al. 2022) on CO2-Net, MLLM4WTAL's base
     "mllm4wtal": "mllm4wtal:MLLM4WTAL",  # MLLM4WTAL (mllm4wtal.txt) on DELU / CO2-Net
     "pmil": "pmil:PMIL",          # P-MIL (Ren et al. 2023) on candidate proposals, SEAL's base
+    "seal": "seal:SEAL",          # SEAL (seal.txt) on P-MIL's fused network
 }
 METHODS = tuple(REGISTRY)
 
@@ -74,7 +75,10 @@ class Method(Protocol):
     """-> pytree like params of 'train' / 'freeze' for the phase starting at `step`."""
 
   def extra_consts(self) -> dict:
-    """Constants the method brings (frozen weights, token ids); {} for most methods."""
+    """Constants the method brings (frozen weights, token ids); {} for most methods.
+    Optional `dataset_consts(data_dir, video_indices) -> dict`: constants computed from the
+    training split (`video_indices`: the training videos that train, None = all; SEAL's
+    descriptors); run_setup adds them."""
 
   def loss_weights(self) -> dict[str, float]:
     """{aux term: weight} with loss == sum(weight * aux[term]) (the terms the total sums);

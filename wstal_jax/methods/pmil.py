@@ -170,15 +170,17 @@ def completeness_loss(iou_logit_BxM, proposals_BxMx2, instances_BxM, mask_BxM):
           / jnp.maximum(jnp.sum(valid, axis=1), 1))
 
 
-def proposal_scores(outs, mask_BxM, video_bonus: float = 0.2, eps: float = 1e-6):
+def proposal_scores(outs, mask_BxM, video_bonus: float = 0.2, eps: float = 1e-6,
+                    use_q: bool = True):
   """Inference scores from the branches' outputs ({name: ProposalBranch outputs}, averaged
   over the branches): (score_BxMxC = p a q + video_bonus * v, video_BxC = v); 0 on padded
-  proposals."""
+  proposals. use_q=False: q = 1 (a third head no loss trained)."""
   valid = (mask_BxM > 0)[..., None]
   n = len(outs)
   p = sum(jax.nn.softmax(o["cas_BxMxC1"], axis=-1) for o in outs.values()) / n
   a = sum(jax.nn.sigmoid(o["attn_logit_BxM"]) for o in outs.values()) / n
-  q = sum(jax.nn.sigmoid(o["iou_logit_BxM"]) for o in outs.values()) / n
+  q = (sum(jax.nn.sigmoid(o["iou_logit_BxM"]) for o in outs.values()) / n if use_q
+       else jnp.ones_like(a))
   p, a, q = p[..., :-1], jnp.where(valid[..., 0], a, 0.0), jnp.where(valid[..., 0], q, 0.0)
   video = (jnp.sum(p * a[..., None], axis=1)
            / (jnp.sum(a, axis=1, keepdims=True) + eps))

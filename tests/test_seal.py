@@ -1,0 +1,291 @@
+"""Tests of SEAL (wstal_jax/methods/seal.py): descriptors of both aggregations on a tiny split
+(multi-label, video subsets), each agreement case, the SME loss with an empty group and Eq. 9's
+readings, Eq. 10 on hand-made proposals with its gradient on s_pc, L_st / L_c by hand, the
+schedules, and a tiny run end to end with resume."""
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wstal_jax.data import format as fmt
+from wstal_jax.errors import WstalError
+from wstal_jax.methods import seal as S
+
+R = 2   # RGB half of the 4-d features
+
+
+def _dataset(tmp_path, with_c=True):
+  rng = np.random.default_rng(0)
+  videos = []
+  labels = [[1, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]] + ([[0, 0, 1]] if with_c else [])
+  for i, lab in enumerate(labels):
+    t = 2 + i
+    videos.append(fmt.VideoRecord(name=f"v{i}", duration=t * 0.64,
+                                  features={"i3d": rng.normal(size=(t, 4)).astype(np.float32)},
+                                  label=np.asarray(lab, np.float32)))
+  out = str(tmp_path / ("data" if with_c else "data_no_c"))
+  fmt.write_dataset(out, dataset="tiny", classes=["a", "b", "c"], feature_dims={"i3d": 4},
+                    splits={"train": videos}, num_shards=1)
+  return out, videos
+
+
+def test_hard_descriptors_both_aggregations(tmp_path):
+  data, videos = _dataset(tmp_path)
+  feats = [v.features["i3d"].astype(np.float64) for v in videos]
+  members = {c: [i for i, v in enumerate(videos) if v.label[c]] for c in range(3)}
+  for aggregation in S.AGGREGATIONS:
+    d_ap, d_mo = S.hard_descriptors(data, rgb_dim=R, aggregation=aggregation)
+    assert d_ap.shape == (3, R) and d_mo.shape == (3, 4 - R)
+    for c, idx in members.items():
+      if aggregation == "video":      # Eq. 2: the mean of the videos' temporal means
+        want = np.mean([feats[i].mean(0) for i in idx], axis=0)
+      else:                           # Eq. 1: the mean over all their snippets
+        want = np.concatenate([feats[i] for i in idx]).mean(0)
+      np.testing.assert_allclose(np.concatenate([d_ap[c], d_mo[c]]), want, rtol=1e-5)
+  # Video 2 (labels a and b) counts for both classes.
+  assert members[0] == [0, 1, 2] and members[1] == [2, 3]
+  data_no_c, _ = _dataset(tmp_path, with_c=False)
+  with pytest.raises(WstalError, match=r"data_no_c: SEAL's descriptors need training videos "
+                                       r"of every class; none of 'c'"):
+    S.hard_descriptors(data_no_c, rgb_dim=R)
+
+
+def test_agreement_cases_by_hand():
+  s_ap = jnp.asarray([[0.6, 0.3, 0.1],    # both say class 0                 -> case 1
+                      [0.5, 0.4, 0.1],    # rgb 0, flow 1, average 1 (flow)  -> case 2
+                      [0.40, 0.21, 0.39],  # rgb 0, flow 1, average 2        -> case 3
+                      ])
+  s_mo = jnp.asarray([[0.7, 0.2, 0.1],
+                      [0.1, 0.45, 0.45],
+                      [0.21, 0.40, 0.39]])
+  pseudo, case = S.agreement(s_ap, s_mo)
+  np.testing.assert_array_equal(case, [1, 2, 3])
+  np.testing.assert_array_equal(np.argmax(pseudo, -1), [0, 1, 2])
+  # Through the features: a video whose RGB and flow means point at class 1's descriptors.
+  d_ap = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+  d_mo = jnp.asarray([[0.0, 1.0], [1.0, 0.0], [0.0, -1.0]])
+  feat = jnp.asarray([[[0.1, 2.0, 3.0, 0.2], [0.0, 1.0, 1.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+  mask = jnp.asarray([[1.0, 1.0, 0.0]])          # the padded snippet is not pooled
+  pseudo, case = S.sme_pseudo_labels(feat, mask, d_ap, d_mo)
+  assert int(case[0]) == 1 and int(np.argmax(pseudo[0])) == 1
+
+
+def test_sme_loss_by_hand_and_empty_groups():
+  pred = jnp.asarray([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
+  pseudo = jnp.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+  valid = jnp.ones(4)
+  err = [0.25, 0.0, 0.04, 0.5]
+  got = float(S.sme_loss(pred, pseudo, jnp.asarray([1, 1, 2, 3]), valid, 0.4))
+  assert got == pytest.approx((err[0] + err[1]) / 2 + 0.4 * err[2], rel=1e-6)
+  # No case-1 video: a finite value from the case-2 group alone (the release: NaN).
+  got = float(S.sme_loss(pred, pseudo, jnp.asarray([3, 2, 2, 3]), valid, 0.5))
+  assert got == pytest.approx(0.5 * (err[1] + err[2]) / 2, rel=1e-6)
+  assert float(S.sme_loss(pred, pseudo, jnp.asarray([3, 3, 3, 3]), valid, 0.5)) == 0.0
+
+
+def test_hard_descriptors_of_a_video_subset(tmp_path):
+  data, videos = _dataset(tmp_path)
+  d_ap, d_mo = S.hard_descriptors(data, rgb_dim=R, video_indices=[0, 3, 4])
+  feats = [v.features["i3d"].astype(np.float64) for v in videos]
+  np.testing.assert_allclose(np.concatenate([d_ap[0], d_mo[0]]), feats[0].mean(0), rtol=1e-5)
+  np.testing.assert_allclose(np.concatenate([d_ap[1], d_mo[1]]), feats[3].mean(0), rtol=1e-5)
+  with pytest.raises(WstalError, match="none of 'b'"):
+    S.hard_descriptors(data, rgb_dim=R, video_indices=[0, 1, 4])
+
+
+def test_sme_prediction_readings_by_hand():
+  cas = jnp.asarray([[[1.0, 0.0, 5.0], [0.0, 2.0, -1.0], [3.0, 3.0, 0.0]]])   # C = 2 (+ bg)
+  attn = jnp.asarray([[0.5, 0.25, 0.9]])
+  mask = jnp.asarray([[1.0, 1.0, 0.0]])                # the third proposal is padding
+  sm = lambda x: np.exp(x) / np.exp(x).sum()
+  s0, s1 = sm(np.array([1.0, 0.0])), sm(np.array([0.0, 2.0]))   # background left out
+  np.testing.assert_allclose(S.sme_prediction(cas, attn, mask, "attention")[0],
+                             (0.5 * s0 + 0.25 * s1) / 0.75, rtol=1e-6)
+  np.testing.assert_allclose(S.sme_prediction(cas, attn, mask, "printed")[0],
+                             (0.5 * s0 + 0.25 * s1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(S.sme_prediction(cas, attn, mask, "release")[0],
+                             (s0 + s1) / 2, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# Process consistency (Eq. 10).
+
+# One video: P0 [10, 20] is the only pseudo-true instance (attention far above the others),
+# P1 [12, 22] and P2 [0, 14] overlap it, P3 [30, 40] does not, P4 is padding.
+PROPS = jnp.asarray([[[10.0, 20.0], [12.0, 22.0], [0.0, 14.0], [30.0, 40.0], [0.0, 0.0]]])
+MASK = jnp.asarray([[1.0, 1.0, 1.0, 1.0, 0.0]])
+ATTN = jax.nn.sigmoid(jnp.asarray([[3.0, 0.0, 0.0, 0.0, 0.0]]))
+
+
+def _g(units):
+  """Per-proposal (centre, ratio, penalty) of P0-P2 by hand: L_G = 10, C_G = 15; centre
+  differences 0, 2, -8; intersections 10, 8, 4."""
+  unit = 10.0 if units == "instance" else 1.0
+  diff, inter = np.array([0.0, 2.0, -8.0]), np.array([10.0, 8.0, 4.0])
+  return ((diff / unit) ** 2, (np.abs(diff) / unit) / (inter / unit + 0.1),
+          (inter < 5.0).astype(np.float64))
+
+
+@pytest.mark.parametrize("units", S.PC_UNITS)
+def test_process_consistency_hand_values_with_equal_scores(units):
+  """With equal q (one s_pc logit everywhere) L_pc is the printed Eq. 10: the mean over the
+  matched proposals of the three terms."""
+  out, matched = S.process_consistency(jnp.zeros((1, 5)), ATTN, PROPS, MASK, units=units)
+  np.testing.assert_array_equal(matched[0], [True, True, True, False, False])
+  for name, want in zip(("centre", "ratio", "penalty"), _g(units)):
+    assert float(out[name][0]) == pytest.approx(want.mean(), rel=1e-5), name
+  # The release's threshold 0.8 makes P1 / P2 pseudo-true too when their attention is high.
+  out, _ = S.process_consistency(jnp.zeros((1, 5)), jnp.full((1, 5), 0.5), PROPS, MASK)
+  assert float(out["centre"][0]) == 0.0       # every proposal is its own best match
+
+
+def test_process_consistency_gradient_reaches_s_pc():
+  """d L / d s_i = q_i (1 - q_i) (g_i - L) / sum q for every term: the cheaper proposals'
+  scores go up, the dearer ones' down, the unmatched and padded ones get nothing."""
+  logits = jnp.asarray([[0.3, -0.2, 0.1, 0.7, 0.0]])
+  q = np.asarray(jax.nn.sigmoid(logits))[0, :3]
+  for name, g in zip(("centre", "ratio", "penalty"), _g("instance")):
+    grad = jax.grad(lambda s, name=name: S.process_consistency(s, ATTN, PROPS, MASK)[0][name][0])(
+        logits)[0]
+    value = float(np.sum(q * g) / np.sum(q))
+    want = q * (1 - q) * (g - value) / np.sum(q)
+    np.testing.assert_allclose(grad[:3], want, rtol=1e-4, atol=1e-7, err_msg=name)
+    np.testing.assert_array_equal(grad[3:], 0.0)
+    assert np.all(np.abs(want) > 1e-4) or name == "penalty", name
+  # The penalty separates P2 (insufficient overlap) from P0 / P1.
+  grad = jax.grad(lambda s: S.process_consistency(s, ATTN, PROPS, MASK)[0]["penalty"][0])(
+      logits)[0]
+  assert float(grad[2]) > 0 > float(grad[0]) and float(grad[1]) < 0
+  # A video whose proposals all miss (no valid proposal) gives 0, not NaN.
+  out, _ = S.process_consistency(jnp.zeros((1, 5)), ATTN, PROPS, jnp.zeros((1, 5)))
+  assert all(float(v[0]) == 0.0 for v in out.values())
+
+
+# ------------------------------------------------------------------------------------------
+# Semantic consistency (Eq. 11-13).
+
+
+def test_semantic_consistency_hand_values():
+  """Class 0 (the label): top-2 by s_base = {P0, P1}, by s_supp = cas * a = {P0, P2}; so
+  S_c = {P0} (the descriptor is f0) and the distance is averaged over {P0, P1, P2}."""
+  cas = jnp.asarray([[[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+  a = jnp.asarray([[0.9, 0.2, 0.8, 0.9]])
+  f = jnp.asarray([[[0.0, 0.0], [3.0, 4.0], [1.0, 0.0], [5.0, 5.0]]])
+  label, mask, k = jnp.asarray([[1.0, 0.0]]), jnp.ones((1, 4)), jnp.asarray([2])
+  l_st, l_c, has = S.semantic_consistency(cas, a, f, label, mask, k)
+  assert bool(has[0]) and float(l_st[0]) == pytest.approx((0.0 + 5.0 + 1.0) / 3, rel=1e-5)
+  base = np.asarray(cas)[0, :, :2]
+  supp = base * np.asarray(a)[0, :, None]
+  sm = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
+  want_c = np.mean((sm(base) - sm(supp)) ** 2)
+  assert float(l_c[0]) == pytest.approx(want_c, rel=1e-5)
+  # The gradient reaches the features and the attention.
+  g_f, g_a = jax.grad(lambda f, a: S.semantic_consistency(cas, a, f, label, mask, k)[0][0]
+                      + S.semantic_consistency(cas, a, f, label, mask, k)[1][0],
+                      argnums=(0, 1))(f, a)
+  assert float(jnp.abs(g_f[0, 1]).sum()) > 0 and float(jnp.abs(g_a).sum()) > 0
+  np.testing.assert_array_equal(g_f[0, 3], 0.0)           # P3 is in neither set
+  # Disjoint top-1 sets: no descriptor, no L_st.
+  l_st, _, has = S.semantic_consistency(cas, jnp.asarray([[0.1, 0.2, 0.9, 0.1]]), f, label,
+                                        mask, jnp.asarray([1]))
+  assert not bool(has[0]) and float(l_st[0]) == 0.0
+  # Padded proposals take no part: a padded row with the highest class-0 logit changes nothing.
+  cas_p = jnp.concatenate([cas, jnp.asarray([[[9.0, 0.0, 0.0]]])], axis=1)
+  f_p = jnp.concatenate([f, jnp.asarray([[[7.0, 7.0]]])], axis=1)
+  out = S.semantic_consistency(cas_p, jnp.concatenate([a, jnp.ones((1, 1))], 1), f_p, label,
+                               jnp.asarray([[1.0, 1.0, 1.0, 1.0, 0.0]]), k)
+  assert float(out[0][0]) == pytest.approx(2.0, rel=1e-5)
+  assert float(out[1][0]) == pytest.approx(want_c, rel=1e-5)
+
+
+def test_schedules():
+  assert [round(float(S.lambda1(e, 30.0)), 4) for e in (1, 16, 31, 60)] == [1.0, 0.5, 0.0, 0.0]
+  assert [round(float(S.lambda3(e, 50.0)), 4) for e in (1, 26, 51, 90)] == [1.0, 0.5, 0.0, 0.0]
+  assert float(S.lambda3(1, 50.0, "exp")) == pytest.approx(np.exp(-1 / 8), rel=1e-6)
+  assert float(S.lambda3(71, 50.0, "exp")) == 0.0
+  assert [round(float(S.alpha(e, 50.0)), 4) for e in (1, 26, 51, 90)] == [0.3, 0.4, 0.5, 0.5]
+
+
+# ------------------------------------------------------------------------------------------
+# The method end to end.
+
+
+def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
+  from test_pmil import _dataset_with_proposals, _pmil_config
+  from wstal_jax import methods, run_setup, train
+  data = _dataset_with_proposals(tmp_path)
+  config = _pmil_config(data, recipe="seal")
+  full = str(tmp_path / "full")
+  metrics = train.train_and_evaluate(config, full)
+  assert np.isfinite(metrics["average_mAP"])
+  # run_setup gave the method the descriptors of the training split.
+  setup = run_setup.setup(config)
+  np.testing.assert_allclose(
+      setup.consts["sme_ap_CxR"],
+      S.hard_descriptors(data, rgb_dim=setup.method.rgb_dim)[0], rtol=1e-6)
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
+                                                               "results.json", "plots"))
+  ckpt_dir = os.path.join(resumed, "checkpoints")
+  for name in os.listdir(ckpt_dir):
+    if name.isdigit() and int(name) > 2:
+      shutil.rmtree(os.path.join(ckpt_dir, name))
+  assert train.train_and_evaluate(config, resumed) == json.load(
+      open(os.path.join(full, "metrics.json")))
+
+  # predict: padded proposals and padded snippets change no valid output.
+  method = methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
+  rng = np.random.default_rng(0)
+  feat = rng.normal(size=(2, 12, 8)).astype(np.float32)
+  feat[1, 9:] = 0
+  batch = {"feat_BxTxD": feat, "mask_BxT": (np.arange(12)[None] < [[12], [9]]).astype(
+               np.float32),
+           "proposals_BxMx2": np.array([[[0, 4], [2, 9], [5, 12]], [[1, 3], [0, 9], [0, 0]]],
+                                       np.float32),
+           "proposal_mask_BxM": np.array([[1, 1, 1], [1, 1, 0]], np.float32),
+           "label_BxC": np.eye(3, dtype=np.float32)[:2]}
+  params = method.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()},
+                       {})["params"]
+  a = method.predict(params, {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  big = dict(batch)
+  big["feat_BxTxD"] = np.pad(feat, ((0, 0), (0, 6), (0, 0)))
+  big["mask_BxT"] = np.pad(batch["mask_BxT"], ((0, 0), (0, 6)))
+  big["proposals_BxMx2"] = np.pad(batch["proposals_BxMx2"], ((0, 0), (0, 3), (0, 0)),
+                                  constant_values=7.0)
+  big["proposal_mask_BxM"] = np.pad(batch["proposal_mask_BxM"], ((0, 0), (0, 3)))
+  b = method.predict(params, {k: jnp.asarray(v) for k, v in big.items()}, {})
+  np.testing.assert_allclose(b["video_scores_BxC"], a["video_scores_BxC"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(b["proposal_scores_BxMxC"])[:, :3],
+                             a["proposal_scores_BxMxC"], rtol=1e-5, atol=1e-7)
+  # The score fuses the three heads; without L_pc the untrained s_pc head is left out.
+  outs = method.forward(params, {k: jnp.asarray(v) for k, v in batch.items()})["fused"]
+  p = jax.nn.softmax(outs["cas_BxMxC1"], -1)[..., :-1]
+  fused = p * (jax.nn.sigmoid(outs["attn_logit_BxM"])
+               * jax.nn.sigmoid(outs["iou_logit_BxM"]))[..., None]
+  np.testing.assert_allclose(np.asarray(a["proposal_scores_BxMxC"])[0], fused[0], rtol=1e-5)
+  config.seal.pc = False
+  no_pc = methods.get_method(config, 3, {"feat": 8, "train_videos": 6}).predict(
+      params, {k: jnp.asarray(v) for k, v in batch.items()}, {})
+  np.testing.assert_allclose(
+      np.asarray(no_pc["proposal_scores_BxMxC"])[0],
+      p[0] * jax.nn.sigmoid(outs["attn_logit_BxM"])[0, :, None], rtol=1e-5)
+
+
+def test_seal_config_errors():
+  from test_pmil import _pmil_config
+  from wstal_jax import methods
+  config = _pmil_config("unused", recipe="seal")
+  for field, value, match in (("aggregation", "frame", "choose one of"),
+                              ("pc_units", "px", "choose one of"),
+                              ("pc_ratio", 0.0, r"in \(0, 1\]"),
+                              ("lambda1_epochs", 0.0, "> 0")):
+    bad = _pmil_config("unused", recipe="seal", **{field: value})
+    with pytest.raises(WstalError, match=rf"config.seal.{field}=.*{match}"):
+      methods.get_method(bad, 3, {"feat": 8, "train_videos": 6})
+  config.data.proposals = False
+  with pytest.raises(WstalError, match="candidate proposals"):
+    methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
