@@ -30,6 +30,9 @@ VLPO = "configs/vlpo.py"
 JU = "configs/ju2023.py"
 MLLM = "configs/mllm4wtal.py"
 # row name -> (config argument, extra overrides, description)
+SEAL = "configs/seal.py"
+OFF_SME, OFF_PC, OFF_SC = (["--config.seal.sme=false"], ["--config.seal.pc=false"],
+                           ["--config.seal.sc=false"])
 ROWS = {
     "base": ("configs/base.py", [], "baseline (L_base: MIL top-k + actionness, Sec. 3.1)"),
     "zero_shot": (VLPO, ["--config.vlpo.finetune=zero_shot"],
@@ -138,6 +141,19 @@ ROWS = {
     "ju": (JU, [], "Ju full (alternating B / F, both losses)"),
     "ju_distill_all": (JU, ["--config.ju2023.distill=all"],
                        "Ju, every confident entry distilled both ways"),
+    # P-MIL and SEAL (seal.txt) on the built-in weak-localizer proposals.
+    "pmil": ("configs/pmil.py", [], "P-MIL (separate RGB / flow branches, IRC, completeness)"),
+    "seal_base": (SEAL, OFF_SME + OFF_PC + OFF_SC, "SEAL Table 3 base: fused P-MIL, L_cls only"),
+    "seal_sme": (SEAL, OFF_PC + OFF_SC, "SEAL Table 3: + L_SME"),
+    "seal_pc": (SEAL, OFF_SME + OFF_SC, "SEAL Table 3: + L_pc"),
+    "seal_sc": (SEAL, OFF_SME + OFF_PC, "SEAL Table 3: + L_sc"),
+    "seal_sme_pc": (SEAL, OFF_SC, "SEAL Table 3: + L_SME + L_pc"),
+    "seal_pc_sc": (SEAL, OFF_SME, "SEAL Table 3: + L_pc + L_sc"),
+    "seal": (SEAL, [], "SEAL full (L_SME + L_pc + L_sc)"),
+    "seal_segment": (SEAL, ["--config.seal.aggregation=segment"] + OFF_PC + OFF_SC,
+                     "SEAL Table 4: + L_SME, segment-level descriptors"),
+    "seal_high": (SEAL, ["--config.seal.moderate=false"] + OFF_PC + OFF_SC,
+                  "SEAL Table 5: + L_SME, high-confidence pseudo-labels only"),
 }
 # Rows that only evaluate another row's trained run differently (no training): row ->
 # (source row, overrides for `--mode=eval`, description). The evaluated checkpoint is the one

@@ -131,38 +131,45 @@ def _g(units):
 
 
 @pytest.mark.parametrize("units", S.PC_UNITS)
-def test_process_consistency_hand_values_with_equal_scores(units):
-  """With equal q (one s_pc logit everywhere) L_pc is the printed Eq. 10: the mean over the
-  matched proposals of the three terms."""
-  out, matched = S.process_consistency(jnp.zeros((1, 5)), ATTN, PROPS, MASK, units=units)
+def test_process_consistency_hand_values(units):
+  """The printed Eq. 10 terms of the matched proposals (their means: the parts), and L_pc =
+  mean (q - exp(-(centre + ratio + penalty)))^2 over them."""
+  logits = jnp.asarray([[0.3, -0.2, 0.1, 0.7, 0.0]])
+  l_pc, parts, matched = S.process_consistency(logits, ATTN, PROPS, MASK, units=units)
   np.testing.assert_array_equal(matched[0], [True, True, True, False, False])
-  for name, want in zip(("centre", "ratio", "penalty"), _g(units)):
-    assert float(out[name][0]) == pytest.approx(want.mean(), rel=1e-5), name
-  # The release's threshold 0.8 makes P1 / P2 pseudo-true too when their attention is high.
-  out, _ = S.process_consistency(jnp.zeros((1, 5)), jnp.full((1, 5), 0.5), PROPS, MASK)
-  assert float(out["centre"][0]) == 0.0       # every proposal is its own best match
+  g = _g(units)
+  for name, want in zip(("centre", "ratio", "penalty"), g):
+    assert float(parts[name][0]) == pytest.approx(want.mean(), rel=1e-5), name
+  q = 1 / (1 + np.exp(-np.asarray(logits)[0, :3]))
+  assert float(l_pc[0]) == pytest.approx(np.mean((q - np.exp(-sum(g))) ** 2), rel=1e-5)
+  # The release's threshold 0.8 with flat attention: every proposal is its own pseudo-true
+  # instance (g = 0, target 1).
+  l_pc, parts, _ = S.process_consistency(logits, jnp.full((1, 5), 0.5), PROPS, MASK,
+                                         ratio=0.8)
+  assert float(parts["centre"][0]) == 0.0
+  q4 = 1 / (1 + np.exp(-np.asarray(logits)[0, :4]))
+  assert float(l_pc[0]) == pytest.approx(np.mean((q4 - 1) ** 2), rel=1e-5)
 
 
 def test_process_consistency_gradient_reaches_s_pc():
-  """d L / d s_i = q_i (1 - q_i) (g_i - L) / sum q for every term: the cheaper proposals'
-  scores go up, the dearer ones' down, the unmatched and padded ones get nothing."""
+  """d L / d s_i = 2 (q_i - t_i) q_i (1 - q_i) / N with t = exp(-g): each printed term moves
+  the target (dropping one changes the gradient); unmatched and padded proposals get none."""
   logits = jnp.asarray([[0.3, -0.2, 0.1, 0.7, 0.0]])
   q = np.asarray(jax.nn.sigmoid(logits))[0, :3]
-  for name, g in zip(("centre", "ratio", "penalty"), _g("instance")):
-    grad = jax.grad(lambda s, name=name: S.process_consistency(s, ATTN, PROPS, MASK)[0][name][0])(
-        logits)[0]
-    value = float(np.sum(q * g) / np.sum(q))
-    want = q * (1 - q) * (g - value) / np.sum(q)
-    np.testing.assert_allclose(grad[:3], want, rtol=1e-4, atol=1e-7, err_msg=name)
-    np.testing.assert_array_equal(grad[3:], 0.0)
-    assert np.all(np.abs(want) > 1e-4) or name == "penalty", name
-  # The penalty separates P2 (insufficient overlap) from P0 / P1.
-  grad = jax.grad(lambda s: S.process_consistency(s, ATTN, PROPS, MASK)[0]["penalty"][0])(
-      logits)[0]
-  assert float(grad[2]) > 0 > float(grad[0]) and float(grad[1]) < 0
-  # A video whose proposals all miss (no valid proposal) gives 0, not NaN.
-  out, _ = S.process_consistency(jnp.zeros((1, 5)), ATTN, PROPS, jnp.zeros((1, 5)))
-  assert all(float(v[0]) == 0.0 for v in out.values())
+  grad = np.asarray(jax.grad(lambda s: S.process_consistency(s, ATTN, PROPS, MASK)[0][0])(
+      logits)[0])
+  g = _g("instance")
+  t = np.exp(-sum(g))
+  np.testing.assert_allclose(grad[:3], 2 * (q - t) * q * (1 - q) / 3, rtol=1e-4)
+  np.testing.assert_array_equal(grad[3:], 0.0)
+  for drop in range(3):
+    t_without = np.exp(-sum(x for i, x in enumerate(g) if i != drop))
+    assert np.max(np.abs(2 * (q - t_without) * q * (1 - q) / 3 - grad[:3])) > 1e-3, drop
+  # P0 (the pseudo-true instance, target 1) is pushed up, P2 (off-centre) down.
+  assert grad[0] < 0 < grad[2]
+  # A video with no valid proposal gives 0, not NaN.
+  l_pc, parts, _ = S.process_consistency(logits, ATTN, PROPS, jnp.zeros((1, 5)))
+  assert float(l_pc[0]) == 0.0 and all(float(v[0]) == 0.0 for v in parts.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -171,13 +178,17 @@ def test_process_consistency_gradient_reaches_s_pc():
 
 def test_semantic_consistency_hand_values():
   """Class 0 (the label): top-2 by s_base = {P0, P1}, by s_supp = cas * a = {P0, P2}; so
-  S_c = {P0} (the descriptor is f0) and the distance is averaged over {P0, P1, P2}."""
+  S_c = {P0} (the descriptor is f0 / |f0|) and the distance is averaged over {P0, P1, P2}."""
   cas = jnp.asarray([[[3.0, 0.0, 0.0], [2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
   a = jnp.asarray([[0.9, 0.2, 0.8, 0.9]])
-  f = jnp.asarray([[[0.0, 0.0], [3.0, 4.0], [1.0, 0.0], [5.0, 5.0]]])
+  f = jnp.asarray([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [5.0, 5.0]]])   # unit: e0, e1, e0
   label, mask, k = jnp.asarray([[1.0, 0.0]]), jnp.ones((1, 4)), jnp.asarray([2])
   l_st, l_c, has = S.semantic_consistency(cas, a, f, label, mask, k)
-  assert bool(has[0]) and float(l_st[0]) == pytest.approx((0.0 + 5.0 + 1.0) / 3, rel=1e-5)
+  assert bool(has[0]) and float(l_st[0]) == pytest.approx((0.0 + np.sqrt(2) + 0.0) / 3,
+                                                          rel=1e-5)
+  # Unit-length features: scaling them changes nothing (no shrinking them to lower L_st).
+  assert float(S.semantic_consistency(cas, a, 0.1 * f, label, mask, k)[0][0]) == \
+      pytest.approx(float(l_st[0]), rel=1e-5)
   base = np.asarray(cas)[0, :, :2]
   supp = base * np.asarray(a)[0, :, None]
   sm = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
@@ -198,7 +209,7 @@ def test_semantic_consistency_hand_values():
   f_p = jnp.concatenate([f, jnp.asarray([[[7.0, 7.0]]])], axis=1)
   out = S.semantic_consistency(cas_p, jnp.concatenate([a, jnp.ones((1, 1))], 1), f_p, label,
                                jnp.asarray([[1.0, 1.0, 1.0, 1.0, 0.0]]), k)
-  assert float(out[0][0]) == pytest.approx(2.0, rel=1e-5)
+  assert float(out[0][0]) == pytest.approx(np.sqrt(2) / 3, rel=1e-5)
   assert float(out[1][0]) == pytest.approx(want_c, rel=1e-5)
 
 
