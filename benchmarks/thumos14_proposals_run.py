@@ -33,7 +33,8 @@ def generate_features(ann_dir: str, path: str, seed: int = 0) -> int:
   """Writes the generated W-TALC feature file; returns the number of snippets."""
   rng = np.random.default_rng(seed)
   load = lambda name: np.load(os.path.join(ann_dir, f"{name}.npy"), allow_pickle=True)
-  durations, segments, labels = load("duration"), load("segments"), load("labels")
+  durations = np.asarray(load("duration"), np.float64).reshape(-1)
+  segments, labels = load("segments"), load("labels")
   classes = [c.decode() if isinstance(c, bytes) else str(c) for c in load("classlist")]
   direction = rng.standard_normal((len(classes), 2048)).astype(np.float32)
   arrays = np.empty(len(durations), dtype=object)

@@ -121,31 +121,37 @@ MASK = jnp.asarray([[1.0, 1.0, 1.0, 1.0, 0.0]])
 ATTN = jax.nn.sigmoid(jnp.asarray([[3.0, 0.0, 0.0, 0.0, 0.0]]))
 
 
-def _g(units):
-  """Per-proposal (centre, ratio, penalty) of P0-P2 by hand: L_G = 10, C_G = 15; centre
-  differences 0, 2, -8; intersections 10, 8, 4."""
+def _g(units, match="all"):
+  """Per-proposal (centre, ratio, penalty) by hand: L_G = 10, C_G = 15; P0-P2 overlap P0
+  (centre differences 0, 2, -8; intersections 10, 8, 4); with match='all' P3 takes part too
+  (nearest centre: P0, difference 20, no intersection)."""
   unit = 10.0 if units == "instance" else 1.0
-  diff, inter = np.array([0.0, 2.0, -8.0]), np.array([10.0, 8.0, 4.0])
+  diff, inter = np.array([0.0, 2.0, -8.0, 20.0]), np.array([10.0, 8.0, 4.0, 0.0])
+  if match == "overlapping":
+    diff, inter = diff[:3], inter[:3]
   return ((diff / unit) ** 2, (np.abs(diff) / unit) / (inter / unit + 0.1),
           (inter < 5.0).astype(np.float64))
 
 
 @pytest.mark.parametrize("units", S.PC_UNITS)
-def test_process_consistency_hand_values(units):
-  """The printed Eq. 10 terms of the matched proposals (their means: the parts), and L_pc =
-  mean (q - exp(-(centre + ratio + penalty)))^2 over them."""
+@pytest.mark.parametrize("match", S.PC_MATCHES)
+def test_process_consistency_hand_values(units, match):
+  """The printed Eq. 10 terms of the taking-part proposals (their means: the parts), and
+  L_pc = mean (q - exp(-(centre + ratio + penalty)))^2 over them."""
   logits = jnp.asarray([[0.3, -0.2, 0.1, 0.7, 0.0]])
-  l_pc, parts, matched = S.process_consistency(logits, ATTN, PROPS, MASK, units=units)
-  np.testing.assert_array_equal(matched[0], [True, True, True, False, False])
-  g = _g(units)
+  l_pc, parts, matched = S.process_consistency(logits, ATTN, PROPS, MASK, units=units,
+                                               match=match)
+  n = 4 if match == "all" else 3
+  np.testing.assert_array_equal(matched[0], [True] * n + [False] * (5 - n))
+  g = _g(units, match)
   for name, want in zip(("centre", "ratio", "penalty"), g):
     assert float(parts[name][0]) == pytest.approx(want.mean(), rel=1e-5), name
-  q = 1 / (1 + np.exp(-np.asarray(logits)[0, :3]))
+  q = 1 / (1 + np.exp(-np.asarray(logits)[0, :n]))
   assert float(l_pc[0]) == pytest.approx(np.mean((q - np.exp(-sum(g))) ** 2), rel=1e-5)
   # The release's threshold 0.8 with flat attention: every proposal is its own pseudo-true
   # instance (g = 0, target 1).
   l_pc, parts, _ = S.process_consistency(logits, jnp.full((1, 5), 0.5), PROPS, MASK,
-                                         ratio=0.8)
+                                         ratio=0.8, match=match)
   assert float(parts["centre"][0]) == 0.0
   q4 = 1 / (1 + np.exp(-np.asarray(logits)[0, :4]))
   assert float(l_pc[0]) == pytest.approx(np.mean((q4 - 1) ** 2), rel=1e-5)
@@ -153,20 +159,20 @@ def test_process_consistency_hand_values(units):
 
 def test_process_consistency_gradient_reaches_s_pc():
   """d L / d s_i = 2 (q_i - t_i) q_i (1 - q_i) / N with t = exp(-g): each printed term moves
-  the target (dropping one changes the gradient); unmatched and padded proposals get none."""
+  the target (dropping one changes the gradient); padded proposals get none."""
   logits = jnp.asarray([[0.3, -0.2, 0.1, 0.7, 0.0]])
-  q = np.asarray(jax.nn.sigmoid(logits))[0, :3]
+  q = np.asarray(jax.nn.sigmoid(logits))[0, :4]
   grad = np.asarray(jax.grad(lambda s: S.process_consistency(s, ATTN, PROPS, MASK)[0][0])(
       logits)[0])
   g = _g("instance")
   t = np.exp(-sum(g))
-  np.testing.assert_allclose(grad[:3], 2 * (q - t) * q * (1 - q) / 3, rtol=1e-4)
-  np.testing.assert_array_equal(grad[3:], 0.0)
+  np.testing.assert_allclose(grad[:4], 2 * (q - t) * q * (1 - q) / 4, rtol=1e-4)
+  assert grad[4] == 0.0
   for drop in range(3):
     t_without = np.exp(-sum(x for i, x in enumerate(g) if i != drop))
-    assert np.max(np.abs(2 * (q - t_without) * q * (1 - q) / 3 - grad[:3])) > 1e-3, drop
-  # P0 (the pseudo-true instance, target 1) is pushed up, P2 (off-centre) down.
-  assert grad[0] < 0 < grad[2]
+    assert np.max(np.abs(2 * (q - t_without) * q * (1 - q) / 4 - grad[:4])) > 1e-3, drop
+  # P0 (the pseudo-true instance, target 1) is pushed up, P2 (off-centre) and P3 (far) down.
+  assert grad[0] < 0 < grad[2] and grad[3] > 0
   # A video with no valid proposal gives 0, not NaN.
   l_pc, parts, _ = S.process_consistency(logits, ATTN, PROPS, jnp.zeros((1, 5)))
   assert float(l_pc[0]) == 0.0 and all(float(v[0]) == 0.0 for v in parts.values())

@@ -46,13 +46,15 @@ is a distribution over the C classes).
 
 Process consistency (Eq. 10). Pseudo-true instances: the video's proposals with
 a > 0.9 max a (paper; the release uses 0.8), no gradient; each valid proposal i is matched
-to the pseudo-true instance of highest tIoU (the first on ties) and takes part when that tIoU
-is > 0 (the release). Per matched proposal: centre term (C_P - C_G)^2, ratio term
+to the pseudo-true instance of highest tIoU (the first on ties) or, overlapping none, to the
+one of nearest centre, so all N candidate proposals of Eq. 10 take part (`pc_match='all'`;
+the release's 'overlapping' keeps only proposals with tIoU > 0, leaving the branch
+untrained on the background proposals it scores at inference). Per matched proposal: centre term (C_P - C_G)^2, ratio term
 d / (I + eps) with d = |C_P - C_G| and I the intersection, penalty delta = 1 when
 I < 0.5 L_G. None of these contains a model output, so the printed sum has no gradient on
 s_pc. Our reading: the summand g_i is the proposal's process inconsistency, and the branch
 that "predicts corresponding scores" fused at inference learns to predict it:
-L_pc = (1 / N) sum_i (q_i - exp(-g_i))^2 over the N matched proposals (target 1 for a
+L_pc = (1 / N) sum_i (q_i - exp(-g_i))^2 over the N proposals taking part (target 1 for a
 pseudo-true instance itself, ~0 for an off-centre, poorly overlapping proposal). Each of the
 three terms moves the target, so each reaches s_pc (tests check the gradient by hand). A
 first reading, N counted softly by the branch (sum_i q_i g_i / sum_i q_i, equal to the
@@ -104,6 +106,7 @@ from wstal_jax.models.pmil import PMILModel, proposal_iou
 AGGREGATIONS = ("video", "segment")
 SME_PREDICTIONS = ("attention", "printed", "release")
 PC_UNITS = ("instance", "snippets")
+PC_MATCHES = ("all", "overlapping")
 LAMBDA3_DECAYS = ("cosine", "exp")
 
 
@@ -129,6 +132,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.pc_units = "instance"     # 'instance' | 'snippets' (module docstring)
   c.pc_eps = 0.1              # eps of d / (I + eps), in pc_units
   c.pc_overlap = 0.5          # delta fires when I < 0.5 L_G
+  c.pc_match = "all"          # Eq. 10 over 'all' proposals | 'overlapping' ones (the release)
   c.lambda3_epochs = 50.0     # lambda3: 1 -> 0 over these epochs
   c.lambda3_decay = "cosine"  # 'cosine' | 'exp' (the release: exp(-e / 8), 0 after epoch 70)
   c.alpha_start = 0.3         # alpha(t): 0.3 -> 0.5 over lambda3_epochs
@@ -141,7 +145,8 @@ def validate_config(cfg) -> None:
   def bad(field, why):
     raise WstalError(f"config.seal.{field}={cfg.get(field)!r}: {why}")
   for field, options in (("aggregation", AGGREGATIONS), ("sme_pred", SME_PREDICTIONS),
-                         ("pc_units", PC_UNITS), ("lambda3_decay", LAMBDA3_DECAYS)):
+                         ("pc_units", PC_UNITS), ("lambda3_decay", LAMBDA3_DECAYS),
+                         ("pc_match", PC_MATCHES)):
     if cfg[field] not in options:
       bad(field, f"choose one of {options}")
   for field in ("hidden", "head_hidden", "topk_divisor"):
@@ -251,7 +256,7 @@ def sme_loss(pred_BxC, pseudo_BxC, case_B, valid_B, moderate_weight):
 
 def process_consistency(pc_logit_BxM, attn_BxM, proposals_BxMx2, mask_BxM, *,
                         ratio: float = 0.9, units: str = "instance", eps: float = 0.1,
-                        overlap: float = 0.5):
+                        overlap: float = 0.5, match: str = "all"):
   """Eq. 10 per video (module docstring): -> (l_B, parts, matched_BxM). l_B is the mean over
   the matched proposals of (q_i - exp(-g_i))^2 (0 for a video with none), g_i the printed
   summand; parts {'centre', 'ratio', 'penalty'}: l_B-shaped means of g's three terms over the
@@ -261,10 +266,18 @@ def process_consistency(pc_logit_BxM, attn_BxM, proposals_BxMx2, mask_BxM, *,
   top = jnp.max(jnp.where(valid, a, -jnp.inf), axis=1, keepdims=True)
   pseudo = valid & (a > ratio * top)                                       # [B, M]
   iou = jnp.where(pseudo[:, None, :], proposal_iou(proposals_BxMx2, proposals_BxMx2), -1.0)
-  j = jnp.argmax(iou, axis=2)                                              # [B, M]
-  matched = valid & (jnp.max(iou, axis=2) > 0)
-  gt = jnp.take_along_axis(proposals_BxMx2, j[..., None], axis=1)          # [B, M, 2]
   s, e = proposals_BxMx2[..., 0], proposals_BxMx2[..., 1]
+  overlaps = jnp.max(iou, axis=2) > 0
+  if match == "all":     # no overlap: the pseudo-true instance of nearest centre
+    centre = 0.5 * (s + e)
+    far = jnp.where(pseudo[:, None, :], jnp.abs(centre[:, :, None] - centre[:, None, :]),
+                    jnp.inf)
+    j = jnp.where(overlaps, jnp.argmax(iou, axis=2), jnp.argmin(far, axis=2))
+    matched = valid & jnp.any(pseudo, axis=1, keepdims=True)
+  else:
+    j = jnp.argmax(iou, axis=2)                                            # [B, M]
+    matched = valid & overlaps
+  gt = jnp.take_along_axis(proposals_BxMx2, j[..., None], axis=1)          # [B, M, 2]
   gs, ge = gt[..., 0], gt[..., 1]
   inter = jnp.maximum(jnp.minimum(e, ge) - jnp.maximum(s, gs), 0.0)
   length_g = ge - gs
@@ -422,7 +435,8 @@ class SEAL(pmil.PMIL):
     if c.pc:
       l_pc, parts, _ = process_consistency(o["iou_logit_BxM"], attn, props, mask,
                                            ratio=float(c.pc_ratio), units=c.pc_units,
-                                           eps=float(c.pc_eps), overlap=float(c.pc_overlap))
+                                           eps=float(c.pc_eps), overlap=float(c.pc_overlap),
+                                           match=c.pc_match)
       terms["l_pc"] = video_mean(l_pc, valid_B)
       for k, v in parts.items():    # diagnostics (not summed): the printed Eq. 10's terms
         terms[f"pc_{k}"] = video_mean(v, valid_B)
