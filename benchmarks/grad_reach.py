@@ -83,7 +83,8 @@ def main():
     stream = input_pipeline.train_batches(
         run.data_dir, split="train", batch_size=int(config.train.batch_size),
         num_snippets=int(config.data.num_snippets), seed=0, sampling=config.data.sampling,
-        vlm_feature=config.data.vlm_feature, token_fields=run_setup.token_fields(config))
+        vlm_feature=config.data.vlm_feature, token_fields=run_setup.token_fields(config),
+        max_proposals=run_setup.max_proposals(config))
     batches = [run.put_batch(next(stream)) for _ in range(args.batches)]
     ckpts = checkpointing.Checkpoints(os.path.join(args.workdir, "checkpoints"),
                                       read_only=True)

@@ -78,13 +78,16 @@ def test_sme_loss_by_hand_and_empty_groups():
   pred = jnp.asarray([[0.5, 0.5], [1.0, 0.0], [0.2, 0.8], [0.0, 0.0]])
   pseudo = jnp.asarray([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
   valid = jnp.ones(4)
-  err = [0.25, 0.0, 0.04, 0.5]
+  err = [0.5, 0.0, 0.08, 1.0]          # squared errors summed over the two classes
   got = float(S.sme_loss(pred, pseudo, jnp.asarray([1, 1, 2, 3]), valid, 0.4))
   assert got == pytest.approx((err[0] + err[1]) / 2 + 0.4 * err[2], rel=1e-6)
   # No case-1 video: a finite value from the case-2 group alone (the release: NaN).
   got = float(S.sme_loss(pred, pseudo, jnp.asarray([3, 2, 2, 3]), valid, 0.5))
   assert got == pytest.approx(0.5 * (err[1] + err[2]) / 2, rel=1e-6)
   assert float(S.sme_loss(pred, pseudo, jnp.asarray([3, 3, 3, 3]), valid, 0.5)) == 0.0
+  # The release's phi also averages over the classes.
+  got = float(S.sme_loss(pred, pseudo, jnp.asarray([1, 1, 2, 3]), valid, 0.4, "mean"))
+  assert got == pytest.approx(((err[0] + err[1]) / 2 + 0.4 * err[2]) / 2, rel=1e-6)
 
 
 def test_hard_descriptors_of_a_video_subset(tmp_path):
@@ -198,8 +201,10 @@ def test_semantic_consistency_hand_values():
   base = np.asarray(cas)[0, :, :2]
   supp = base * np.asarray(a)[0, :, None]
   sm = lambda x: np.exp(x) / np.exp(x).sum(-1, keepdims=True)
-  want_c = np.mean((sm(base) - sm(supp)) ** 2)
+  want_c = np.mean(np.sum((sm(base) - sm(supp)) ** 2, axis=-1))
   assert float(l_c[0]) == pytest.approx(want_c, rel=1e-5)
+  l_c_mean = S.semantic_consistency(cas, a, f, label, mask, k, "mean")[1]
+  assert float(l_c_mean[0]) == pytest.approx(want_c / 2, rel=1e-5)
   # The gradient reaches the features and the attention.
   g_f, g_a = jax.grad(lambda f, a: S.semantic_consistency(cas, a, f, label, mask, k)[0][0]
                       + S.semantic_consistency(cas, a, f, label, mask, k)[1][0],

@@ -42,7 +42,11 @@ every attention at 1 and works against L_supp; default `sme_pred='attention'` no
 the attention (p = sum_i s_i a_i / sum_i a_i, "averaging ... weighted by their attention
 scores", P-MIL's video score); 'printed' is the 1 / M form, 'release' the code's unweighted
 mean. s_base,i is the softmax over the C foreground logits (the release; the pseudo-label
-is a distribution over the C classes).
+is a distribution over the C classes). phi ("the mean squared error", Eq. 8 and 12) is the
+squared error of a sample's class vector summed over the classes, the mean being Eq. 8's own
+1 / m_H sum over videos (and, in L_c, the mean over proposals); the release also averages
+over the C classes, which made L_SME 0.6 % and L_c 0.4 % of the attention head's gradient at
+init on the built-in benchmark (benchmarks/grad_reach.py): 'mean' is `mse_reduce='mean'`.
 
 Process consistency (Eq. 10). Pseudo-true instances: the video's proposals with
 a > 0.9 max a (paper; the release uses 0.8), no gradient; each valid proposal i is matched
@@ -83,7 +87,8 @@ per labelled class with a non-empty S_c, per video, on unit-length features f / 
 raw features the distance is lowest with every feature shrunk towards 0, and it did so on the
 built-in benchmark (L_st fell 1.7 -> 0.5 in 400 steps, L_orig stopped falling, test
 average mAP 0.5 at step 250, the base 30.9). L_c = MSE between the foreground
-softmaxes of s_base and s_supp over the valid proposals (the release includes padded rows).
+softmaxes of s_base and s_supp (phi as in SME), averaged over the valid proposals (the
+release includes padded rows).
 
 Inference: score[i, c] = softmax(s_base)_c a_i q_i (the three heads fused), no video bonus
 (the release), video score P-MIL's; q is left out (1) when L_pc is off, since the head is then
@@ -107,6 +112,7 @@ AGGREGATIONS = ("video", "segment")
 SME_PREDICTIONS = ("attention", "printed", "release")
 PC_UNITS = ("instance", "snippets")
 PC_MATCHES = ("all", "overlapping")
+MSE_REDUCTIONS = ("sum", "mean")
 LAMBDA3_DECAYS = ("cosine", "exp")
 
 
@@ -125,6 +131,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.sc = True
   c.aggregation = "video"     # hard-global descriptors: 'video' (Eq. 2) | 'segment' (Eq. 1)
   c.sme_pred = "attention"    # Eq. 9 reading (module docstring)
+  c.mse_reduce = "sum"        # phi of Eq. 8 / 12 over the classes: 'sum' | 'mean' (release)
   c.lambda1_epochs = 30.0     # lambda1: 1 -> 0 linearly over these epochs
   c.moderate = True           # Table 5: the moderate-confidence pseudo-labels
   c.lambda2 = 1.5             # L_pc (the release: 3.4 after retuning)
@@ -146,7 +153,7 @@ def validate_config(cfg) -> None:
     raise WstalError(f"config.seal.{field}={cfg.get(field)!r}: {why}")
   for field, options in (("aggregation", AGGREGATIONS), ("sme_pred", SME_PREDICTIONS),
                          ("pc_units", PC_UNITS), ("lambda3_decay", LAMBDA3_DECAYS),
-                         ("pc_match", PC_MATCHES)):
+                         ("pc_match", PC_MATCHES), ("mse_reduce", MSE_REDUCTIONS)):
     if cfg[field] not in options:
       bad(field, f"choose one of {options}")
   for field in ("hidden", "head_hidden", "topk_divisor"):
@@ -239,11 +246,19 @@ def sme_prediction(cas_BxMxC1, attn_BxM, mask_BxM, form: str = "attention"):
   return total / jnp.maximum(norm, 1e-6)
 
 
-def sme_loss(pred_BxC, pseudo_BxC, case_B, valid_B, moderate_weight):
-  """Eq. 8 with phi = MSE over the classes: the mean over the batch's case-1 videos plus
+def squared_error(a_NxC, b_NxC, reduce: str = "sum"):
+  """phi of Eq. 8 and 12 per sample: the squared error of the class vectors, summed over the
+  classes ('sum', ours: Eq. 8's own 1 / m sum is the mean) or averaged ('mean', the release:
+  C times smaller)."""
+  err = (a_NxC - b_NxC) ** 2
+  return jnp.sum(err, axis=-1) if reduce == "sum" else jnp.mean(err, axis=-1)
+
+
+def sme_loss(pred_BxC, pseudo_BxC, case_B, valid_B, moderate_weight, reduce: str = "sum"):
+  """Eq. 8 with phi = `squared_error`: the mean over the batch's case-1 videos plus
   moderate_weight times the mean over its case-2 videos; a group with no video adds 0 (the
   released code gives NaN for a batch without a case-1 video)."""
-  err_B = jnp.mean((pred_BxC - pseudo_BxC) ** 2, axis=-1)
+  err_B = squared_error(pred_BxC, pseudo_BxC, reduce)
   def group(k):
     sel = (case_B == k) & (valid_B > 0)
     return jnp.sum(jnp.where(sel, err_B, 0.0)) / jnp.maximum(jnp.sum(sel), 1)
@@ -293,7 +308,8 @@ def process_consistency(pc_logit_BxM, attn_BxM, proposals_BxMx2, mask_BxM, *,
   return mean(err), {k: mean(v) for k, v in terms.items()}, matched
 
 
-def semantic_consistency(cas_BxMxC1, attn_BxM, feat_BxMxH, label_BxC, mask_BxM, k_B):
+def semantic_consistency(cas_BxMxC1, attn_BxM, feat_BxMxH, label_BxC, mask_BxM, k_B,
+                         reduce: str = "sum"):
   """Eq. 11-12 per video (module docstring): -> (l_st_B, l_c_B, has_st_B). l_st is the mean
   over the video's labelled classes with a non-empty S_c of the mean distance over the
   proposals in either top-k set, between unit-length features (f / ||f||); has_st_B says
@@ -321,7 +337,7 @@ def semantic_consistency(cas_BxMxC1, attn_BxM, feat_BxMxH, label_BxC, mask_BxM, 
   l_st = jnp.sum(jnp.where(active, per_class, 0.0), axis=1) / jnp.maximum(num, 1)
   p_base = jax.nn.softmax(base, axis=-1)
   p_supp = jax.nn.softmax(supp, axis=-1)
-  err = jnp.mean((p_base - p_supp) ** 2, axis=-1)
+  err = squared_error(p_base, p_supp, reduce)
   l_c = jnp.sum(jnp.where(valid, err, 0.0), axis=1) / jnp.maximum(jnp.sum(valid, axis=1), 1)
   return l_st, l_c, num > 0
 
@@ -426,7 +442,7 @@ class SEAL(pmil.PMIL):
       moderate = (1.0 - (epoch - 1.0) / self.total_epochs) if c.moderate else 0.0
       pred = sme_prediction(cas, attn, mask, c.sme_pred)
       terms["l_sme"] = lambda1(epoch, float(c.lambda1_epochs)) * sme_loss(
-          pred, pseudo, case, valid_B, jnp.maximum(moderate, 0.0))
+          pred, pseudo, case, valid_B, jnp.maximum(moderate, 0.0), c.mse_reduce)
       # Diagnostics (not summed): how often the pseudo-label is one of the video's labels.
       conf = (case <= 2) & (valid_B > 0)
       hit = jnp.sum(pseudo * label, axis=1) > 0
@@ -441,7 +457,8 @@ class SEAL(pmil.PMIL):
       for k, v in parts.items():    # diagnostics (not summed): the printed Eq. 10's terms
         terms[f"pc_{k}"] = video_mean(v, valid_B)
     if c.sc:
-      l_st, l_c, has = semantic_consistency(cas, attn, o["emb_BxMxH"], label, mask, k_B)
+      l_st, l_c, has = semantic_consistency(cas, attn, o["emb_BxMxH"], label, mask, k_B,
+                                            c.mse_reduce)
       lam3 = lambda3(epoch, float(c.lambda3_epochs), c.lambda3_decay)
       a_t = alpha(epoch, float(c.lambda3_epochs), float(c.alpha_start), float(c.alpha_end))
       terms["l_st"] = lam3 * a_t * video_mean(l_st, valid_B * has)
