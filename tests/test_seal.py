@@ -244,11 +244,20 @@ def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
   full = str(tmp_path / "full")
   metrics = train.train_and_evaluate(config, full)
   assert np.isfinite(metrics["average_mAP"])
-  # run_setup gave the method the descriptors of the training split.
+  # run_setup gave the method the descriptors of the training split; with model selection
+  # on held-out training videos, of the videos that train only.
   setup = run_setup.setup(config)
   np.testing.assert_allclose(
       setup.consts["sme_ap_CxR"],
       S.hard_descriptors(data, rgb_dim=setup.method.rgb_dim)[0], rtol=1e-6)
+  held = config.copy_and_resolve_references()
+  held.eval.select_on, held.eval.heldout_fraction = "heldout", 0.2
+  train_idx, heldout_idx = run_setup.heldout_split(6, 0.2, held.seed)
+  assert len(heldout_idx) == 1
+  got = run_setup.setup(held).consts["sme_mo_CxF"]
+  np.testing.assert_allclose(got, S.hard_descriptors(data, rgb_dim=setup.method.rgb_dim,
+                                                     video_indices=train_idx)[1], rtol=1e-6)
+  assert not np.allclose(got, setup.consts["sme_mo_CxF"])
   resumed = str(tmp_path / "resumed")
   shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
                                                                "results.json", "plots"))
