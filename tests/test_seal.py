@@ -151,8 +151,8 @@ def test_process_consistency_hand_values(units, match):
     assert float(parts[name][0]) == pytest.approx(want.mean(), rel=1e-5), name
   q = 1 / (1 + np.exp(-np.asarray(logits)[0, :n]))
   assert float(l_pc[0]) == pytest.approx(np.mean((q - np.exp(-sum(g))) ** 2), rel=1e-5)
-  # The release's threshold 0.8 with flat attention: every proposal is its own pseudo-true
-  # instance (g = 0, target 1).
+  # Flat attention: whatever the ratio, every proposal is its own pseudo-true instance
+  # (g = 0, target 1).
   l_pc, parts, _ = S.process_consistency(logits, jnp.full((1, 5), 0.5), PROPS, MASK,
                                          ratio=0.8, match=match)
   assert float(parts["centre"][0]) == 0.0
@@ -320,3 +320,82 @@ def test_seal_config_errors():
   config.data.proposals = False
   with pytest.raises(WstalError, match="candidate proposals"):
     methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
+
+
+def _tiny_method_and_batch(seed=0):
+  from test_pmil import _pmil_config
+  from wstal_jax import methods
+  config = _pmil_config("unused", recipe="seal")          # steps_per_epoch 1: epoch = step + 1
+  method = methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
+  rng = np.random.default_rng(seed)
+  m = 20
+  start = rng.uniform(0, 10, (2, m))
+  props = np.stack([start, start + rng.uniform(1, 6, (2, m))], -1).astype(np.float32)
+  batch = {"feat_BxTxD": np.abs(rng.normal(size=(2, 16, 8))).astype(np.float32),
+           "mask_BxT": np.ones((2, 16), np.float32), "proposals_BxMx2": props,
+           "proposal_mask_BxM": np.ones((2, m), np.float32),
+           "label_BxC": np.array([[1, 0, 0], [0, 1, 1]], np.float32),
+           "valid_B": np.ones(2, np.float32)}
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  consts = method.stand_in_consts()
+  params = method.init(jax.random.key(0), batch, consts)["params"]
+  return method, batch, consts, params
+
+
+def test_loss_terms_ignore_padded_proposals_and_videos():
+  """Every term (and the gradient) is unchanged by padded proposals (any coordinates) and by
+  a padded video (valid_B = 0, here a copy of a real one with another label); a video whose
+  proposals are all padding gives finite gradients."""
+  method, batch, consts, params = _tiny_method_and_batch()
+  terms = lambda p, b: method.terms_from_out(method.forward(p, b), b, jnp.int32(0), consts)
+  total = lambda p, b: sum(w * terms(p, b)[k] for k, w in method.loss_weights().items())
+  want = terms(params, batch)
+  big = dict(batch)
+  pad = jnp.asarray(np.tile([[[0.0, 0.0], [3.0, 19.0], [7.0, 7.0]]], (2, 2, 1)))
+  big["proposals_BxMx2"] = jnp.concatenate([batch["proposals_BxMx2"], pad], axis=1)
+  big["proposal_mask_BxM"] = jnp.pad(batch["proposal_mask_BxM"], ((0, 0), (0, 6)))
+  for k in ("feat_BxTxD", "mask_BxT", "proposals_BxMx2", "proposal_mask_BxM"):
+    big[k] = jnp.concatenate([big[k], big[k][:1]], axis=0)
+  big["label_BxC"] = jnp.concatenate([batch["label_BxC"], jnp.asarray([[0.0, 0.0, 1.0]])])
+  big["valid_B"] = jnp.asarray([1.0, 1.0, 0.0])
+  got = terms(params, big)
+  for k, v in want.items():
+    assert float(got[k]) == pytest.approx(float(v), rel=1e-5, abs=1e-7), k
+  g_a = jax.grad(total)(params, batch)
+  g_b = jax.grad(total)(params, big)
+  for a, b in zip(jax.tree.leaves(g_a), jax.tree.leaves(g_b)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  empty = dict(batch)
+  empty["proposal_mask_BxM"] = batch["proposal_mask_BxM"].at[1].set(0.0)
+  grads = jax.grad(total)(params, empty)
+  assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+def test_schedules_act_inside_the_loss():
+  """l_sme = lambda1(epoch) x Eq. 8, l_c = lambda3(epoch) x Eq. 12, l_st = lambda3 x alpha x
+  Eq. 11 at the step's epoch (epoch = step // steps_per_epoch + 1)."""
+  method, batch, consts, params = _tiny_method_and_batch(1)
+  outs = method.forward(params, batch)
+  o = outs["fused"]
+  attn = jax.nn.sigmoid(o["attn_logit_BxM"])
+  mask = batch["proposal_mask_BxM"]
+  k = jnp.maximum(jnp.sum(mask, 1).astype(jnp.int32) // 8, 1)
+  l_st, l_c, _ = S.semantic_consistency(o["cas_BxMxC1"], attn, o["emb_BxMxH"],
+                                        batch["label_BxC"], mask, k)
+  pseudo, case = S.sme_pseudo_labels(batch["feat_BxTxD"], batch["mask_BxT"],
+                                     consts["sme_ap_CxR"], consts["sme_mo_CxF"])
+  pred = S.sme_prediction(o["cas_BxMxC1"], attn, mask)
+  for step in (0, 15, 25, 29, 30, 60):
+    epoch = step + 1
+    terms = method.terms_from_out(outs, batch, jnp.int32(step), consts)
+    moderate = max(1.0 - (epoch - 1) / method.total_epochs, 0.0)
+    lam1 = max(1.0 - (epoch - 1) / 30, 0.0)
+    lam3 = 0.5 * (1 + np.cos(np.pi * min((epoch - 1) / 50, 1.0)))
+    alpha = 0.3 + 0.2 * min((epoch - 1) / 50, 1.0)
+    want = lam1 * float(S.sme_loss(pred, pseudo, case, batch["valid_B"], moderate))
+    assert float(terms["l_sme"]) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+    assert float(terms["l_c"]) == pytest.approx(lam3 * float(jnp.mean(l_c)), rel=1e-5,
+                                                abs=1e-9), step
+    assert float(terms["l_st"]) == pytest.approx(lam3 * alpha * float(jnp.mean(l_st)),
+                                                 rel=1e-5, abs=1e-9), step
+  assert method.total_epochs == 6.0     # 6 steps at one step an epoch

@@ -196,7 +196,7 @@ def setup(config, *, method=None) -> Setup:
   dims = {"feat": features[manifest["primary_feature"]]["dim"],
           "vlm": features[vlm]["dim"] if vlm else None,
           "text": None if text is None else int(text.shape[1]),
-          "train_videos": int(manifest["splits"].get("train", {}).get("num_videos", 0))}
+          "train_videos": _num_training_videos(config, manifest)}
   words = description_consts(config, data_dir, manifest)
   if words:
     dims["words"], dims["vocab"] = (int(words["word_vectors_VxD"].shape[1]),
@@ -283,6 +283,13 @@ def heldout_split(num_videos: int, fraction: float, seed: int) -> tuple[np.ndarr
                      "leaves no held-out or no training video")
   perm = np.random.default_rng([seed, 0x4E1D]).permutation(num_videos)
   return np.sort(perm[num_held:]), np.sort(perm[:num_held])
+
+
+def _num_training_videos(config, manifest) -> int:
+  """Videos that train (epoch-based schedules count epochs from it)."""
+  idx = training_indices(config, manifest)
+  return (int(manifest["splits"].get("train", {}).get("num_videos", 0)) if idx is None
+          else len(idx))
 
 
 def training_indices(config, manifest) -> np.ndarray | None:

@@ -23,9 +23,11 @@ q = sigmoid(s_pc). The loss (Eq. 14):
 Schedules (epochs from 1, constant within an epoch, P-MIL's counter): lambda1 linear
 1 -> 0 over `lambda1_epochs` (30); lambda2 = 1.5; lambda3 from 1 to 0 over `lambda3_epochs`
 (50), 'cosine' 0.5 (1 + cos(pi (e - 1) / 50)) (our choice of "non-linear"; the release
-uses exp(-e / 8) cut at epoch 70, offered as lambda3_decay='exp'); alpha linear 0.3 -> 0.5
-over the same 50 epochs (the paper gives no horizon; after them lambda3 = 0 and alpha no
-longer matters); SME's moderate-confidence lambda(t) linear 1 -> 0 over the whole run.
+uses exp(-e / 8) cut at epoch 70, offered as lambda3_decay='exp', with the release's alpha
+over 70 epochs); alpha linear 0.3 -> 0.5 over the same 50 epochs (the paper gives no
+horizon; after them lambda3 = 0 and alpha no longer matters); SME's moderate-confidence
+lambda(t) linear 1 -> 0 over the whole run (the paper's "from 1 to 0"; the release's
+0.5 (1 - e / 200) starts at 0.5).
 
 Readings (the paper is silent or its literal reading does not train; each choice measured on
 the built-in benchmark, README "SEAL"):
@@ -79,7 +81,7 @@ scores). "Classified into category c" by a score cannot be the per-proposal argm
 only rescales a proposal's logits, so both scores would always agree (the release's sets
 "both" and "either" are the same). Our reading is MIL's: a score classifies a proposal into
 the video's class c when it is among the k top proposals of that class under the score (the
-proposals L_orig / L_supp pool, k = max(1, M // 8)). S_c = in both top-k sets, the soft-local
+proposals L_orig / L_supp pool, k = max(1, M_valid // 8)). S_c = in both top-k sets, the soft-local
 descriptor is the mean of their backbone features (f_prop: SCFE's output has no parameters,
 so the learned backbone feature after dropout, the release's), and L_st averages
 ||f_i - descriptor|| (un-squared, gradient through both) over the proposals in either set,
@@ -309,7 +311,7 @@ def process_consistency(pc_logit_BxM, attn_BxM, proposals_BxMx2, mask_BxM, *,
 
 
 def semantic_consistency(cas_BxMxC1, attn_BxM, feat_BxMxH, label_BxC, mask_BxM, k_B,
-                         reduce: str = "sum"):
+                         reduce: str = "sum", max_classes: int = 4):
   """Eq. 11-12 per video (module docstring): -> (l_st_B, l_c_B, has_st_B). l_st is the mean
   over the video's labelled classes with a non-empty S_c of the mean distance over the
   proposals in either top-k set, between unit-length features (f / ||f||); has_st_B says
@@ -323,18 +325,28 @@ def semantic_consistency(cas_BxMxC1, attn_BxM, feat_BxMxH, label_BxC, mask_BxM, 
   labelled = (label_BxC > 0)[:, None, :]
   both = (in_base & in_supp & labelled).astype(jnp.float32)
   either = ((in_base | in_supp) & labelled).astype(jnp.float32)
-  n_both = jnp.sum(both, axis=1)                                           # [B, C]
-  desc = jnp.einsum("bmc,bmh->bch", both, feat_BxMxH) / jnp.maximum(n_both, 1.0)[..., None]
-  # ||f_i - d_c||^2 expanded (a [B, M, C, H] difference would not fit at M = 1,000).
-  sq = (jnp.sum(feat_BxMxH ** 2, axis=-1)[..., None]
-        - 2.0 * jnp.einsum("bmh,bch->bmc", feat_BxMxH, desc)
-        + jnp.sum(desc ** 2, axis=-1)[:, None, :])
-  dist = jnp.sqrt(jnp.maximum(sq, 1e-12))
-  n_either = jnp.sum(either, axis=1)
-  per_class = jnp.sum(either * dist, axis=1) / jnp.maximum(n_either, 1.0)  # [B, C]
-  active = n_both > 0
-  num = jnp.sum(active, axis=1)
-  l_st = jnp.sum(jnp.where(active, per_class, 0.0), axis=1) / jnp.maximum(num, 1)
+  # Only labelled classes enter: each video's first `max_classes` labelled classes (by index;
+  # the datasets have at most 3) are gathered and their distances computed one class at a
+  # time (lax.map), as differences (the expanded ||f||^2 - 2 f.d + ||d||^2 loses the small
+  # distances of near-duplicate proposals to float32 round-off).
+  num_l = min(int(max_classes), label_BxC.shape[1])
+  order = jnp.argsort(jnp.where(label_BxC > 0, 0, 1), axis=1, stable=True)[:, :num_l]
+  pick = lambda x_BxMxC: jnp.moveaxis(jnp.take_along_axis(x_BxMxC, order[:, None, :], 2),
+                                      -1, 0)                               # [L, B, M]
+
+  def per_class(sets):
+    both_BxM, either_BxM = sets
+    n_both = jnp.sum(both_BxM, axis=1)                                     # [B]
+    desc = (jnp.einsum("bm,bmh->bh", both_BxM, feat_BxMxH)
+            / jnp.maximum(n_both, 1.0)[:, None])
+    dist = jnp.sqrt(jnp.maximum(jnp.sum((feat_BxMxH - desc[:, None, :]) ** 2, axis=-1),
+                                1e-12))
+    mean = jnp.sum(either_BxM * dist, axis=1) / jnp.maximum(jnp.sum(either_BxM, axis=1), 1.0)
+    return mean, n_both > 0
+
+  mean_LxB, active_LxB = jax.lax.map(per_class, (pick(both), pick(either)))
+  num = jnp.sum(active_LxB, axis=0)
+  l_st = jnp.sum(jnp.where(active_LxB, mean_LxB, 0.0), axis=0) / jnp.maximum(num, 1)
   p_base = jax.nn.softmax(base, axis=-1)
   p_supp = jax.nn.softmax(supp, axis=-1)
   err = squared_error(p_base, p_supp, reduce)
@@ -460,7 +472,8 @@ class SEAL(pmil.PMIL):
       l_st, l_c, has = semantic_consistency(cas, attn, o["emb_BxMxH"], label, mask, k_B,
                                             c.mse_reduce)
       lam3 = lambda3(epoch, float(c.lambda3_epochs), c.lambda3_decay)
-      a_t = alpha(epoch, float(c.lambda3_epochs), float(c.alpha_start), float(c.alpha_end))
+      a_t = alpha(epoch, 70.0 if c.lambda3_decay == "exp" else float(c.lambda3_epochs),
+                  float(c.alpha_start), float(c.alpha_end))
       terms["l_st"] = lam3 * a_t * video_mean(l_st, valid_B * has)
       terms["l_c"] = lam3 * video_mean(l_c, valid_B)
     return terms
