@@ -154,6 +154,10 @@ ROWS = {
                      "SEAL Table 4: + L_SME, segment-level descriptors"),
     "seal_high": (SEAL, ["--config.seal.moderate=false"] + OFF_PC + OFF_SC,
                   "SEAL Table 5: + L_SME, high-confidence pseudo-labels only"),
+    "seal_mse_mean": (SEAL, ["--config.seal.mse_reduce=mean"],
+                      "SEAL, phi averaged over the classes too (the release's L_SME / L_c)"),
+    "seal_pc_overlapping": (SEAL, ["--config.seal.pc_match=overlapping"],
+                            "SEAL, L_pc over the overlapping proposals only (the release)"),
 }
 # Rows that only evaluate another row's trained run differently (no training): row ->
 # (source row, overrides for `--mode=eval`, description). The evaluated checkpoint is the one
