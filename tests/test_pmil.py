@@ -204,8 +204,7 @@ def _dataset_with_proposals(tmp_path):
 def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
   import json
   import os
-  import shutil
-  from wstal_jax import methods, train
+  from wstal_jax import train
   data = _dataset_with_proposals(tmp_path)
   config = _pmil_config(data)
   full = str(tmp_path / "full")
@@ -217,8 +216,17 @@ def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
   starts = {round(p["segment"][0], 2) for v in results.values() for p in v}
   assert starts <= {0.0, 2.56}
   assert os.path.exists(os.path.join(full, "plots", "scores.npz"))
-  # Resumed from the step-2 checkpoint: the same metrics.
-  resumed = str(tmp_path / "resumed")
+  check_resume_and_padding(config, full, str(tmp_path / "resumed"))
+
+
+def check_resume_and_padding(config, full, resumed):
+  """Resumed from the step-2 checkpoint of the run in `full`: the same metrics; `predict`:
+  padded proposals and padded snippets change no valid output. -> (method, params, batch,
+  predictions) of the unpadded batch."""
+  import json
+  import os
+  import shutil
+  from wstal_jax import methods, train
   shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
                                                                "results.json", "plots"))
   ckpt_dir = os.path.join(resumed, "checkpoints")
@@ -255,6 +263,7 @@ def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
   np.testing.assert_allclose(np.asarray(b["cas_BxTxC"])[:, :12], a["cas_BxTxC"], rtol=1e-5,
                              atol=1e-7)
   np.testing.assert_array_equal(np.asarray(b["proposal_scores_BxMxC"])[:, 3:], 0)
+  return method, params, batch, a
 
 
 def test_pmil_config_errors():

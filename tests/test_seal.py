@@ -2,10 +2,6 @@
 (multi-label, video subsets), each agreement case, the SME loss with an empty group and Eq. 9's
 readings, Eq. 10 on hand-made proposals with its gradient on s_pc, L_st / L_c by hand, the
 schedules, and a tiny run end to end with resume."""
-import json
-import os
-import shutil
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,7 +233,7 @@ def test_schedules():
 
 
 def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
-  from test_pmil import _dataset_with_proposals, _pmil_config
+  from test_pmil import _dataset_with_proposals, _pmil_config, check_resume_and_padding
   from wstal_jax import methods, run_setup, train
   data = _dataset_with_proposals(tmp_path)
   config = _pmil_config(data, recipe="seal")
@@ -258,40 +254,8 @@ def test_tiny_run_with_resume_and_padding_invariant_predict(tmp_path):
   np.testing.assert_allclose(got, S.hard_descriptors(data, rgb_dim=setup.method.rgb_dim,
                                                      video_indices=train_idx)[1], rtol=1e-6)
   assert not np.allclose(got, setup.consts["sme_mo_CxF"])
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("tensorboard", "metrics.json",
-                                                               "results.json", "plots"))
-  ckpt_dir = os.path.join(resumed, "checkpoints")
-  for name in os.listdir(ckpt_dir):
-    if name.isdigit() and int(name) > 2:
-      shutil.rmtree(os.path.join(ckpt_dir, name))
-  assert train.train_and_evaluate(config, resumed) == json.load(
-      open(os.path.join(full, "metrics.json")))
-
-  # predict: padded proposals and padded snippets change no valid output.
-  method = methods.get_method(config, 3, {"feat": 8, "train_videos": 6})
-  rng = np.random.default_rng(0)
-  feat = rng.normal(size=(2, 12, 8)).astype(np.float32)
-  feat[1, 9:] = 0
-  batch = {"feat_BxTxD": feat, "mask_BxT": (np.arange(12)[None] < [[12], [9]]).astype(
-               np.float32),
-           "proposals_BxMx2": np.array([[[0, 4], [2, 9], [5, 12]], [[1, 3], [0, 9], [0, 0]]],
-                                       np.float32),
-           "proposal_mask_BxM": np.array([[1, 1, 1], [1, 1, 0]], np.float32),
-           "label_BxC": np.eye(3, dtype=np.float32)[:2]}
-  params = method.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in batch.items()},
-                       {})["params"]
-  a = method.predict(params, {k: jnp.asarray(v) for k, v in batch.items()}, {})
-  big = dict(batch)
-  big["feat_BxTxD"] = np.pad(feat, ((0, 0), (0, 6), (0, 0)))
-  big["mask_BxT"] = np.pad(batch["mask_BxT"], ((0, 0), (0, 6)))
-  big["proposals_BxMx2"] = np.pad(batch["proposals_BxMx2"], ((0, 0), (0, 3), (0, 0)),
-                                  constant_values=7.0)
-  big["proposal_mask_BxM"] = np.pad(batch["proposal_mask_BxM"], ((0, 0), (0, 3)))
-  b = method.predict(params, {k: jnp.asarray(v) for k, v in big.items()}, {})
-  np.testing.assert_allclose(b["video_scores_BxC"], a["video_scores_BxC"], rtol=1e-5)
-  np.testing.assert_allclose(np.asarray(b["proposal_scores_BxMxC"])[:, :3],
-                             a["proposal_scores_BxMxC"], rtol=1e-5, atol=1e-7)
+  method, params, batch, a = check_resume_and_padding(config, full,
+                                                      str(tmp_path / "resumed"))
   # The score fuses the three heads; without L_pc the untrained s_pc head is left out.
   outs = method.forward(params, {k: jnp.asarray(v) for k, v in batch.items()})["fused"]
   p = jax.nn.softmax(outs["cas_BxMxC1"], -1)[..., :-1]

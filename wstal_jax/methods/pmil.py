@@ -199,22 +199,28 @@ class PMIL:
   phase_starts = (0,)
   block = "pmil"
 
+  defaults = staticmethod(default_config)
+  validate = staticmethod(validate_config)
+
   def __init__(self, config, num_classes: int, dims: dict, class_names=None):
+    """Also SEAL's (its own block, defaults and validation; a block without `branches` is
+    the fused network)."""
     del class_names
-    cfg = methods.config_block(config, self.block, default_config)
-    validate_config(cfg)
+    cfg = methods.config_block(config, self.block, self.defaults)
+    self.validate(cfg)
     if not config.data.get("proposals"):
       raise WstalError(f"method {self.block!r} scores candidate proposals: set "
-                       "config.data.proposals=True (configs/pmil.py does) with a dataset that "
-                       "has them (python -m wstal_jax.data.proposals)")
+                       f"config.data.proposals=True (configs/{self.block}.py does) with a "
+                       "dataset that has them (python -m wstal_jax.data.proposals)")
     self.cfg = cfg
     self.num_classes = int(num_classes)
-    self.model = PMILModel(num_classes=self.num_classes, split=co2net.rgb_dim_of(dims),
+    self.rgb_dim = co2net.rgb_dim_of(dims)
+    self.model = PMILModel(num_classes=self.num_classes, split=self.rgb_dim,
                            hidden=int(cfg.hidden), head_hidden=int(cfg.head_hidden),
-                           dropout=float(cfg.dropout), branches=cfg.branches)
-    per_epoch = int(cfg.steps_per_epoch) or max(
+                           dropout=float(cfg.dropout), branches=cfg.get("branches", "fused"))
+    self.steps_per_epoch = int(cfg.steps_per_epoch) or max(
         int(dims.get("train_videos", 0)) // int(config.train.batch_size), 1)
-    self.steps_per_epoch = per_epoch
+    self.total_epochs = max(int(config.train.num_steps) / self.steps_per_epoch, 1.0)
 
   def extra_consts(self):
     return {}

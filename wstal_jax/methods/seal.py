@@ -103,12 +103,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from wstal_jax import methods
 from wstal_jax.data import format as fmt
 from wstal_jax.errors import WstalError
 from wstal_jax.layers import l2_normalize, topk_count, topk_select, video_mean
 from wstal_jax.methods import co2net, pmil
-from wstal_jax.models.pmil import PMILModel, proposal_iou
+from wstal_jax.models.pmil import proposal_iou
 
 AGGREGATIONS = ("video", "segment")
 SME_PREDICTIONS = ("attention", "printed", "release")
@@ -392,23 +391,8 @@ class SEAL(pmil.PMIL):
   phase_starts = (0,)
   block = "seal"
 
-  def __init__(self, config, num_classes: int, dims: dict, class_names=None):
-    del class_names
-    cfg = methods.config_block(config, self.block, default_config)
-    validate_config(cfg)
-    if not config.data.get("proposals"):
-      raise WstalError("method 'seal' scores candidate proposals: set config.data.proposals="
-                       "True (configs/seal.py does) with a dataset that has them "
-                       "(python -m wstal_jax.data.proposals)")
-    self.cfg = cfg
-    self.num_classes = int(num_classes)
-    self.rgb_dim = co2net.rgb_dim_of(dims)
-    self.model = PMILModel(num_classes=self.num_classes, split=self.rgb_dim,
-                           hidden=int(cfg.hidden), head_hidden=int(cfg.head_hidden),
-                           dropout=float(cfg.dropout), branches="fused")
-    self.steps_per_epoch = int(cfg.steps_per_epoch) or max(
-        int(dims.get("train_videos", 0)) // int(config.train.batch_size), 1)
-    self.total_epochs = max(int(config.train.num_steps) / self.steps_per_epoch, 1.0)
+  defaults = staticmethod(default_config)
+  validate = staticmethod(validate_config)
 
   def dataset_consts(self, data_dir: str, video_indices=None) -> dict:
     """The hard-global descriptors from the training split (`video_indices`: the videos
