@@ -201,6 +201,7 @@ class PMIL:
 
   defaults = staticmethod(default_config)
   validate = staticmethod(validate_config)
+  use_q = True     # inference fuses the third head (SEAL: only when L_pc trains it)
 
   def __init__(self, config, num_classes: int, dims: dict, class_names=None):
     """Also SEAL's (its own block, defaults and validation; a block without `branches` is
@@ -251,9 +252,10 @@ class PMIL:
     return self.model.apply({"params": params}, batch["feat_BxTxD"], batch["proposals_BxMx2"],
                             True, rngs={"dropout": rng})
 
-  def terms_from_out(self, outs, batch, step):
+  def terms_from_out(self, outs, batch, step, consts=None):
     """Unweighted terms {l_orig, l_supp, [l_comp, l_irc]} (the completeness and rank terms
     already times the ramp-up), each the mean over the branches, per batch."""
+    del consts
     c = self.cfg
     props, mask = batch["proposals_BxMx2"], batch["proposal_mask_BxM"]
     label, valid_B = batch["label_BxC"], batch["valid_B"]
@@ -284,8 +286,7 @@ class PMIL:
     return {k: v / len(names) for k, v in terms.items()}
 
   def loss(self, params, batch, consts, rng, step):
-    del consts
-    terms = self.terms_from_out(self.forward(params, batch, rng), batch, step)
+    terms = self.terms_from_out(self.forward(params, batch, rng), batch, step, consts)
     total = sum(w * terms[k] for k, w in self.loss_weights().items())
     return total, terms
 
@@ -293,7 +294,8 @@ class PMIL:
     del consts
     outs = self.forward(params, batch)
     mask = batch["proposal_mask_BxM"]
-    score, video = proposal_scores(outs, mask, float(self.cfg.video_bonus))
+    score, video = proposal_scores(outs, mask, float(self.cfg.video_bonus),
+                                   use_q=self.use_q)
     return {"video_scores_BxC": video, "proposal_scores_BxMxC": score,
             "cas_BxTxC": snippet_scores(score, batch["proposals_BxMx2"], mask,
                                         batch["mask_BxT"])}

@@ -462,20 +462,10 @@ class SEAL(pmil.PMIL):
       terms["l_c"] = lam3 * video_mean(l_c, valid_B)
     return terms
 
-  def loss(self, params, batch, consts, rng, step):
-    terms = self.terms_from_out(self.forward(params, batch, rng), batch, step, consts)
-    total = sum(w * terms[k] for k, w in self.loss_weights().items())
-    return total, terms
-
-  def predict(self, params, batch, consts):
-    del consts
-    outs = self.forward(params, batch)
-    mask = batch["proposal_mask_BxM"]
-    score, video = pmil.proposal_scores(outs, mask, float(self.cfg.video_bonus),
-                                        use_q=bool(self.cfg.pc))
-    return {"video_scores_BxC": video, "proposal_scores_BxMxC": score,
-            "cas_BxTxC": pmil.snippet_scores(score, batch["proposals_BxMx2"], mask,
-                                             batch["mask_BxT"])}
+  @property
+  def use_q(self):
+    """s_pc joins the inference score only when L_pc trains it."""
+    return bool(self.cfg.pc)
 
 
 def random_descriptors(num_classes: int, feat_dim: int, seed: int = 0) -> dict:
