@@ -54,11 +54,13 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import wstal_jax  # noqa: E402
+
+wstal_jax.quiet_native_logs()   # before tensorflow is imported
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -7,6 +7,7 @@ import glob
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -100,20 +101,76 @@ def test_train_then_eval_from_another_directory(tmp_path):
   assert (eval_dir / "plots" / "scores.npz").exists()
 
 
+_VLPO = str(ROOT / "configs" / "vlpo.py")
+
+
+def _write(path, text):
+  path.write_text(text)
+  return str(path)
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--config.eval.select_on=bogus"], "select_on"),
-    ([f"--config={ROOT / 'configs' / 'vlpo.py'}:dataset=nope"], "unknown dataset 'nope'"),
+    (["--config.eval.select_on=bogus"], "error: config.eval.select_on: must be 'test' or"),
+    ([f"--config={_VLPO}:dataset=nope"], "unknown dataset 'nope'"),
+    ([f"--config={_VLPO}:runlocal"], f"error: --config={_VLPO}:runlocal: unknown config argument"),
     # An override of a field the config lacks (here the flag's default config, vlpo's: an
-    # evaluation whose workdir holds no run), and a typo in a method block.
+    # evaluation whose workdir holds no run), and typos in a method block and a common block.
     (["--mode=eval", "--config.ju2023.fusion=vlp"],
-     "--config.ju2023.fusion: the default config"),
-    ([f"--config={ROOT / 'configs' / 'vlpo.py'}", "--config.vlpo.bogus=1"],
-     "vlpo.py has no config field 'bogus'"),
+     "error: --config.ju2023.fusion: no such field; without --config the fields are those of"),
+    ([f"--config={_VLPO}", "--config.vlpo.bogus=1"], "error: --config.vlpo.bogus: no such field"),
+    ([f"--config={_VLPO}", "--config.train.num_stepz=5"],
+     "error: --config.train.num_stepz: no such field (did you mean num_steps?)\n"),
+    (["--config.trian.num_steps=5"], "error: --config.trian.num_steps: no such field (did you "
+                                     "mean train?)"),
+    # Wrong types, and values the validation rejects.
+    (["--config.train.num_steps=1.5"], "error: --config.train.num_steps=1.5: expected an integer"),
+    (["--config.optim.lr=fast"], "error: --config.optim.lr=fast: expected a number"),
+    (["--config.eval.tiou=abc"], "error: config.eval.tiou: needs a tuple of thresholds"),
+    (["--config.data.dataset=thumos15"], "error: config.data.dataset: must be one of builtin,"),
+    (["--mode=evaluate"], "error: --mode=evaluate: value should be one of <train|eval>"),
+    # --config pointing at something that is not a config file.
+    ([f"--config={ROOT / 'setup.cfg'}"], "setup.cfg: not a Python config file (line "),
+    (["--config=NOCONFIG"], "NOCONFIG: not a config file (it defines no get_config())"),
+    (["--config=RETURNS_INT"], "RETURNS_INT: get_config() does not return an ml_collections.ConfigDict"),
 ])
 def test_bad_config_value_is_an_error_not_a_traceback(tmp_path, args, message):
+  files = {"NOCONFIG": _write(tmp_path / "notes.py", "x = 1\n"),
+           "RETURNS_INT": _write(tmp_path / "five.py", "def get_config():\n  return 5\n")}
+  args = [a.replace(k, v) for a in args for k, v in [next(
+      ((k, v) for k, v in files.items() if k in a), ("", ""))]]
+  message = next((message.replace(k, v) for k, v in files.items() if k in message), message)
   proc = _main([*args, f"--workdir={tmp_path / 'w'}", "--config.data.dir=/nonexistent"],
                tmp_path)
   assert proc.returncode == 2, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
-  assert "error:" in proc.stderr and message in proc.stderr
+  assert message in proc.stderr, proc.stderr[-3000:]
+  # One error line, and it does not start with a Python exception name.
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert not re.match(r"error: \w*(Error|Exception)\b", errors[0]), errors[0]
   assert not (tmp_path / "w" / "metrics.json").exists()
+
+
+def test_start_up_prints_no_tensorflow_native_logging(tmp_path):
+  """Without TF_CPP_MIN_LOG_LEVEL in the environment, a command that imports tensorflow prints
+  only our own lines: no oneDNN notice, no absl pre-initialisation warning, no CPU feature
+  guard. A user's own TF_CPP_MIN_LOG_LEVEL is left alone."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")}
+  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS="")
+  proc = subprocess.run(
+      [sys.executable, "-m", "wstal_jax.main", f"--config={_VLPO}",
+       "--config.data.dir=/nonexistent", f"--workdir={tmp_path / 'w'}"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "/nonexistent/manifest.json: not found" in proc.stderr
+  for noise in ("oneDNN", "absl::InitializeLog", "cpu_feature_guard", "libtpu"):
+    assert noise not in proc.stderr, proc.stderr
+  # The library itself (an import, as in a notebook) does not change TF's logging settings
+  # (jax's own import sets TF_CPP_MIN_LOG_LEVEL=1 if unset; we leave it at that).
+  probe = ("import os, wstal_jax; a = os.environ.get('TF_CPP_MIN_LOG_LEVEL'); "
+           "import wstal_jax.main; b = os.environ.get('TF_CPP_MIN_LOG_LEVEL'); "
+           "print(a, b, os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
+  out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.stdout.split() == ["None", "1", "None"], out.stderr[-2000:]

@@ -1,3 +1,37 @@
 """wstal_jax: weakly-supervised temporal action localization in JAX/Flax."""
+import os
+import sys
 
 __version__ = "0.1.0"
+
+
+def quiet_native_logs():
+  """Keeps TensorFlow's C++ start-up lines (the oneDNN notice, "All log messages before
+  absl::InitializeLog()", the CPU feature guard) off stderr, so the first line a user sees is
+  ours. Call it before tensorflow is imported; it does nothing if the user set
+  TF_CPP_MIN_LOG_LEVEL. TF 2.21 logs the oneDNN notice through absl before reading
+  TF_CPP_MIN_LOG_LEVEL, so the notice's own switch is set too: TF_ENABLE_ONEDNN_OPTS=0 only
+  changes TensorFlow's own float kernels (matmul, conv), which the project never uses (TF reads
+  and decodes records; every model computation is jax)."""
+  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+    return
+  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _running_a_command() -> bool:
+  """True under `python -m wstal_jax.<command>`: the package is imported before the command's
+  module, and sys.orig_argv still holds the interpreter's own arguments."""
+  argv = list(getattr(sys, "orig_argv", ()))
+  for i, arg in enumerate(argv[1:], start=1):
+    module = arg[2:] if arg.startswith("-m") and len(arg) > 2 else (
+        argv[i + 1] if arg == "-m" and i + 1 < len(argv) else None)
+    if module is not None:
+      return module == "wstal_jax" or module.startswith("wstal_jax.")
+    if not arg.startswith("-"):   # a script path: not one of our commands
+      return False
+  return False
+
+
+if _running_a_command():   # a library import (a notebook, a test) keeps TF's logging as is
+  quiet_native_logs()

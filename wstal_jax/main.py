@@ -20,11 +20,13 @@ replaces it) and writes the same two files to --eval_dir (default DIR).
 import json
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from wstal_jax import distributed
@@ -64,18 +66,35 @@ def default_config_file(argv) -> str:
   return _DEFAULT_CONFIG
 
 
-def _unknown_override(e: Exception, config_file: str):
-  """A --config.a.b override naming a field the config lacks: one line, exit 2."""
+def _did_you_mean(text: str) -> str:
+  """ml_collections' 'Did you mean "x" instead of "y"?' as ' (did you mean x?)'."""
+  m = re.search(r'Did you mean "([^"]+)"', text)
+  return f" (did you mean {m.group(1)}?)" if m else ""
+
+
+def _config_error(e: BaseException, config_file: str, explicit: bool):
+  """A KeyError / AttributeError while the config was built: an override naming a field the
+  config lacks, or a config file without get_config(). One `error:` line, exit 2."""
   given = [a.split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--config.")]
   while e.args and isinstance(e.args[0], BaseException):   # AttributeError(KeyError(...))
     e = e.args[0]
   text = str(e.args[0]) if e.args else str(e)
   lines = [l.strip() for l in text.splitlines() if l.strip()] or [""]
+  if "get_config" in lines[0]:
+    _fail(f"--config={config_file}: not a config file (it defines no get_config())")
   field = lines[0].strip("\"'")
-  named = [g for g in given if field in g.split(".")] or given
-  hint = "".join(f" ({l})" for l in lines[1:])
-  print(f"error: {' '.join(named)}: {config_file} has no config field {field!r}{hint}",
-        file=sys.stderr)
+  named = [g for g in given if field in g.split(".")]
+  if not named and "does not support indexing" in text:
+    _fail(f"--config={config_file}: get_config() does not return an ml_collections.ConfigDict")
+  if not named:   # not an override: the config file itself failed
+    _fail(f"--config={config_file}: get_config() failed: {type(e).__name__} {text!r}")
+  where = "" if explicit else (f"; without --config the fields are those of {config_file} "
+                               "(pass --config, or --workdir of an evaluated run)")
+  _fail(f"{' '.join(named)}: no such field{_did_you_mean(' '.join(lines[1:]))}{where}")
+
+
+def _fail(message: str):
+  print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 
 
@@ -84,8 +103,7 @@ try:   # config_flags parses --config.* overrides against the default config rig
       "config", default_config_file(sys.argv),
       "Config file, e.g. configs/vlpo.py:dataset=thumos14.", lock_config=True)
 except (KeyError, AttributeError) as _e:
-  _unknown_override(_e, f"the default config ({default_config_file(sys.argv)}; pass --config"
-                        " or an evaluated run's --workdir)")
+  _config_error(_e, default_config_file(sys.argv), explicit=False)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default ./workdirs/<name>-<dataset>-seed<seed>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume) or evaluate.")
@@ -109,17 +127,26 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Orbax logs every save step by step at INFO; keep its warnings, drop the chatter
-  (`--verbosity=1` shows everything)."""
+  """Orbax logs every save step by step at INFO, and jax says at INFO that it found no TPU
+  library on every CPU/GPU start; keep their warnings, drop the chatter (`--verbosity=1`
+  shows everything)."""
 
   def filter(self, record):
-    return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
+    if record.levelno >= pylogging.WARNING:
+      return True
+    return "/orbax/" not in record.pathname and not (
+        record.pathname.endswith("xla_bridge.py") and "Unable to initialize backend" in
+        record.getMessage())
 
 
 def _load_config():
   """The --config file's config; a file that does not load is a WstalError."""
   try:
     config = _CONFIG.value
+    if not isinstance(config, ml_collections.ConfigDict):
+      path = config_flags.get_config_filename(FLAGS["config"])
+      raise WstalError(f"--config={path}: get_config() does not return an "
+                       f"ml_collections.ConfigDict (it returned a {type(config).__name__})")
     config.name  # a config file that failed to load raises here
   except IOError as e:
     path = config_flags.get_config_filename(FLAGS["config"]).split(":", 1)[0]
@@ -177,19 +204,40 @@ def _print_summary(out, config, workdir, where, format_table):
   print(f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
 
 
+_PYTHON_ERROR = re.compile(r"^(\w+\.)*\w*(Error|Exception): ")
+
+
+def _flag_message(text: str, config_file: str | None) -> str:
+  """absl's `flag --name=value: <parser message>` as `--name=value: <what is wrong>`; a
+  config file's get_config error arrives with its traceback text: its last line is kept."""
+  lines = [l for l in text.strip().splitlines() if l.strip()]
+  if any("Traceback" in l for l in lines):
+    return f"--config={config_file}: {_PYTHON_ERROR.sub('', lines[-1].strip())}"
+  message = text.strip()
+  m = re.match(r"^flag (--[^=]+)=(.*?): (.*)$", message, re.S)
+  if not m:
+    return message
+  name, value, why = m.groups()
+  if "invalid literal for int()" in why:
+    why = "expected an integer"
+  elif "could not convert string to float" in why:
+    why = "expected a number"
+  return f"{name}={value}: {why}"
+
+
 def _parse_flags(argv):
-  """absl flag parsing, with a bad flag or config value reported as `error: ...`, exit 2."""
+  """absl flag parsing; a bad flag, config file or config value is one `error:` line, exit 2."""
+  config_file = _command_line_flags(argv, ("config",)).get("config")
   try:
     return FLAGS(argv)
-  except (KeyError, AttributeError) as e:   # an override of a field the config lacks
-    _unknown_override(e, _command_line_flags(argv, ("config",)).get("config", "the config"))
+  except (KeyError, AttributeError) as e:   # an unknown override, a file without get_config
+    _config_error(e, config_file or default_config_file(argv), explicit=config_file is not None)
+  except SyntaxError as e:
+    _fail(f"--config={config_file}: not a Python config file (line {e.lineno}: {e.msg})")
   except flags.Error as e:
-    # A config file's get_config error arrives with the traceback text in the message:
-    # keep its last line (`ValueError: ...`).
-    lines = [l for l in str(e).strip().splitlines() if l.strip()]
-    message = lines[-1] if any("Traceback" in l for l in lines) else str(e)
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    _fail(_flag_message(str(e), config_file))
+  except (TypeError, ValueError) as e:   # a config file's get_config() raising
+    _fail(f"--config={config_file}: {_PYTHON_ERROR.sub('', str(e).strip())}")
 
 
 FLAGS = flags.FLAGS

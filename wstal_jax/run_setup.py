@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from wstal_jax import checkpointing
+from wstal_jax import config_common
 from wstal_jax import methods
 from wstal_jax.data import format as data_format
 from wstal_jax.errors import WstalError
@@ -56,8 +57,13 @@ def validate_config(config):
        f"must be 'uniform' or 'floor', got {config.eval.get('sampling')!r}")
   need(config.eval.split in ("train", "test"), "eval.split",
        f"must be 'train' or 'test', got {config.eval.split!r}")
-  need(len(config.eval.tiou) > 0 and all(0 < t <= 1 for t in config.eval.tiou), "eval.tiou",
-       f"needs thresholds in (0, 1], got {tuple(config.eval.tiou)}")
+  tiou = config.eval.tiou
+  need(isinstance(tiou, (tuple, list)) and len(tiou) > 0
+       and all(isinstance(t, (int, float)) and 0 < t <= 1 for t in tiou), "eval.tiou",
+       f"needs a tuple of thresholds in (0, 1], e.g. '(0.1,0.3,0.5)', got {tiou!r}")
+  need(config.data.dataset in config_common.DATASETS, "data.dataset",
+       f"must be one of {', '.join(config_common.DATASETS)}, got {config.data.dataset!r} (the "
+       "preset is chosen with --config=configs/<method>.py:dataset=NAME)")
   for field in ("num_steps", "log_every", "eval_every", "sync_every", "batch_size"):
     need(config.train[field] > 0, f"train.{field}", f"must be > 0, got {config.train[field]}")
   need(config.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: off)")

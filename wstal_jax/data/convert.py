@@ -32,8 +32,6 @@ import json
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a CLI: keep TF's C++ start-up noise out
-
 from absl import logging
 import numpy as np
 import tensorflow as tf
