@@ -46,12 +46,12 @@ def _write_vlpo_dataset(out_dir):
   return str(out_dir)
 
 
-def _main(args, cwd):
+def _main(args, cwd, **env_vars):
   # One device; a shared persistent compilation cache lets the eval run reuse the train run's
   # compiled predict function.
   env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS="", WSTAL_DATA_CACHE=str(cwd),
              JAX_COMPILATION_CACHE_DIR=str(cwd / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env_vars)
   return subprocess.run([sys.executable, "-m", "wstal_jax.main", *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=600)
 
@@ -90,14 +90,26 @@ def test_train_then_eval_from_another_directory(tmp_path):
 
   # --mode=eval reads the run's config.json; --config.x overrides apply on top.
   eval_dir = tmp_path / "eval"
-  proc = _main(["--mode=eval", f"--workdir={workdir}", "--checkpoint=latest",
-                f"--eval_dir={eval_dir}", "--config.eval.num_plots=2"], tmp_path)
+  eval_args = ["--mode=eval", f"--workdir={workdir}", "--checkpoint=latest",
+               "--config.eval.num_plots=2"]
+  proc = _main([*eval_args, f"--eval_dir={eval_dir}"], tmp_path, PYTHONHASHSEED="1")
   assert proc.returncode == 0, proc.stderr[-4000:]
   again = json.loads((eval_dir / "metrics.json").read_text())
   for key in keys - {"selected_on"}:
     assert again[key] == metrics[key], key
   assert (eval_dir / "results.json").exists()
   assert len(glob.glob(str(eval_dir / "plots" / "*.png"))) == 2
+
+  # The same evaluation in another process (another hash seed, seconds later) writes the same
+  # bytes: metrics, results, scores and plots.
+  proc = _main([*eval_args, f"--eval_dir={tmp_path / 'eval2'}"], tmp_path, PYTHONHASHSEED="2")
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  written = sorted(str(p.relative_to(eval_dir)) for p in eval_dir.rglob("*") if p.is_file())
+  assert {"metrics.json", "results.json", "plots/scores.npz"} <= set(written)
+  assert written == sorted(str(p.relative_to(tmp_path / "eval2"))
+                           for p in (tmp_path / "eval2").rglob("*") if p.is_file())
+  for name in written:
+    assert (eval_dir / name).read_bytes() == (tmp_path / "eval2" / name).read_bytes(), name
   assert (eval_dir / "plots" / "scores.npz").exists()
 
 

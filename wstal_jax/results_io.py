@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import uuid
+import zipfile
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -350,9 +351,28 @@ def save_scores_npz(path: str, videos: Mapping, *, seconds_per_snippet: float, c
     for key, val in fields.items():
       dtype = np.float64 if key == "seconds_per_snippet" else np.float32
       arrays[f"{name}/{key}"] = np.asarray(val, dtype)
+  write_bytes_atomic(path, npz_bytes(arrays))
+
+
+# 1980-01-01, the earliest time a zip entry can hold.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+def npz_bytes(arrays: Mapping[str, np.ndarray], compress: bool = True) -> bytes:
+  """The bytes of `np.savez_compressed(**arrays)` (`np.savez` with compress=False),
+  deterministic: np.savez stamps each zip entry with the current time, so the same arrays
+  saved a few seconds apart differ. Here every entry gets one fixed timestamp and fixed
+  permissions; np.load reads the result as usual."""
+  method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
   buf = io.BytesIO()
-  np.savez_compressed(buf, **arrays)
-  write_bytes_atomic(path, buf.getvalue())
+  with zipfile.ZipFile(buf, mode="w", compression=method) as zf:
+    for name, value in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+      info.compress_type = method
+      info.external_attr = 0o644 << 16
+      with zf.open(info, "w", force_zip64=True) as f:
+        np.lib.format.write_array(f, np.asanyarray(value), allow_pickle=False)
+  return buf.getvalue()
 
 
 def load_scores_npz(path: str) -> dict:

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wstal_jax import results_io
 from wstal_jax.errors import WstalError, cli_main
 from wstal_jax.models.clip_text import ACTIVATIONS, ClipTextConfig, ClipTextEncoder
 
@@ -483,7 +484,7 @@ def save_npz(path: str, params, config: ClipTextConfig, overwrite: bool = False)
   tmp = os.path.join(out_dir, f".{os.path.basename(path)}.tmp{os.getpid()}")
   try:
     with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
+      f.write(results_io.npz_bytes(arrays, compress=False))   # np.savez, minus its timestamps
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
