@@ -91,7 +91,100 @@ def test_restore_into_wrong_structure_is_a_clear_error(tmp_path):
   ckpts.save(1, state, meta={})
   wrong = checkpointing.abstract_like(
       {"params": {"w": jnp.zeros((5, 4)), "b": jnp.zeros(4)}}, _replicated(1))["params"]
-  with pytest.raises(WstalError, match="do not fit"):
+  with pytest.raises(WstalError, match="does not fit this model"):
     ckpts.restore_params(1, wrong)
   ckpts.close()
   assert os.path.isdir(tmp_path / "ck" / "1")
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+
+
+def _damage(step_dir, how):
+  """Damages a saved checkpoint the ways a shared filesystem or object store does."""
+  state = step_dir / "state"
+  if how == "truncated_arrays":   # a killed copy: every array data file cut in half
+    for path in (state / "d").iterdir():
+      with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+  elif how == "deleted_manifest":   # a user deleting files
+    (state / "manifest.ocdbt").unlink()
+  elif how == "deleted_tree_metadata":
+    (state / "_METADATA").unlink()
+  elif how == "zeroed_meta":   # a quota hit: a file of zeros
+    path = step_dir / "meta" / "metadata"
+    path.write_bytes(b"\0" * path.stat().st_size)
+  else:
+    raise ValueError(how)
+
+
+def _three_steps(directory):
+  ckpts = checkpointing.Checkpoints(str(directory), keep_latest=3, async_save=False)
+  for step in (1, 2, 3):
+    ckpts.save(step, _state(step, _replicated(1)), meta={"phase": 0},
+               metrics={"average_mAP": float(step)})
+  ckpts.close()
+  return checkpointing.abstract_like(_state(0, _replicated(1)), _replicated(1))
+
+
+@pytest.mark.parametrize("how", ["truncated_arrays", "deleted_manifest", "deleted_tree_metadata",
+                                 "zeroed_meta"])
+def test_restore_newest_falls_back_and_sets_the_damaged_aside(tmp_path, how, caplog):
+  target = _three_steps(tmp_path / "ck")
+  _damage(tmp_path / "ck" / "3", how)
+  ckpts = checkpointing.Checkpoints(str(tmp_path / "ck"), keep_latest=3)
+  with caplog.at_level("WARNING"):
+    step, state, meta = ckpts.restore_newest(lambda s: target)
+  assert step == 2 and meta == {"phase": 0}
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state),
+               jax.device_get(_state(2, _replicated(1))))
+  warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(warnings) == 1
+  assert "checkpoint 3 cannot be restored" in warnings[0]
+  assert "resuming from step 2" in warnings[0]
+  # Set aside, not deleted, and out of the step list: training re-creates step 3.
+  assert ckpts.all_steps() == [1, 2]
+  assert (tmp_path / "ck" / "3.damaged" / "state").is_dir()
+  assert ckpts.save(3, _state(3, _replicated(1)), meta={"phase": 0})
+  ckpts.close()
+
+
+def test_no_checkpoint_restores_is_one_error(tmp_path):
+  target = _three_steps(tmp_path / "ck")
+  for step in (1, 2, 3):
+    _damage(tmp_path / "ck" / str(step), "deleted_manifest")
+  ckpts = checkpointing.Checkpoints(str(tmp_path / "ck"), keep_latest=3)
+  with pytest.raises(WstalError, match=r"no checkpoint restores \(step 3: damaged or "
+                                       r"incomplete .*step 2: .*step 1: "):
+    ckpts.restore_newest(lambda s: target)
+  ckpts.close()
+
+
+def test_damaged_checkpoint_in_evaluation_names_it_and_the_others(tmp_path):
+  target = _three_steps(tmp_path / "ck")
+  _damage(tmp_path / "ck" / "3", "truncated_arrays")
+  ckpts = checkpointing.Checkpoints(str(tmp_path / "ck"), read_only=True)
+  best = ckpts.resolve("best")
+  assert best == 3
+  with pytest.raises(WstalError, match=r"ck/3: checkpoint cannot be restored: damaged or "
+                                       r"incomplete .*checkpoints present: \[1, 2, 3\]"):
+    ckpts.restore_params(best, target["params"])
+  np.testing.assert_array_equal(np.asarray(ckpts.restore_params(2, target["params"])["b"]),
+                                np.arange(4.0) + 2)
+  assert (tmp_path / "ck" / "3").is_dir()   # evaluation never moves anything
+
+
+def test_damaged_metrics_file(tmp_path, caplog):
+  """Orbax reads every step's metrics when it opens the folder: a damaged one is named in one
+  error when evaluating, and set aside (with a warning) when a run resumes."""
+  target = _three_steps(tmp_path / "ck")
+  (tmp_path / "ck" / "2" / "metrics" / "metrics").write_text('{"average_mAP": 2.')
+  with pytest.raises(WstalError, match=r"ck/2/metrics/metrics: damaged .*checkpoints present: "
+                                       r"\[1, 2, 3\]"):
+    checkpointing.Checkpoints(str(tmp_path / "ck"), read_only=True)
+  with caplog.at_level("WARNING"):
+    ckpts = checkpointing.Checkpoints(str(tmp_path / "ck"), keep_latest=3)
+  assert any("2/metrics/metrics is damaged" in r.getMessage() for r in caplog.records)
+  assert ckpts.all_steps() == [1, 3] and ckpts.best_step() == 3
+  assert ckpts.restore_newest(lambda s: target)[0] == 3
+  ckpts.close()

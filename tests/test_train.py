@@ -7,6 +7,7 @@ they take seconds. tests/test_train_cli.py runs the real command line with VLPO.
 import glob
 import json
 import os
+import shutil
 import pathlib
 import signal
 import subprocess
@@ -307,6 +308,34 @@ def test_rerunning_a_finished_run_only_evaluates(reference, tiny_data):
                                   method=TinyMethod()) == metrics
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   assert sorted(tb_scalars(workdir, "train/loss")) == [2, 4, 6, 8]
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_newest_that_restores(
+    reference, tiny_data, tmp_path, caplog):
+  """The finished reference run with its step-8 checkpoint damaged (array files cut short, as
+  by a killed copy): re-running the command warns once naming steps 8 and 4, trains 4 -> 8
+  again and ends with exactly the uninterrupted run's metrics and parameters. With every
+  checkpoint damaged it is one error."""
+  ref_dir, ref_metrics = reference
+  workdir = tmp_path / "run"
+  shutil.copytree(ref_dir, workdir)
+  assert _checkpoint_steps(str(workdir)) == [4, 8]
+  for path in (workdir / "checkpoints" / "8" / "state" / "d").iterdir():
+    with open(path, "r+b") as f:
+      f.truncate(path.stat().st_size // 2)
+  with caplog.at_level("WARNING"):
+    final = train.train_and_evaluate(tiny_config(tiny_data), str(workdir), method=TinyMethod())
+  warnings = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  assert len(warnings) == 1 and "checkpoint 8 cannot be restored" in warnings[0]
+  assert "resuming from step 4" in warnings[0]
+  assert final == ref_metrics
+  _assert_trees_equal(read_params(str(workdir), 8), read_params(ref_dir, 8))
+  assert (workdir / "checkpoints" / "8.damaged").is_dir()
+
+  for step in (4, 8):
+    (workdir / "checkpoints" / str(step) / "state" / "manifest.ocdbt").unlink()
+  with pytest.raises(WstalError, match=r"no checkpoint restores \(step 8: damaged"):
+    train.train_and_evaluate(tiny_config(tiny_data), str(workdir), method=TinyMethod())
 
 
 def test_resume_refuses_a_different_config(reference, tiny_data):

@@ -383,24 +383,32 @@ class _Loop:
 
   # -------------------------------------------------------------------------- pieces
 
-  def restore_or_init(self, first_batch, start_step: int):
-    """Sets self.state and self.phase for `start_step` (0: fresh parameters)."""
+  def restore_or_init(self, first_batch, start_step: int) -> int:
+    """Sets self.state and self.phase for `start_step` (0: fresh parameters). Returns the step
+    restored: an older one than `start_step` when the newer checkpoints are damaged
+    (Checkpoints.restore_newest sets them aside and says so)."""
     run, config = self.run_, self.config
     init_key = jax.random.split(jax.random.key(config.seed))[0]
-    phase_idx = phase_of(self.starts, start_step)
     if start_step:
       abstract_params = run.abstract_params(first_batch)
-      self.phase = _Phase(run, config, self.starts, phase_idx, abstract_params)
-      abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
-                  "opt_state": jax.eval_shape(self.phase.tx.init, abstract_params)}
-      self.state, meta = self.ckpts.restore(
-          start_step, checkpointing.abstract_like(abstract, run.replicated))
-      if meta.get("phase", phase_idx) != phase_idx:
-        raise WstalError(f"{self.workdir}: checkpoint {start_step} is from phase "
-                         f"{meta.get('phase')}, the method puts step {start_step} in phase "
-                         f"{phase_idx}")
-      logging.info("resumed from %s at step %d", self.ckpts.directory, start_step)
-      return
+      phases = {}
+
+      def abstract_for(step):
+        phases[step] = _Phase(run, config, self.starts, phase_of(self.starts, step),
+                              abstract_params)
+        abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                    "opt_state": jax.eval_shape(phases[step].tx.init, abstract_params)}
+        return checkpointing.abstract_like(abstract, run.replicated)
+
+      step, self.state, meta = self.ckpts.restore_newest(abstract_for)
+      self.phase = phases[step]
+      if meta.get("phase", self.phase.index) != self.phase.index:
+        raise WstalError(f"{self.workdir}: checkpoint {step} is from phase "
+                         f"{meta.get('phase')}, the method puts step {step} in phase "
+                         f"{self.phase.index}")
+      logging.info("resumed from %s at step %d", self.ckpts.directory, step)
+      return step
+    phase_idx = phase_of(self.starts, start_step)
     params = run.init_params(init_key, first_batch)
     self.phase = _Phase(run, config, self.starts, phase_idx, params)
     opt_init = jax.jit(self.phase.tx.init, out_shardings=run.replicated)
@@ -408,6 +416,7 @@ class _Loop:
                   "params": params, "opt_state": opt_init(params)}
     num_params = sum(x.size for x in jax.tree.leaves(params))
     logging.info("initialised %s: %d parameters", type(run.method).__name__, num_params)
+    return start_step
 
   def switch_phase(self, step: int):
     """After the update that ends a phase: the next phase's optimizer, from tx.init."""
@@ -520,15 +529,22 @@ class _Loop:
     if start_step > self.num_steps:
       raise WstalError(f"{self.workdir}: the latest checkpoint is at step {start_step}, past "
                        f"config.train.num_steps={self.num_steps}")
-    batches = input_pipeline.train_batches(
-        run.data_dir, split="train", batch_size=per_process_batch,
-        num_snippets=config.data.num_snippets, seed=config.seed, start_step=start_step,
-        sampling=config.data.sampling, vlm_feature=config.data.vlm_feature,
-        video_indices=self.train_idx, process_index=jax.process_index(),
-        process_count=jax.process_count(), token_fields=run_setup.token_fields(config),
-        max_proposals=run_setup.max_proposals(config))
+
+    def batches_from(step):   # batches are a function of the step: resume is exact
+      return input_pipeline.train_batches(
+          run.data_dir, split="train", batch_size=per_process_batch,
+          num_snippets=config.data.num_snippets, seed=config.seed, start_step=step,
+          sampling=config.data.sampling, vlm_feature=config.data.vlm_feature,
+          video_indices=self.train_idx, process_index=jax.process_index(),
+          process_count=jax.process_count(), token_fields=run_setup.token_fields(config),
+          max_proposals=run_setup.max_proposals(config))
+    batches = batches_from(start_step)
     batch = run.put_batch(next(batches))
-    self.restore_or_init(batch, start_step)
+    restored = self.restore_or_init(batch, start_step)
+    if restored != start_step:   # the newer checkpoints were damaged
+      start_step = restored
+      batches = batches_from(start_step)
+      batch = run.put_batch(next(batches))
     train_key = self.train_key = jax.random.split(jax.random.key(config.seed))[1]
 
     pending = []   # (step, device terms) not yet fetched
