@@ -15,6 +15,7 @@ are percentages.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -288,8 +289,16 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint: str = "best",
   `eval_dir` (default: the workdir). Returns the metrics.json content."""
   run_setup.validate_config(config)
   workdir = workdir_lib.absolute(workdir)
-  run = run_setup.setup(config, method=method)
+  out_dir = workdir_lib.absolute(eval_dir or workdir)
   ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
+  # The folder it writes to must not be a live run's (a training run's metrics.json).
+  with (workdir_lib.RunLock(out_dir, what="evaluation", flag="--eval_dir") if jax.process_index() == 0
+        else contextlib.nullcontext()):
+    return _evaluate_checkpoint(config, ckpts, checkpoint, out_dir, method)
+
+
+def _evaluate_checkpoint(config, ckpts, checkpoint, out_dir, method):
+  run = run_setup.setup(config, method=method)
   step = ckpts.resolve(checkpoint)
   evaluator = Evaluator(run, split=config.eval.split)
   example = next(iter(evaluator.batches()))
@@ -300,9 +309,9 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint: str = "best",
   ckpt_metrics = ckpts.metrics(step) or {}
   extra = {"step": step, "selected_on": ckpt_metrics.get("selected_on", checkpoint),
            "checkpoint": str(checkpoint), "split": result.split}
-  content = write_outputs(eval_dir or workdir, result, run, extra=extra)
+  content = write_outputs(out_dir, result, run, extra=extra)
   if config.eval.get("export_proposals", "none") == "raw":
-    export_raw_proposals(run, params, eval_dir or workdir)
+    export_raw_proposals(run, params, out_dir)
   ckpts.close()
   return content
 

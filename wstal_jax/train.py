@@ -39,6 +39,7 @@ and returns None.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -309,6 +310,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   workdir = workdir_lib.absolute(workdir)
   is_chief = jax.process_index() == 0
   tf.io.gfile.makedirs(workdir)   # gfile: gs:// workdirs work too
+  # Process 0 holds the folder's run lock until the end: a second run on it (a second
+  # terminal, a re-submitted job) stops here, before it writes anything.
+  with (workdir_lib.RunLock(workdir, what="training run") if is_chief
+        else contextlib.nullcontext()):
+    return _train_and_evaluate(config, workdir, is_chief, method)
+
+
+def _train_and_evaluate(config, workdir, is_chief, method):
   workdir_lib.check_config(workdir, config)
   run = run_setup.setup(config, method=method)
   # Both batch sizes are global: checked against the process and device layout before any

@@ -122,3 +122,127 @@ def apply_overrides(config, overrides: dict):
       node = node[p]
     node[leaf] = value
   return config
+
+
+# ------------------------------------------------------------------------------ run lock
+
+LOCK_FILE = "run.lock"     # local and shared filesystems: a kernel lock on this file
+LEASE_FILE = "run.lease"   # object stores (gs://): a lease renewed by a heartbeat
+LEASE_HEARTBEAT_S = 30.0
+LEASE_EXPIRY_S = 120.0
+
+
+class RunLock:
+  """Keeps a second run out of a live run's folder. Held by process 0 for the whole run.
+
+  Local and shared filesystems (NFS, Lustre and GPFS mounted with locking): an exclusive
+  `flock` on WORKDIR/run.lock, which the kernel releases when the process ends however it
+  ends, so a run killed with kill -9 never blocks its resume. The file holds the holder's
+  host, pid, start time and command line, for the error message; it stays after the run.
+
+  Object stores (gs://...), and filesystems without locks: a lease, WORKDIR/run.lease, with
+  the same fields and a heartbeat time renewed every LEASE_HEARTBEAT_S seconds, deleted when
+  the run ends. A lease renewed within LEASE_EXPIRY_S seconds refuses a second run; a killed
+  run's lease expires after that long. Unlike the kernel lock this is not atomic: two runs
+  started within the same second can both take it.
+  """
+
+  def __init__(self, workdir: str, *, what: str = "run", flag: str = "--workdir",
+               lease: bool | None = None):
+    self.workdir = workdir
+    self.what = what
+    self.flag = flag
+    self.use_lease = "://" in workdir if lease is None else lease
+    self._fd = None
+    self._stop = None
+    self._thread = None
+
+  def _holder(self) -> dict:
+    import socket
+    import sys
+    import time
+    return {"host": socket.gethostname(), "pid": os.getpid(), "what": self.what,
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)}
+
+  def _refuse(self, holder: dict, extra: str = ""):
+    who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started "
+           f"{holder.get('started', '?')}: {holder.get('command', '?')}")
+    raise WstalError(f"{self.workdir} is in use by a live {holder.get('what', 'run')} ({who})"
+                     f"{extra}; wait for it to end or stop it, or pass another {self.flag}")
+
+  def acquire(self) -> "RunLock":
+    tf.io.gfile.makedirs(self.workdir)
+    if not self.use_lease:
+      import fcntl
+      path = os.path.join(self.workdir, LOCK_FILE)
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        with os.fdopen(fd, "r") as f:
+          text = f.read()
+        self._refuse(_parse_holder(text))
+      except OSError:   # a filesystem without locks: fall back to the lease
+        os.close(fd)
+        self.use_lease = True
+        return self.acquire()
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, (json.dumps(self._holder()) + "\n").encode(), 0)
+      self._fd = fd
+      return self
+    import threading
+    import time
+    path = f"{self.workdir.rstrip('/')}/{LEASE_FILE}"
+    if tf.io.gfile.exists(path):
+      with tf.io.gfile.GFile(path) as f:
+        holder = _parse_holder(f.read())
+      age = time.time() - float(holder.get("heartbeat", 0))
+      if age < LEASE_EXPIRY_S:
+        self._refuse(holder, f"; its lease was renewed {age:.0f} s ago (a killed run's lease "
+                             f"expires after {LEASE_EXPIRY_S:.0f} s)")
+    holder = self._holder()
+
+    def renew():
+      results_io.write_json_atomic(path, dict(holder, heartbeat=time.time()))
+
+    renew()
+    self._stop = threading.Event()
+
+    def beat():
+      while not self._stop.wait(LEASE_HEARTBEAT_S):
+        try:
+          renew()
+        except Exception:  # a transient storage error: the next beat tries again
+          pass
+
+    self._thread = threading.Thread(target=beat, name="wstal-run-lease", daemon=True)
+    self._thread.start()
+    self._lease_path = path
+    return self
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)   # closing the file releases the flock
+      self._fd = None
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+      try:
+        tf.io.gfile.remove(self._lease_path)
+      except Exception:  # already gone: nothing to release
+        pass
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _parse_holder(text: str) -> dict:
+  try:
+    holder = json.loads(text)
+  except ValueError:
+    return {}
+  return holder if isinstance(holder, dict) else {}
