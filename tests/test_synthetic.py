@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from wstal_jax.data import builtin_cache
 from wstal_jax.data import format as fmt
 from wstal_jax.data import synthetic
 from wstal_jax.errors import WstalError
@@ -147,7 +148,7 @@ def test_unknown_size_and_split():
   with pytest.raises(WstalError, match="unknown split"):
     synthetic.sample_layouts("small", 0, "validation")
   with pytest.raises(WstalError, match="seed"):
-    synthetic.ensure_builtin("small", seed=-1)
+    builtin_cache.ensure_builtin("small", seed=-1)
 
 
 # ------------------------------------------------------------------------ dataset on disk
@@ -228,7 +229,7 @@ def test_test_videos_are_new_draws(small_videos):
 
 def test_ensure_builtin_generates_once(small_dir, tmp_path, monkeypatch):
   cache = str(tmp_path / "cache")
-  path = synthetic.ensure_builtin("small", seed=0, cache_dir=cache)
+  path = builtin_cache.ensure_builtin("small", seed=0, cache_dir=cache)
   assert path == os.path.join(cache, synthetic.builtin_name("small", 0))
   assert f"-v{synthetic.GENERATOR_VERSION}" in path and "small" in path and "seed0" in path
   assert _same_bytes(path, small_dir)  # deterministic: byte-identical to another generation
@@ -241,7 +242,7 @@ def test_ensure_builtin_generates_once(small_dir, tmp_path, monkeypatch):
 
   monkeypatch.setattr(synthetic, "generate", fail)
   monkeypatch.setenv("WSTAL_DATA_CACHE", cache)
-  assert synthetic.ensure_builtin("small", seed=0) == path  # default cache dir from env
+  assert builtin_cache.ensure_builtin("small", seed=0) == path  # default cache dir from env
   assert os.stat(manifest).st_mtime_ns == mtime
 
 
@@ -257,7 +258,7 @@ def test_ensure_builtin_loses_race_gracefully(small_dir, tmp_path, monkeypatch):
     shutil.copytree(small_dir, out_dir)   # ... while we finish our own copy
 
   monkeypatch.setattr(synthetic, "generate", racing_generate)
-  assert synthetic.ensure_builtin("small", seed=0, cache_dir=cache) == target
+  assert builtin_cache.ensure_builtin("small", seed=0, cache_dir=cache) == target
   assert os.path.exists(os.path.join(target, "winner"))
   assert os.listdir(cache) == [os.path.basename(target)]  # our temp copy is gone
 
@@ -266,7 +267,7 @@ def test_ensure_builtin_incomplete_entry(tmp_path):
   cache = tmp_path / "cache"
   (cache / synthetic.builtin_name("small", 0)).mkdir(parents=True)
   with pytest.raises(WstalError, match="incomplete cached dataset"):
-    synthetic.ensure_builtin("small", 0, cache_dir=str(cache))
+    builtin_cache.ensure_builtin("small", 0, cache_dir=str(cache))
 
 
 # ------------------------------------------------------------------------------ phenomena

@@ -143,7 +143,8 @@ def _write(path, text):
     # --config pointing at something that is not a config file.
     ([f"--config={ROOT / 'setup.cfg'}"], "setup.cfg: not a Python config file (line "),
     (["--config=NOCONFIG"], "NOCONFIG: not a config file (it defines no get_config())"),
-    (["--config=RETURNS_INT"], "RETURNS_INT: get_config() does not return an ml_collections.ConfigDict"),
+    (["--config=RETURNS_INT"],
+     "RETURNS_INT: get_config() does not return an ml_collections.ConfigDict"),
 ])
 def test_bad_config_value_is_an_error_not_a_traceback(tmp_path, args, message):
   files = {"NOCONFIG": _write(tmp_path / "notes.py", "x = 1\n"),

@@ -96,7 +96,7 @@ def base_config(*, name, method, dataset="builtin", seed=0):
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = dataset           # which preset filled in the fields below (informative)
-  c.data.dir = config_dict.placeholder(str)   # None + builtin -> synthetic.ensure_builtin
+  c.data.dir = config_dict.placeholder(str)   # None + builtin -> builtin_cache.ensure_builtin
   c.data.builtin_size = "small"
   c.data.builtin_seed = 0
   c.data.cache_dir = config_dict.placeholder(str)  # None -> synthetic's default cache

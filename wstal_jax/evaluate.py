@@ -292,8 +292,9 @@ def evaluate_checkpoint(config, workdir: str, *, checkpoint: str = "best",
   out_dir = workdir_lib.absolute(eval_dir or workdir)
   ckpts = checkpointing.Checkpoints(os.path.join(workdir, "checkpoints"), read_only=True)
   # The folder it writes to must not be a live run's (a training run's metrics.json).
-  with (workdir_lib.RunLock(out_dir, what="evaluation", flag="--eval_dir") if jax.process_index() == 0
-        else contextlib.nullcontext()):
+  lock = (workdir_lib.RunLock(out_dir, what="evaluation", flag="--eval_dir")
+          if jax.process_index() == 0 else contextlib.nullcontext())
+  with lock:
     return _evaluate_checkpoint(config, ckpts, checkpoint, out_dir, method)
 
 

@@ -126,7 +126,7 @@ def resolve_data_dir(config) -> str:
   if config.data.dataset != "builtin":
     raise WstalError(f"dataset {config.data.dataset!r} needs --config.data.dir=DIR (shards "
                      "written by python -m wstal_jax.data.convert)")
-  from wstal_jax.data import synthetic  # only the built-in preset needs the generator
+  from wstal_jax.data import builtin_cache  # only the built-in preset needs the generator
   logging.info("no --config.data.dir: using the built-in %r benchmark (seed %d)",
                config.data.builtin_size, config.data.builtin_seed)
   if config.data.get("proposals"):
@@ -142,7 +142,7 @@ def resolve_data_dir(config) -> str:
     return synthetic_descriptions.ensure_builtin(
         config.data.builtin_size, seed=config.data.builtin_seed,
         cache_dir=config.data.cache_dir)
-  return synthetic.ensure_builtin(config.data.builtin_size, seed=config.data.builtin_seed,
+  return builtin_cache.ensure_builtin(config.data.builtin_size, seed=config.data.builtin_seed,
                                   cache_dir=config.data.cache_dir)
 
 

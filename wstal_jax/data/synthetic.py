@@ -1,6 +1,6 @@
 """Built-in THUMOS14-structured benchmark, generated from a seed (no download needed).
 
-`ensure_builtin("small")` returns a dataset directory in the shard format of
+`builtin_cache.ensure_builtin("small")` returns a dataset directory in the shard format of
 `wstal_jax.data.format` (manifest + TFRecords + text_embeddings.npy), generating it into a cache
 on first use. `python -m wstal_jax.data.synthetic --size=small --seed=0 --out=DIR` writes one
 explicitly.
@@ -52,9 +52,7 @@ draws. Any change to what is generated must bump GENERATOR_VERSION (it names the
 import argparse
 import dataclasses
 import math
-import os
 import sys
-import uuid
 from typing import Iterator
 
 import numpy as np
@@ -735,70 +733,6 @@ def generate(out_dir: str, size: str, seed: int = 0, *, overwrite: bool = False,
       snippet_frames=SNIPPET_FRAMES, fps=FPS, source=source, overwrite=overwrite)
 
 
-def default_cache_dir() -> str:
-  """$WSTAL_DATA_CACHE, else ~/.cache/wstal_jax."""
-  return os.environ.get("WSTAL_DATA_CACHE") or os.path.join(
-      os.path.expanduser("~"), ".cache", "wstal_jax")
-
-
-def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> str:
-  """Returns the directory of the `size` benchmark of `seed`, generating it on first use.
-
-  The entry is cache_dir/builtin_name(size, seed) (cache_dir defaults to default_cache_dir()).
-  It is generated into a private temporary directory and renamed into place, so a process that
-  loses a race to another one keeps the winner's (identical) copy.
-  """
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from wstal_jax.data import format as fmt
-  get_spec(size)
-  seed = _check_seed(seed)
-  cache_dir = str(cache_dir or default_cache_dir()).rstrip("/")
-  target = f"{cache_dir}/{builtin_name(size, seed)}"
-  if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
-  if tf.io.gfile.exists(target):
-    raise WstalError(f"{target}: incomplete cached dataset (no {fmt.MANIFEST}); remove it and "
-                     "try again")
-  tmp = f"{cache_dir}/.{builtin_name(size, seed)}.gen-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    tf.io.gfile.makedirs(cache_dir)
-    generate(tmp, size, seed)
-    try:
-      tf.io.gfile.rename(tmp, target)
-    except (tf.errors.OpError, OSError) as e:
-      if not tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):  # not a lost race
-        raise WstalError(f"cannot move the generated dataset to {target}: {e}") from e
-  except (tf.errors.OpError, OSError) as e:
-    raise WstalError(f"cannot write the synthetic dataset cache in {cache_dir}: {e}") from e
-  finally:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
-  return target
-
-
-def ensure_derived(plain: str, suffix: str, add) -> str:
-  """`plain`-<suffix>: the built-in dataset `plain` with inputs a method adds (descriptions,
-  proposals), made on first use by add(sources_dir, target) (which writes its source files
-  into the temporary sources_dir and the dataset at target, atomically). A process that loses
-  a race to another one keeps the winner's (identical) copy."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  from wstal_jax.data import format as fmt
-  target = f"{plain}-{suffix}"
-  if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
-  sources = f"{plain}-{suffix}-sources.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    try:
-      add(sources, target)
-    except WstalError:
-      if not tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):   # not a lost race
-        raise
-  finally:
-    if tf.io.gfile.exists(sources):
-      tf.io.gfile.rmtree(sources)
-  return target
-
-
 # --------------------------------------------------------------------------------------- CLI
 
 
@@ -828,7 +762,8 @@ def main(argv=None):
     generate(args.out, args.size, args.seed, overwrite=args.overwrite)
     print(args.out)
   else:
-    print(ensure_builtin(args.size, args.seed))
+    from wstal_jax.data import builtin_cache   # it imports this module
+    print(builtin_cache.ensure_builtin(args.size, args.seed))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from wstal_jax.data import descriptions as desc
+from wstal_jax.data import builtin_cache
 from wstal_jax.data import synthetic
 
 DIM = 50
@@ -113,8 +114,8 @@ def write_sources(out_dir: str, size: str, seed: int) -> tuple[str, str]:
 
 def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> str:
   """The built-in benchmark with synthetic descriptions (cache_dir/<name>-descriptions),
-  generated on first use next to the plain one (`synthetic.ensure_builtin`)."""
-  plain = synthetic.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
+  generated on first use next to the plain one (`builtin_cache.ensure_builtin`)."""
+  plain = builtin_cache.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
   logging.info("MLLM4WTAL inputs: the built-in benchmark's synthetic descriptions and word "
                "vectors (per-class templates, no LLM; data/synthetic_descriptions.py)")
 
@@ -123,4 +124,4 @@ def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> st
     desc.add_descriptions(plain, target, descriptions=json_path, word_vectors=vec_path,
                           provenance=f"synthetic_descriptions {size} seed {seed}")
 
-  return synthetic.ensure_derived(plain, "descriptions", add)
+  return builtin_cache.ensure_derived(plain, "descriptions", add)

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from wstal_jax.data import format as fmt
 from wstal_jax.data import proposals as proposals_lib
+from wstal_jax.data import builtin_cache
 from wstal_jax.data import synthetic
 
 THRESHOLDS = tuple(np.round(np.arange(1, 10) / 10.0, 2))
@@ -117,8 +118,8 @@ def write_sources(out_dir: str, data_dir: str, seed: int) -> dict[str, str]:
 
 def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> str:
   """The built-in benchmark with candidate proposals (cache_dir/<name>-proposals), generated
-  on first use next to the plain one (`synthetic.ensure_builtin`)."""
-  plain = synthetic.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
+  on first use next to the plain one (`builtin_cache.ensure_builtin`)."""
+  plain = builtin_cache.ensure_builtin(size, seed=seed, cache_dir=cache_dir)
   logging.info("candidate proposals: the built-in benchmark's synthetic weak-localizer "
                "proposals (from the annotations, no trained model; data/synthetic_proposals.py)")
 
@@ -126,4 +127,4 @@ def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> st
     proposals_lib.add_proposals(plain, target, write_sources(sources, plain, seed),
                                 provenance=f"synthetic_proposals {size} seed {seed}")
 
-  return synthetic.ensure_derived(plain, "proposals", add)
+  return builtin_cache.ensure_derived(plain, "proposals", add)
