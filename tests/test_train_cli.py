@@ -139,6 +139,9 @@ def _write(path, text):
     (["--config.optim.lr=fast"], "error: --config.optim.lr=fast: expected a number"),
     (["--config.eval.tiou=abc"], "error: config.eval.tiou: needs a tuple of thresholds"),
     (["--config.data.dataset=thumos15"], "error: config.data.dataset: must be one of builtin,"),
+    (["--config.data.sampling=rndom"], "error: config.data.sampling: must be one of random_perturb"),
+    (["--config.eval.postprocess.upsample=-1"],
+     "error: config.eval.postprocess: upsample must be an integer >= 1, got -1"),
     (["--mode=evaluate"], "error: --mode=evaluate: value should be one of <train|eval>"),
     # --config pointing at something that is not a config file.
     ([f"--config={ROOT / 'setup.cfg'}"], "setup.cfg: not a Python config file (line "),
