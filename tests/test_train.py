@@ -409,6 +409,20 @@ def test_bad_config_values(tiny_data, tmp_path):
                                str(tmp_path / key), method=TinyMethod())
 
 
+def test_a_config_error_before_the_first_checkpoint_leaves_the_folder_usable(tiny_data,
+                                                                             tmp_path):
+  """A post-processing typo stops the run before its first step; the corrected command then
+  runs in the same folder (nothing was trained there, so there is nothing to protect)."""
+  workdir = str(tmp_path / "run")
+  with pytest.raises(WstalError, match=r"config.eval.postprocess .*upsample must be an integer"):
+    train.train_and_evaluate(tiny_config(tiny_data, **{"eval.postprocess.upsample": -1}),
+                             workdir, method=TinyMethod())
+  assert not _checkpoint_steps(workdir) and not tb_scalars(workdir, "train/loss")
+  out = train.train_and_evaluate(tiny_config(tiny_data, num_steps=4), workdir,
+                                 method=TinyMethod())
+  assert out["step"] == 4
+
+
 class MaskedTinyMethod(TinyMethod):
   """TinyMethod with k from the valid snippets, as the real methods: outputs do not depend on
   the padding or on the other videos of a batch."""

@@ -8,15 +8,15 @@ __version__ = "0.1.0"
 def quiet_native_logs():
   """Keeps TensorFlow's C++ start-up lines (the oneDNN notice, "All log messages before
   absl::InitializeLog()", the CPU feature guard) off stderr, so the first line a user sees is
-  ours. Call it before tensorflow is imported; it does nothing if the user set
-  TF_CPP_MIN_LOG_LEVEL. TF 2.21 logs the oneDNN notice through absl before reading
-  TF_CPP_MIN_LOG_LEVEL, so the notice's own switch is set too: TF_ENABLE_ONEDNN_OPTS=0 only
-  changes TensorFlow's own float kernels (matmul, conv), which the project never uses (TF reads
-  and decodes records; every model computation is jax)."""
-  if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
-    return
-  os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+  ours. Call it before tensorflow is imported. A TF_CPP_MIN_LOG_LEVEL the user set is kept
+  (unset: 2, warnings and info hidden). TF 2.21 prints the oneDNN notice, an info line,
+  whatever TF_CPP_MIN_LOG_LEVEL says, so while info lines are hidden the notice's own switch
+  is set too (unless the user set it): TF_ENABLE_ONEDNN_OPTS=0 only changes TensorFlow's own
+  float kernels (matmul, conv), which the project never uses (TF reads and decodes records;
+  every model computation is jax)."""
+  level = os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  if level.strip() not in ("", "0"):
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 
 def _running_a_command() -> bool:

@@ -86,6 +86,11 @@ class Evaluator:
       raise WstalError(f"config.eval.postprocess: unknown field(s) {unknown} for the "
                        f"{preset!r} preset (fields: {sorted(self.pp_config.keys())})")
     self.pp_config.update(overrides)
+    try:   # every post-processing field, before anything is trained
+      postprocess.check_config(self.pp_config)
+    except WstalError as e:
+      raise WstalError(f"config.eval.postprocess ({preset!r} preset and overrides): "
+                       f"{str(e).removeprefix('post-processing config: ')}") from None
 
     def predict(params, batch, consts):
       out = dict(run.method.predict(params, batch, consts))

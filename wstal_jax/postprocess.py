@@ -222,6 +222,11 @@ def get_preset(name: str) -> ml_collections.ConfigDict:
   return cfg
 
 
+def check_config(config) -> None:
+  """WstalError naming the first bad field of a post-processing config."""
+  _Settings.of(config)
+
+
 def _check_config(config):
   def need(cond, what):
     if not cond:

@@ -61,18 +61,13 @@ def validate_config(config):
   need(isinstance(tiou, (tuple, list)) and len(tiou) > 0
        and all(isinstance(t, (int, float)) and 0 < t <= 1 for t in tiou), "eval.tiou",
        f"needs a tuple of thresholds in (0, 1], e.g. '(0.1,0.3,0.5)', got {tiou!r}")
-  from wstal_jax import input_pipeline, postprocess   # pylint: disable=import-outside-toplevel
+  from wstal_jax import input_pipeline   # pylint: disable=import-outside-toplevel
   need(config.data.sampling in input_pipeline.SAMPLINGS, "data.sampling",
        f"must be one of {', '.join(input_pipeline.SAMPLINGS)}, got {config.data.sampling!r}")
   if not config.data.dir:
     from wstal_jax.data import synthetic   # pylint: disable=import-outside-toplevel
     need(config.data.builtin_size in synthetic.SIZES, "data.builtin_size",
          f"must be one of {', '.join(synthetic.SIZES)}, got {config.data.builtin_size!r}")
-  try:   # every post-processing field, before anything is trained
-    postprocess._Settings.of(config.eval.postprocess)
-  except WstalError as e:
-    raise WstalError(f"config.eval.postprocess: "
-                     f"{str(e).removeprefix('post-processing config: ')}") from None
   need(config.data.dataset in config_common.DATASETS, "data.dataset",
        f"must be one of {', '.join(config_common.DATASETS)}, got {config.data.dataset!r} (the "
        "preset is chosen with --config=configs/<method>.py:dataset=NAME)")

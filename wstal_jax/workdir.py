@@ -62,9 +62,15 @@ def config_differences(old: dict, new: dict, ignore=()) -> list[str]:
 
 
 def check_config(workdir: str, config):
-  """WstalError if `workdir` holds a run whose config differs outside RESUME_SAFE."""
+  """WstalError if `workdir` holds a run whose config differs outside RESUME_SAFE. A folder
+  without checkpoints holds nothing to resume (a run stopped by a config error before its
+  first save): its config.json is simply replaced."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not tf.io.gfile.exists(path):
+    return
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not tf.io.gfile.exists(checkpoints) or not any(
+      name.rstrip("/").isdigit() for name in tf.io.gfile.listdir(checkpoints)):
     return
   old = results_io.load_json(path)
   diffs = config_differences(old, config_to_json(config), ignore=RESUME_SAFE)
