@@ -290,20 +290,103 @@ def test_real_co2net_proposals_pinned(shared_data):
                                        12.4661], atol=5e-4)
 
 
+def test_every_file_the_official_code_scores_is_scored_as_it_scores_it(shared_data):
+  """Issue 15: random predictions against the real THUMOS14 test annotations, including
+  segments that end before they start (one of them with a zero union: 0/0 = NaN, which the
+  official code matches) and predictions on videos without ground truth: the whole
+  `evaluate_detections` path (results dict -> table -> checks -> mAP) equals the brute-force
+  transcription of the official loop to 1e-9 (percent)."""
+  gt_json = results_io.load_json(shared_data / "thumos14" / "gt.json")
+  gt_t, gt = _thumos_gt_json(shared_data)
+  rng = np.random.default_rng(11)
+  pred = _random_predictions(rng, gt, gt_t.videos, 20, 10, 3)
+  n = len(pred["score"])
+  flip = rng.random(n) < 0.1                          # inverted segments
+  pred["start"], pred["end"] = (np.where(flip, pred["end"], pred["start"]),
+                                np.where(flip, pred["start"], pred["end"]))
+  # within the video (up to the 1 s tolerance before 0; gt.json has no durations)
+  pred["start"], pred["end"] = np.maximum(pred["start"], -0.9), np.maximum(pred["end"], -0.9)
+  # zero union: a prediction of length -L on a ground truth of length L
+  g = 0
+  pred = {k: np.append(v, x) for (k, v), x in zip(pred.items(), (
+      gt["video"][g], gt["label"][g], gt["end"][g] + 3.0,
+      gt["end"][g] + 3.0 - (gt["end"][g] - gt["start"][g]), 0.999))}
+  extra_videos = ["video_test_9999990", "video_test_9999991"]   # no ground truth anywhere
+  pred = {k: np.concatenate([v, np.array(x, v.dtype)]) for (k, v), x in zip(pred.items(), (
+      extra_videos, [1, 2], [3.0, 10.0], [8.0, 12.0], [0.95, 0.5]))}
+  results = {"results": {}}
+  for v, c, s, e, sc in zip(pred["video"], pred["label"], pred["start"], pred["end"],
+                            pred["score"]):
+    if v == "not_a_video":
+      v = "video_test_9999992"
+    results["results"].setdefault(v, []).append(
+        {"label": gt_t.classes[int(c)], "score": float(sc), "segment": [float(s), float(e)]})
+  table = results_io.results_table(results)
+  assert (table.end < table.start).sum() > 50
+  diag = {}
+  for thr in (metrics.THUMOS14_TIOU, metrics.ACTIVITYNET_TIOU):
+    out = evaluate_detections(gt_json, results, thr, subset="test", diagnostics=diag)
+    ref = brute_force_ap(gt, {"video": table.video, "label": np.array(
+        [gt_t.classes.index(c) for c in table.label]), "score": table.score,
+        "start": table.start, "end": table.end}, thr, 20)
+    got = np.array([out[f"mAP@{t:.2f}"] for t in thr])
+    assert np.max(np.abs(got - 100 * ref.mean(axis=1))) < 1e-9
+    assert abs(out["average_mAP"] - 100 * ref.mean()) < 1e-9
+  assert diag["anomalies"]["inverted_segment"]["count"] == int((table.end < table.start).sum())
+  assert diag["anomalies"]["video_without_ground_truth"]["count"] == 3
+  # The zero-union row matched (NaN is never below a threshold): it is a true positive.
+  assert brute_force_ap(gt, {"video": np.array([gt["video"][g]], object),
+                             "label": np.array([gt["label"][g]]), "score": np.array([1.0]),
+                             "start": np.array([gt["end"][g] + 3.0]),
+                             "end": np.array([gt["start"][g] + 3.0])},
+                        [0.5], 20)[0, gt["label"][g]] > 0
+
+
+@pytest.mark.parametrize("row,match", [
+    ({"label": "Dive", "score": 0.5, "segment": [1, 2]},
+     r"r.json: results\['a'\]\[1\]: label 'Dive' is not a class of the ground truth"),
+    ({"label": "Jump", "score": 0.5, "segment": [-1.5, 2]},
+     r"results\['a'\]\[1\]: segment \[-1.5, 2.0\] lies before the start of the video"),
+    ({"label": "Jump", "score": 0.5, "segment": [3, 11.5]},
+     r"results\['a'\]\[1\]: segment \[3.0, 11.5\] lies past the end of the video \(10.0 s"),
+    ({"label": "Jump", "score": float("nan"), "segment": [1, 2]},
+     r"results\['a'\]\[1\]\.score: not finite"),
+    ({"label": "Jump", "score": 0.5, "segment": [1, float("inf")]},
+     r"results\['a'\]\[1\]\.segment: not finite"),
+])
+def test_what_the_official_code_scores_oddly_is_one_error(row, match):
+  gt = {"database": {"a": {"subset": "test", "duration": 10.0, "annotations": [
+      {"segment": [0, 5], "label": "Jump"}]}, "b": {"subset": "train", "annotations": [
+          {"segment": [0, 5], "label": "Run"}]}}}
+  res = {"results": {"a": [{"label": "Jump", "score": 0.9, "segment": [0, 5]}, row]}}
+  with pytest.raises(WstalError, match=match):
+    evaluate_detections(gt, results_io.results_table(res, source="r.json"), [0.5],
+                        subset="test")
+  # A class known to the file but without instances in the subset is counted and left out;
+  # a segment within the tolerance past the end is scored.
+  ok = {"results": {"a": [{"label": "Run", "score": 0.9, "segment": [0, 5]},
+                          {"label": "Jump", "score": 0.8, "segment": [0, 10.9]}]}}
+  diag = {}
+  out = evaluate_detections(gt, ok, [0.5], subset="test", diagnostics=diag)
+  assert out["mAP@0.50"] == 0.0   # [0, 10.9] vs [0, 5]: tIoU 0.46
+  assert diag["anomalies"] == {"class_without_ground_truth": {
+      "count": 1, "first": "results: results['a'][0]: label 'Run'"}}
+
+
 def test_evaluate_detections_percent_keys_and_label_checks():
   gt = {"database": {"a": {"subset": "test", "annotations": [
       {"segment": ["0", "10"], "label": "Jump"}]},
                      "b": {"subset": "train", "annotations": [
                          {"segment": [0, 10], "label": "Run"}]}}}
   res = {"results": {"a": [{"label": "Jump", "score": 0.9, "segment": [0, 5]},
-                           {"label": "Other", "score": 0.9, "segment": [0, 5]}]}}
+                           {"label": "Run", "score": 0.9, "segment": [0, 5]}]}}
   diag = {}
   out = evaluate_detections(gt, res, [0.5, 0.55], subset="test", diagnostics=diag)
   assert out == {"mAP@0.50": 100.0, "mAP@0.55": 0.0, "average_mAP": 50.0}
   assert diag["num_ignored_label"] == 1
   out = evaluate_detections(gt, res, [0.5])  # all videos: class Run has no prediction -> 0
   assert out["mAP@0.50"] == 50.0
-  with pytest.raises(WstalError, match="no predicted label matches"):
+  with pytest.raises(WstalError, match="label 'x' is not a class of the ground truth"):
     evaluate_detections(gt, {"results": {"a": [{"label": "x", "score": 1, "segment": [0, 1]}]}})
   with pytest.raises(WstalError, match="subset"):
     evaluate_detections(gt, res, subset="validation")

@@ -179,12 +179,40 @@ def test_evaluate_results_cli(tmp_path):
   assert [line.split()[0] for line in lines] == ["mAP@0.30", "mAP@0.50", "mAP@0.70",
                                                  "average_mAP"]
   metrics = json.loads(out.read_text())
-  assert list(metrics) == ["mAP@0.30", "mAP@0.50", "mAP@0.70", "average_mAP"]
+  assert list(metrics)[:4] == ["mAP@0.30", "mAP@0.50", "mAP@0.70", "average_mAP"]
+  assert metrics["protocol"] == "official" and metrics["anomalies"] == {}
+  assert metrics["num_gt_videos"] == 2 and "protocol official" in p.stderr
   # Jump: [0, 1.28] vs [0, 1.3] IoU .985 -> AP 1; Swim: [3.2, 5.76] vs [3, 6]: IoU .853 -> 1
   assert metrics["mAP@0.70"] == pytest.approx(100.0)
   p = run_cli(f"--ground_truth={gt}", f"--results={res}", "--tiou=0.5:0.05:0.95")
   assert p.returncode == 0, p.stderr
   assert p.stdout.split()[0] == "mAP@0.50" and "mAP@0.95" in p.stdout
+
+
+def test_evaluate_results_cli_reports_each_anomaly_once(tmp_path):
+  """Inverted segments and videos without ground truth are scored and counted: one warning
+  line per kind with the count and the first example, and the same in the output JSON."""
+  gt = tmp_path / "gt.json"
+  gt.write_text(json.dumps(gt_dict()))
+  res = tmp_path / "res.json"
+  rows = {"v1": [{"label": "Jump", "score": 0.9, "segment": [0.0, 1.3]},
+                 {"label": "Jump", "score": 0.8, "segment": [2.0, 1.0]},
+                 {"label": "Swim", "score": 0.7, "segment": [5.0, 4.0]}],
+          "v9": [{"label": "Jump", "score": 0.6, "segment": [0.0, 1.0]}]}
+  res.write_text(json.dumps({"results": rows}))
+  out = tmp_path / "m.json"
+  p = run_cli(f"--ground_truth={gt}", f"--results={res}", "--subset=test", "--tiou=0.5",
+              f"--output={out}")
+  assert p.returncode == 0, p.stderr
+  warnings = [l for l in p.stderr.splitlines() if l.startswith("warning:")]
+  assert len(warnings) == 2, p.stderr
+  assert warnings[0].startswith("warning: 2 predictions whose segment ends before it starts")
+  assert warnings[0].endswith(f"first: {res}: results['v1'][1]: segment [2.0, 1.0]")
+  assert warnings[1].startswith("warning: 1 predictions on videos without ground truth")
+  anomalies = json.loads(out.read_text())["anomalies"]
+  assert anomalies["inverted_segment"]["count"] == 2
+  assert anomalies["video_without_ground_truth"] == {
+      "count": 1, "first": f"{res}: results['v9'][0]: video 'v9'"}
 
 
 @pytest.mark.parametrize("content", ['{"results": {"v1": [{"label": "Jump"}]}}', "[1, 2"])

@@ -121,7 +121,8 @@ class GroundTruthTable:
   classes: sorted names of the classes with at least one instance; videos: the chosen video
   names in file order (also those without instances); video / label_name: str [N];
   label: int64 [N] index into classes; start / end: float64 [N] seconds; durations: name ->
-  seconds for videos whose entry has a duration.
+  seconds for videos whose entry has a duration; known_classes: every class the file names
+  (annotations of any subset, and the `taxonomy` node names when present); source: the file.
   """
   classes: list
   videos: list
@@ -131,16 +132,27 @@ class GroundTruthTable:
   start: np.ndarray
   end: np.ndarray
   durations: dict
+  known_classes: frozenset = frozenset()
+  source: str = "ground truth"
 
 
 @dataclasses.dataclass
 class ResultsTable:
-  """Predictions as flat arrays in file order: video / label: str [P]; score, start, end [P]."""
+  """Predictions as flat arrays in file order: video / label: str [P]; score, start, end [P];
+  row: int [P], the prediction's position in its video's list (for messages); source: the
+  file. A segment may end before it starts (the official evaluator scores such a row: it
+  never overlaps anything), nothing may be NaN or infinite."""
   video: np.ndarray
   label: np.ndarray
   score: np.ndarray
   start: np.ndarray
   end: np.ndarray
+  row: np.ndarray = None
+  source: str = "results"
+
+  def where(self, i: int) -> str:
+    row = int(self.row[i]) if self.row is not None else "?"
+    return f"{self.source}: results[{self.video[i]!r}][{row}]"
 
 
 def _number(x, where: str) -> float:
@@ -155,14 +167,14 @@ def _number(x, where: str) -> float:
   return v
 
 
-def segment(seg, where: str):
-  """(start, end) of a [start, end] pair of finite numbers with end >= start (WstalError
-  naming `where` otherwise)."""
+def segment(seg, where: str, allow_inverted: bool = False):
+  """(start, end) of a [start, end] pair of finite numbers with end >= start (unless
+  allow_inverted); WstalError naming `where` otherwise."""
   if not isinstance(seg, (list, tuple)) or len(seg) != 2:
     raise WstalError(f"{where}: expected [start, end], got {seg!r}")
   s = _number(seg[0], where)
   e = _number(seg[1], where)
-  if e < s:
+  if e < s and not allow_inverted:
     raise WstalError(f"{where}: ends before it starts ({seg!r})")
   return s, e
 
@@ -177,7 +189,10 @@ def ground_truth_table(gt: Mapping, subset: str | None = None,
     raise WstalError(f"{source}: expected an object with a 'database' object "
                      "(ActivityNet ground-truth format)")
   videos, video, label, start, end, durations = [], [], [], [], [], {}
-  subsets = set()
+  subsets, known = set(), set()
+  for node in gt.get("taxonomy") or []:
+    if isinstance(node, Mapping) and isinstance(node.get("nodeName"), str):
+      known.add(node["nodeName"])
   for vid, entry in gt["database"].items():
     where = f"{source}: database[{vid!r}]"
     if not isinstance(entry, Mapping):
@@ -187,6 +202,8 @@ def ground_truth_table(gt: Mapping, subset: str | None = None,
         raise WstalError(f"{where}: no 'subset' field, so --subset={subset} cannot select it")
       subsets.add(str(entry["subset"]))
       if entry["subset"] != subset:
+        known.update(a["label"] for a in entry.get("annotations") or []
+                     if isinstance(a, Mapping) and isinstance(a.get("label"), str))
         continue
     anns = entry.get("annotations")
     if not isinstance(anns, list):
@@ -214,7 +231,8 @@ def ground_truth_table(gt: Mapping, subset: str | None = None,
       classes=classes, videos=videos, video=np.array(video, dtype=object),
       label_name=np.array(label, dtype=object),
       label=np.array([index[c] for c in label], np.int64),
-      start=np.array(start, np.float64), end=np.array(end, np.float64), durations=durations)
+      start=np.array(start, np.float64), end=np.array(end, np.float64), durations=durations,
+      known_classes=frozenset(known | set(classes)), source=str(source))
 
 
 def results_table(results: Mapping, source: str = "results") -> ResultsTable:
@@ -222,7 +240,7 @@ def results_table(results: Mapping, source: str = "results") -> ResultsTable:
   if not isinstance(results, Mapping) or not isinstance(results.get("results"), Mapping):
     raise WstalError(f"{source}: expected an object with a 'results' object "
                      "(ActivityNet detection results format)")
-  video, label, score, start, end = [], [], [], [], []
+  video, label, score, start, end, rows = [], [], [], [], [], []
   for vid, preds in results["results"].items():
     where = f"{source}: results[{vid!r}]"
     if not isinstance(preds, list):
@@ -233,15 +251,17 @@ def results_table(results: Mapping, source: str = "results") -> ResultsTable:
         raise WstalError(f"{w}: expected an object with 'label', 'score' and 'segment'")
       if not isinstance(p["label"], str):
         raise WstalError(f"{w}.label: expected a class name string, got {p['label']!r}")
-      s, e = segment(p["segment"], f"{w}.segment")
+      s, e = segment(p["segment"], f"{w}.segment", allow_inverted=True)
       video.append(vid)
       label.append(p["label"])
       score.append(_number(p["score"], f"{w}.score"))
       start.append(s)
       end.append(e)
+      rows.append(i)
   return ResultsTable(video=np.array(video, dtype=object), label=np.array(label, dtype=object),
                       score=np.array(score, np.float64), start=np.array(start, np.float64),
-                      end=np.array(end, np.float64))
+                      end=np.array(end, np.float64), row=np.array(rows, np.int64),
+                      source=str(source))
 
 
 def read_ground_truth(path: str) -> dict:
@@ -305,7 +325,11 @@ def ground_truth_dict(videos: Iterable, class_names, subset: str) -> dict:
         "duration": _short_float(v.duration),
         "annotations": [{"segment": [_short_float(s), _short_float(e)],
                          "label": class_names[int(c)]} for (s, e), c in zip(segs, labs)]}
-  return {"version": RESULTS_VERSION, "database": database}
+  # The class list, as ActivityNet's taxonomy nodes: a class without an instance here is
+  # still a class of the dataset (evaluate_results tells it from a misspelt label).
+  return {"version": RESULTS_VERSION,
+          "taxonomy": [{"nodeId": i, "nodeName": c} for i, c in enumerate(class_names)],
+          "database": database}
 
 
 def ground_truth_from_dataset(data_dir: str, splits=("test",)) -> dict:
@@ -319,7 +343,9 @@ def ground_truth_from_dataset(data_dir: str, splits=("test",)) -> dict:
                        f"(has {sorted(manifest['splits'])})")
     infos = data_format.read_video_info(data_dir, split)
     database.update(ground_truth_dict(infos, manifest["classes"], split)["database"])
-  return {"version": RESULTS_VERSION, "database": database}
+  return {"version": RESULTS_VERSION,
+          "taxonomy": [{"nodeId": i, "nodeName": c} for i, c in enumerate(manifest["classes"])],
+          "database": database}
 
 
 def write_ground_truth(path: str, data_dir: str, splits=("test",)) -> dict:
