@@ -250,6 +250,36 @@ def test_training_metrics_equal_the_scoring_command(reference, tiny_data, tmp_pa
     assert got[key] == pytest.approx(metrics[key], abs=1e-3), key
 
 
+def test_wtalc_protocol_in_training_equals_the_scoring_command(reference, tiny_data, tmp_path):
+  """config.eval.protocol='wtalc' (ground truth rounded to snippets, ambiguous filter): the
+  evaluator's metrics equal `evaluate_results --protocol=wtalc` on its results.json against
+  the dataset directory, and differ from the official protocol's."""
+  from wstal_jax import evaluate, evaluate_results
+  data = str(tmp_path / "with_ambiguous")
+  splits = {s: list(data_format.read_videos(tiny_data, s)) for s in ("train", "test")}
+  for v in splits["test"]:   # an ambiguous stretch in every test video
+    v.ambiguous = np.array([[0.55 * v.duration, 0.75 * v.duration]], np.float32)
+  data_format.write_dataset(data, dataset="tiny",
+                            classes=[f"class{c}" for c in range(NUM_CLASSES)],
+                            feature_dims={"i3d": DIM}, splits=splits, num_shards=2)
+  ref_dir, _ = reference
+  out = {}
+  for protocol in ("wtalc", "official"):
+    out[protocol] = evaluate.evaluate_checkpoint(
+        tiny_config(data, **{"eval.protocol": protocol}), ref_dir, checkpoint="latest",
+        eval_dir=str(tmp_path / protocol), method=TinyMethod())
+    assert out[protocol]["protocol"] == protocol
+  scored = tmp_path / "scored.json"
+  assert evaluate_results.main([
+      "--protocol=wtalc", f"--ground_truth={data}", "--tiou=0.1,0.3,0.5",
+      f"--results={tmp_path / 'wtalc' / 'results.json'}", f"--output={scored}"]) == 0
+  scored = json.loads(scored.read_text())
+  assert scored["num_dropped_ambiguous"] > 0
+  for key in ("mAP@0.10", "mAP@0.30", "mAP@0.50", "average_mAP"):
+    assert scored[key] == pytest.approx(out["wtalc"][key], abs=1e-3), key
+  assert out["wtalc"]["average_mAP"] != out["official"]["average_mAP"]
+
+
 def test_eval_mode_restores_and_rewrites_the_same_metrics(reference, tiny_data, tmp_path):
   from wstal_jax import evaluate
   workdir, metrics = reference

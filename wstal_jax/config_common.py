@@ -142,6 +142,12 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.eval = ml_collections.ConfigDict()
   c.eval.split = "test"
   c.eval.tiou = tiou_range(0.1, 0.7, 0.1)
+  # 'official': ActivityNet's algorithm on seconds; 'wtalc': the W-TALC / CO2-Net family's
+  # (ground truth rounded to snippets, ambiguous filter; wstal_jax/protocols.py). Official for
+  # every method, the family's too: one protocol for every row of a comparison table, and
+  # the protocol is a property of the evaluation, not of the method (README, "Evaluation
+  # protocols", gives both on CO2-Net's released proposals).
+  c.eval.protocol = "official"
   c.eval.batch_size = 8              # global; padded with masked dummy videos
   c.eval.num_snippets = config_dict.placeholder(int)   # None: whole videos
   c.eval.sampling = "uniform"        # with num_snippets: bin centres, or 'floor' (bin starts,

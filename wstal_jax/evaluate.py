@@ -30,6 +30,7 @@ from wstal_jax import input_pipeline
 from wstal_jax import metrics as metrics_lib
 from wstal_jax import plots
 from wstal_jax import postprocess
+from wstal_jax import protocols
 from wstal_jax import results_io
 from wstal_jax import run_setup
 from wstal_jax import workdir as workdir_lib
@@ -117,6 +118,20 @@ class Evaluator:
         "end": as_written(np.concatenate([v.segments[:, 1] for _, v in gt_rows]
                                          + [np.zeros(0)])),
     }
+    # The protocol (protocols.py): for 'wtalc' the ground truth in snippet units and each
+    # video's ambiguous segments (seconds as written), applied to the proposals in _metrics.
+    self.protocol = protocols.check(config.eval.get("protocol", "official"),
+                                    "config.eval.protocol")
+    self.fps = float(run.manifest["fps"])
+    self.snippet_frames = float(run.manifest["snippet_frames"])
+    if self.protocol == "wtalc":
+      self.gt = dict(self.gt,
+                     start=protocols.snippet_bounds(self.gt["start"], self.fps,
+                                                    self.snippet_frames),
+                     end=protocols.snippet_bounds(self.gt["end"], self.fps,
+                                                  self.snippet_frames))
+      self.ambiguous = {i: as_written(v.ambiguous.astype(np.float64)) for i, v in gt_rows
+                        if len(v.ambiguous)}
 
   def batches(self):
     config = self.run.config
@@ -223,11 +238,14 @@ class Evaluator:
     cols = [np.concatenate([r[k] for r in rows] + [np.zeros(0)]) for k in range(5)]
     pred = {"video": cols[0].astype(np.int64), "label": cols[1].astype(np.int64),
             "score": cols[2], "start": cols[3], "end": cols[4]}
+    if self.protocol == "wtalc":
+      pred = protocols.wtalc_predictions(pred, self.ambiguous, self.fps, self.snippet_frames)
     map_K, _ = metrics_lib.detection_map(self.gt, pred, self.tiou, num_classes=num_c)
     scores_NxC = np.stack([video_scores[int(i)] for i in self.video_indices])
     labels_NxC = np.stack([self.infos[int(i)].label for i in self.video_indices])
     out = {map_key(t): _pct(m) for t, m in zip(self.tiou, map_K)}
     out["average_mAP"] = _pct(np.mean(map_K))
+    out["protocol"] = self.protocol
     out["acc"] = _pct(metrics_lib.top1_accuracy(scores_NxC, labels_NxC))
     out["cls_mAP"] = _pct(metrics_lib.classification_map(scores_NxC, labels_NxC))
     return out

@@ -70,6 +70,18 @@ def ambiguous_mask(video, start_snip, end_snip, ambiguous: Mapping, fps: float,
   return drop
 
 
+def wtalc_predictions(pred: Mapping, ambiguous: Mapping, fps: float,
+                      snippet_frames: float) -> dict:
+  """Predictions {video, label, score, start, end (seconds)} -> the same in snippet units,
+  without those the ambiguous filter drops ({video: [M, 2] seconds})."""
+  ratio = fps / snippet_frames
+  start = np.round(np.asarray(pred["start"], np.float64) * ratio, _SNIPPET_DECIMALS)
+  end = np.round(np.asarray(pred["end"], np.float64) * ratio, _SNIPPET_DECIMALS)
+  keep = ~ambiguous_mask(pred["video"], start, end, ambiguous, fps, snippet_frames)
+  return {"video": np.asarray(pred["video"])[keep], "label": np.asarray(pred["label"])[keep],
+          "score": np.asarray(pred["score"])[keep], "start": start[keep], "end": end[keep]}
+
+
 def to_wtalc(gt_t: results_io.GroundTruthTable, res_t: results_io.ResultsTable, *,
              ambiguous: Mapping, fps: float, snippet_frames: float):
   """(ground truth, predictions, number dropped by the ambiguous filter) of the `wtalc`

@@ -55,6 +55,8 @@ def validate_config(config):
     need(0 < config.eval.heldout_fraction < 1, "eval.heldout_fraction", "must be in (0, 1)")
   need(config.eval.get("sampling", "uniform") in ("uniform", "floor"), "eval.sampling",
        f"must be 'uniform' or 'floor', got {config.eval.get('sampling')!r}")
+  need(config.eval.get("protocol", "official") in ("official", "wtalc"), "eval.protocol",
+       f"must be 'official' or 'wtalc', got {config.eval.get('protocol')!r}")
   need(config.eval.split in ("train", "test"), "eval.split",
        f"must be 'train' or 'test', got {config.eval.split!r}")
   tiou = config.eval.tiou
