@@ -226,8 +226,18 @@ def test_outputs_of_a_run(reference):
     assert json.load(fh)["train"]["num_steps"] == 8
   losses = tb_scalars(workdir, "train/loss")
   assert sorted(losses) == [2, 4, 6, 8] and all(np.isfinite(list(losses.values())))
-  assert sorted(tb_scalars(workdir, "test/average_mAP")) == [4, 8]
+  test = tb_scalars(workdir, "test/average_mAP")
+  assert sorted(test) == [4, 8]
   assert tb_scalars(workdir, "test/mAP@0.50")
+  # The last checkpoint's test metrics beside the selected one's; selecting on test, the best
+  # on test is the selected checkpoint.
+  assert on_disk["last"]["step"] == 8
+  assert on_disk["last"]["average_mAP"] == pytest.approx(test[8], abs=1e-3)
+  assert set(on_disk["last"]) >= {"mAP@0.10", "mAP@0.50", "average_mAP", "acc", "step"}
+  assert on_disk["best_on_test"] == {**{k: v for k, v in on_disk.items()
+                                        if k in on_disk["last"] and k != "step"},
+                                     "step": on_disk["step"]}
+  assert on_disk["protocol"] == "official"
   ckpt_steps = sorted(int(p) for p in os.listdir(os.path.join(workdir, "checkpoints"))
                       if p.isdigit())
   assert ckpt_steps == [4, 8]
@@ -427,7 +437,19 @@ def test_heldout_selection(tiny_data, tmp_path):
   held = tb_scalars(str(tmp_path), "heldout/average_mAP")
   assert sorted(held) == [4, 8]
   assert metrics["heldout_average_mAP"] == pytest.approx(held[metrics["step"]], abs=1e-3)
-  assert not tb_scalars(str(tmp_path), "test/average_mAP")   # test only at the very end
+  # Selection reads the held-out videos only (ties: the later step); the test split is also
+  # evaluated at each evaluation, for the "best on test" column, and never selects.
+  assert metrics["step"] == max(held, key=lambda s: (round(held[s], 4), s))
+  test = tb_scalars(str(tmp_path), "test/average_mAP")
+  assert sorted(test) == [4, 8]
+  best = metrics["best_on_test"]
+  assert best["step"] == max(test, key=lambda s: (round(test[s], 4), s))
+  assert best["average_mAP"] == pytest.approx(test[best["step"]], abs=1e-3)
+  assert metrics["last"]["step"] == 8
+  assert metrics["last"]["average_mAP"] == pytest.approx(test[8], abs=1e-3)
+  assert metrics["average_mAP"] == pytest.approx(test[metrics["step"]], abs=1e-3)
+  history = json.loads((tmp_path / "eval_history.json").read_text())
+  assert sorted(history) == ["4", "8"] and history["8"]["selection"] == "heldout"
 
 
 def test_bad_config_values(tiny_data, tmp_path):

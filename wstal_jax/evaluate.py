@@ -258,16 +258,37 @@ def _pct(x) -> float | None:
 
 def format_table(metrics: dict, tiou) -> str:
   """Two-line mAP table: thresholds then values, plus average, ACC and classification mAP."""
+  return format_rows([("mAP(%)", metrics)], tiou)
+
+
+def format_rows(rows, tiou) -> str:
+  """One header line (thresholds, avg, ACC, cls_mAP) and one line per (label, metrics):
+  e.g. the selected checkpoint, the last one and the best on test side by side."""
   keys = [map_key(float(t)) for t in tiou] + ["average_mAP", "acc", "cls_mAP"]
   heads = [f"{float(t):.2f}" for t in tiou] + ["avg", "ACC", "cls_mAP"]
-  vals = ["-" if metrics.get(k) is None else f"{metrics[k]:.2f}" for k in keys]
-  width = [max(len(h), len(v)) for h, v in zip(heads, vals)]
-  line1 = "tIoU   " + "  ".join(h.rjust(w) for h, w in zip(heads, width))
-  line2 = "mAP(%) " + "  ".join(v.rjust(w) for v, w in zip(vals, width))
-  if metrics.get("oracle_labels"):
-    line2 += ("\nORACLE: ground-truth test labels entered the predictions "
-              "(config.eval.oracle_labels); a diagnostic, not a result")
-  return line1 + "\n" + line2
+  cells = [["-" if m.get(k) is None else f"{m[k]:.2f}" for k in keys] for _, m in rows]
+  width = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(heads)]
+  label_w = max([len("tIoU")] + [len(label) for label, _ in rows])
+  lines = [f"{'tIoU':<{label_w}s} " + "  ".join(h.rjust(w) for h, w in zip(heads, width))]
+  for (label, _), c in zip(rows, cells):
+    lines.append(f"{label:<{label_w}s} " + "  ".join(v.rjust(w) for v, w in zip(c, width)))
+  if any(m.get("oracle_labels") for _, m in rows):
+    lines.append("ORACLE: ground-truth test labels entered the predictions "
+                 "(config.eval.oracle_labels); a diagnostic, not a result")
+  return "\n".join(lines)
+
+
+def comparison_rows(content: dict) -> list:
+  """(label, metrics) rows of a training run's metrics.json: the selected checkpoint, the
+  last one, and (with held-out selection) the best on the test split."""
+  rows = [(f"selected (step {content.get('step')}, on {content.get('selected_on')})", content)]
+  last = content.get("last")
+  if last:
+    rows.append((f"last (step {last.get('step')})", last))
+  best = content.get("best_on_test")
+  if best and content.get("selected_on") != "test":
+    rows.append((f"best on test (step {best.get('step')})", best))
+  return rows
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -191,12 +191,16 @@ def _run():
               "Run the same command again to resume.")
       return
   if is_chief:   # process 0 wrote the files and reports them
-    _print_summary(out, config, workdir, where, evaluate.format_table)
+    _print_summary(out, config, workdir, where, evaluate)
 
 
-def _print_summary(out, config, workdir, where, format_table):
-  print(f"step {out['step']} (selected on {out['selected_on']}), split {out['split']}:")
-  print(format_table(out, config.eval.tiou))
+def _print_summary(out, config, workdir, where, evaluate):
+  print(f"step {out['step']} (selected on {out['selected_on']}), split {out['split']}, "
+        f"protocol {out.get('protocol', 'official')}:")
+  if out.get("last"):   # a training run: the selected, the last and the best on test
+    print(evaluate.format_rows(evaluate.comparison_rows(out), config.eval.tiou))
+  else:
+    print(evaluate.format_table(out, config.eval.tiou))
   print(f"metrics:     {os.path.join(where, 'metrics.json')}")
   print(f"results:     {os.path.join(where, 'results.json')} (ActivityNet format)")
   print(f"plots:       {os.path.join(where, 'plots')}")

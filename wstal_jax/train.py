@@ -58,6 +58,7 @@ import tensorflow as tf
 from wstal_jax import checkpointing
 from wstal_jax import evaluate
 from wstal_jax import input_pipeline
+from wstal_jax import results_io
 from wstal_jax import run_setup
 from wstal_jax import workdir as workdir_lib
 from wstal_jax.errors import WstalError
@@ -292,6 +293,21 @@ def _check_finite(host_terms):
           "config.optim.lr, set config.optim.grad_clip_norm, or check the data.")
 
 
+HISTORY_FILE = "eval_history.json"
+
+
+def _load_history(workdir: str) -> dict:
+  path = os.path.join(workdir, HISTORY_FILE)
+  if not tf.io.gfile.exists(path):
+    return {}
+  try:
+    history = results_io.load_json(path)
+  except WstalError as e:   # damaged: only the "best on test" report reads it
+    logging.warning("%s; starting a new evaluation history", e)
+    return {}
+  return history if isinstance(history, dict) else {}
+
+
 def _is_number(v) -> bool:
   return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -384,6 +400,11 @@ class _Loop:
     self.phase = None
     self.train_key = None
     self.last_eval = None    # (step, EvalResult) of the most recent selection evaluation
+    # Every evaluation of the run, {step: {"selection": name, <selection metrics>,
+    # "test": <test-split metrics> (held-out selection only)}}, kept in WORKDIR/
+    # eval_history.json across resumes: "best on test" of a held-out-selected run reads it.
+    self.history = _load_history(workdir)
+    self.test_eval = None    # held-out selection: the test-split evaluator, built on first use
     self.window = {}         # loss term name -> floats since the last log line
     self.first_tick = None   # start time of the first step of this process, until synced
     self.report = periodic_actions.ReportProgress(
@@ -489,6 +510,21 @@ class _Loop:
                  evaluate.format_table(result.metrics, self.select_eval.tiou))
     self.writer.write_scalars(step, {f"{name}/{k}": v for k, v in result.metrics.items()
                                      if _is_number(v)})
+    entry = {"selection": name, **{k: v for k, v in result.metrics.items()
+                                   if _is_number(v) or v is None}}
+    if self.selection.is_heldout:
+      # Also on the test split, for the honest table's "best on test" column (what a
+      # test-selected run would have reported); never used to select.
+      if self.test_eval is None:
+        self.test_eval = evaluate.Evaluator(self.run_, split=config.eval.split)
+      test = self.test_eval(self.state["params"])
+      entry["test"] = {k: v for k, v in test.metrics.items() if _is_number(v) or v is None}
+      self.writer.write_scalars(step, {f"test/{k}": v for k, v in test.metrics.items()
+                                       if _is_number(v)})
+    self.history[str(step)] = entry
+    if jax.process_index() == 0:
+      results_io.write_json_atomic(os.path.join(self.workdir, HISTORY_FILE), self.history,
+                                   indent=1)
     ranked = dict(result.metrics)
     if ranked["average_mAP"] is None:
       ranked["average_mAP"] = -1.0   # no ground truth: rank it last, keep the run going
@@ -596,9 +632,34 @@ class _Loop:
              "num_steps": int(config.train.num_steps)}
     if self.selection.is_heldout:
       extra["heldout_average_mAP"] = selection.get("average_mAP")
+    # The last checkpoint on the same split: what a run reports without any selection.
+    if best == step:
+      last = result.metrics
+    elif (not self.selection.is_heldout and self.last_eval is not None
+          and self.last_eval[0] == step):
+      last = self.last_eval[1].metrics
+    else:
+      last = (self.test_eval or evaluate.Evaluator(run, split=config.eval.split))(
+          self.state["params"]).metrics
+    extra["last"] = dict(last, step=int(step))
+    extra["best_on_test"] = self.best_on_test(int(best), result.metrics)
     content = evaluate.write_outputs(self.workdir, result, run, extra=extra)
     self.writer.write_scalars(int(best), {f"final/{k}": v for k, v in result.metrics.items()
                                           if _is_number(v)})
-    logging.info("selected step %d (on %s); %s evaluation:\n%s", best, self.selection.name,
-                 result.split, evaluate.format_table(result.metrics, config.eval.tiou))
+    logging.info("%s evaluation, selected step %d (on %s), the last checkpoint%s:\n%s",
+                 result.split, best, self.selection.name,
+                 " and the best on test" if self.selection.is_heldout else "",
+                 evaluate.format_rows(evaluate.comparison_rows(content), config.eval.tiou))
     return content
+
+  def best_on_test(self, best: int, selected: dict) -> dict:
+    """The evaluation with the highest test-split average mAP and its step: the selected one
+    when selecting on test; with held-out selection, from the run's evaluation history."""
+    if not self.selection.is_heldout:
+      return dict(selected, step=best)
+    tested = [(int(s), e["test"]) for s, e in self.history.items()
+              if "test" in e and int(s) <= self.num_steps]
+    if not tested:
+      return {}
+    step, metrics = max(tested, key=lambda x: (x[1].get("average_mAP") or -1.0, x[0]))
+    return dict(metrics, step=step)
