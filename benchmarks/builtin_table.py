@@ -2,14 +2,18 @@ r"""Runs methods and ablation rows on the built-in benchmark over seeds; prints 
 
   python benchmarks/builtin_table.py --rows=base,vlpo --seeds=0,1,2 --jobs=2
 
-Each row is a `python -m wstal_jax.main` command (listed in ROWS) run once per seed with
+The benchmark's rows, each a sweep (`python -m wstal_jax.sweep`, what users run for one
+config): a `python -m wstal_jax.main` command (listed in ROWS) run once per seed with
 `--config.seed=S --config.data.builtin_seed=S` (so each seed is a new draw of the benchmark
-as well as a new initialisation) into `--root/<row>-seed<S>`. A finished run is not re-run
-(re-running the command only re-reads its metrics.json). Rows in EVAL_ROWS train nothing:
+as well as a new initialisation) into `--root/<row>-seed<S>`, by the sweep's own
+`finish_run`. A finished run is not re-run (re-running the command only re-reads its
+metrics.json; a run from before metrics.json had `last` gets it from its latest checkpoint). Rows in EVAL_ROWS train nothing:
 they evaluate another row's reported checkpoint with different inference settings (`--mode=eval
 --config.<x>=...`, e.g. Ju et al.'s average fusion or VLP branch alone), after that row's runs
 finish. The table (markdown) gives mean ± std
-over seeds of average mAP@0.1:0.7, mAP@0.5 and video ACC, and is also written as JSON.
+over seeds of average mAP@0.1:0.7 of the checkpoint selected on test (the field's practice)
+and of the last checkpoint (no selection), mAP@0.5 and video ACC of the selected one; it is
+also written as JSON with every quantity of `wstal_jax.sweep.summarize`.
 `--shares` adds a second table: each weighted loss term's share of the total in the first and
 the last log window of training, and its share of the summed per-term gradient norms averaged
 over the log windows (mean over seeds, read from each run's log), so a term that never acts
@@ -20,11 +24,14 @@ import concurrent.futures
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wstal_jax import sweep  # noqa: E402
+from wstal_jax.errors import WstalError  # noqa: E402
 
 VLPO = "configs/vlpo.py"
 JU = "configs/ju2023.py"
@@ -208,20 +215,21 @@ def run_one(row, seed, root, extra, cpu):
     if not os.path.exists(src):
       return row, seed, None, f"its source run {src} did not finish"
   workdir, cmd = command(row, seed, root, extra)
-  metrics_path = os.path.join(workdir, "metrics.json")
-  if not os.path.exists(metrics_path):
-    os.makedirs(workdir, exist_ok=True)
-    env = dict(os.environ)
-    if cpu is not None:  # one core per job: parallel jobs do not fight over threads
-      cmd = ["taskset", "-c", str(cpu)] + cmd
-    start = time.time()
-    with open(os.path.join(workdir, "log.txt"), "w") as log:
-      proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0:
-      return row, seed, None, f"exit {proc.returncode}, see {workdir}/log.txt"
+  start = time.time()
+  existed = os.path.exists(os.path.join(workdir, "metrics.json"))
+  try:
+    if row in EVAL_ROWS:   # "last": the source run's last checkpoint, same eval overrides
+      src_dir = os.path.join(root, f"{EVAL_ROWS[row][0]}-seed{seed}")
+      metrics = sweep.finish_run(workdir, cmd, cpu, upgrade=False)
+      metrics["last"] = sweep.latest_metrics(src_dir, workdir, cpu,
+                                             [*EVAL_ROWS[row][1], *extra])
+    else:
+      metrics = sweep.finish_run(workdir, cmd, cpu)
+  except WstalError as e:
+    return row, seed, None, str(e)
+  if not existed:
     print(f"{row} seed {seed}: {time.time() - start:.0f}s", flush=True)
-  with open(metrics_path) as f:
-    return row, seed, json.load(f), None
+  return row, seed, metrics, None
 
 
 _SHARES = re.compile(r"step (\d+)/\d+ .*\(share of the loss: ([^)]*)\)"
@@ -341,19 +349,18 @@ def main():
           results[(r, s)] = metrics
 
   table = {}
-  lines = ["| row | avg mAP@0.1:0.7 | mAP@0.5 | ACC | seeds |", "|---|---|---|---|---|"]
+  lines = ["| row | avg mAP@0.1:0.7, best on test | last | mAP@0.5 | ACC | seeds |",
+           "|---|---|---|---|---|---|"]
   for r in rows:
-    got = [results[(r, s)] for s in seeds if (r, s) in results]
+    got = {s: results[(r, s)] for s in seeds if (r, s) in results}
     if not got:
       continue
-    def ms(key):
-      v = np.array([m[key] for m in got], dtype=np.float64)
-      return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-    avg, m50, acc = ms("average_mAP"), ms("mAP@0.50"), ms("acc")
-    table[r] = {"average_mAP": avg, "mAP@0.50": m50, "acc": acc, "n": len(got),
-                "description": describe(r)}
-    lines.append(f"| {describe(r)} | {avg[0]:.1f} ± {avg[1]:.1f} | {m50[0]:.1f} ± {m50[1]:.1f} "
-                 f"| {acc[0]:.1f} ± {acc[1]:.1f} | {len(got)} |")
+    summary = sweep.summarize(got)
+    fmt = lambda d, q: f"{d[q]['mean']:.1f} ± {d[q]['std']:.1f}" if q in d else "-"
+    table[r] = dict(summary, n=len(got), description=describe(r))
+    lines.append(f"| {describe(r)} | {fmt(summary, 'average_mAP')} | "
+                 f"{fmt(summary.get('last', {}), 'average_mAP')} | {fmt(summary, 'mAP@0.50')} "
+                 f"| {fmt(summary, 'acc')} | {len(got)} |")
   print("\n".join(lines))
   miou = miou_table(rows, seeds, results)
   if miou:
