@@ -353,7 +353,8 @@ def _evaluate_checkpoint(config, ckpts, checkpoint, out_dir, method):
   result = evaluator(params, keep_scores=config.eval.num_plots)
   ckpt_metrics = ckpts.metrics(step) or {}
   extra = {"step": step, "selected_on": ckpt_metrics.get("selected_on", checkpoint),
-           "checkpoint": str(checkpoint), "split": result.split}
+           "checkpoint": str(checkpoint), "split": result.split,
+           "num_videos": int(result.num_videos)}
   content = write_outputs(out_dir, result, run, extra=extra)
   if config.eval.get("export_proposals", "none") == "raw":
     export_raw_proposals(run, params, out_dir)

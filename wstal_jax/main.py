@@ -195,8 +195,8 @@ def _run():
 
 
 def _print_summary(out, config, workdir, where, evaluate):
-  print(f"step {out['step']} (selected on {out['selected_on']}), split {out['split']}, "
-        f"protocol {out.get('protocol', 'official')}:")
+  print(f"step {out['step']} (selected on {out['selected_on']}), split {out['split']} "
+        f"({out.get('num_videos', '?')} videos), protocol {out.get('protocol', 'official')}:")
   if out.get("last"):   # a training run: the selected, the last and the best on test
     print(evaluate.format_rows(evaluate.comparison_rows(out), config.eval.tiou))
   else:

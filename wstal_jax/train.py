@@ -629,7 +629,7 @@ class _Loop:
       test_eval = evaluate.Evaluator(run, split=config.eval.split)
       result = test_eval(params, keep_scores=config.eval.num_plots)
     extra = {"step": int(best), "selected_on": self.selection.name, "split": result.split,
-             "num_steps": int(config.train.num_steps)}
+             "num_videos": int(result.num_videos), "num_steps": int(config.train.num_steps)}
     if self.selection.is_heldout:
       extra["heldout_average_mAP"] = selection.get("average_mAP")
     # The last checkpoint on the same split: what a run reports without any selection.
