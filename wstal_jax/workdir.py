@@ -143,8 +143,9 @@ class RunLock:
 
   Local and shared filesystems (NFS, Lustre and GPFS mounted with locking): an exclusive
   `flock` on WORKDIR/run.lock, which the kernel releases when the process ends however it
-  ends, so a run killed with kill -9 never blocks its resume. The file holds the holder's
-  host, pid, start time and command line, for the error message; it stays after the run.
+  ends, so a run killed with kill -9 never blocks its resume. While the run lives the file
+  holds its host, pid, start time and command line, for the error message; the run empties
+  it when it ends (the empty file stays).
 
   Object stores (gs://...), and filesystems without locks: a lease, WORKDIR/run.lease, with
   the same fields and a heartbeat time renewed every LEASE_HEARTBEAT_S seconds, deleted when
@@ -228,6 +229,7 @@ class RunLock:
 
   def release(self):
     if self._fd is not None:
+      os.ftruncate(self._fd, 0)   # an ended run leaves an empty file (the same in every run)
       os.close(self._fd)   # closing the file releases the flock
       self._fd = None
     if self._thread is not None:
