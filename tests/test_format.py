@@ -62,7 +62,7 @@ def _copy(rec):
 def test_round_trip(dataset):
   out, manifest, train, test = dataset
   assert sorted(os.listdir(out)) == sorted(
-      ["manifest.json", "text_embeddings.npy"]
+      ["manifest.json", "text_embeddings.npy", "dataset_info.json", "features.json"]
       + [f"train-{i:05d}-of-00003.tfrecord" for i in range(3)]
       + [f"test-{i:05d}-of-00002.tfrecord" for i in range(2)])  # 2 videos -> 2 shards
   assert os.listdir(out.parent) == ["ds"]  # no temp dir left behind

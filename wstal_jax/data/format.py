@@ -264,23 +264,54 @@ def verify_shards(data_dir: str, split: str | None = None, manifest: dict | None
                          f"({sh['sha256']}); the file is corrupt or was replaced")
 
 
-def _parse_spec(manifest, feature_names, annotations=True):
-  num_c = len(manifest["classes"])
-  spec = {
-      "name": tf.io.FixedLenFeature([], tf.string),
-      "index": tf.io.FixedLenFeature([], tf.int64),
-      "duration": tf.io.FixedLenFeature([], tf.float32),
-      "num_snippets": tf.io.FixedLenFeature([], tf.int64),
-      "label": tf.io.FixedLenFeature([num_c], tf.int64),
-  }
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One key of the tf.train.Example of a video (the schema of docs/ARCHITECTURE.md).
+
+  kind: 'scalar' (one value), 'vector' (a fixed number of values), 'pairs' (a flat list of
+  [start, end] pairs, any count), 'list' (any count), 'raw' (bytes of float32 [T, dim],
+  little-endian), 'bytes' (one opaque byte string). dtype: 'string' | 'int64' | 'float32'.
+  size: the vector length, or the dim of a 'raw' feature."""
+  kind: str
+  dtype: str
+  size: int = 0
+
+
+def example_fields(manifest, feature_names=None, annotations=True) -> dict[str, Field]:
+  """The schema, defined once: key -> Field. The writer (`writer._example`) writes these
+  keys, `tf_parse_fn` parses them, and `tfds_io.features` gives TFDS the same fields.
+  feature_names: None for every feature of the manifest."""
+  names = sorted(manifest["features"]) if feature_names is None else list(feature_names)
+  fields = {"name": Field("scalar", "string"), "index": Field("scalar", "int64"),
+            "duration": Field("scalar", "float32"), "num_snippets": Field("scalar", "int64"),
+            "label": Field("vector", "int64", len(manifest["classes"]))}
   if annotations:
-    spec["segments"] = tf.io.VarLenFeature(tf.float32)
-    spec["segment_labels"] = tf.io.VarLenFeature(tf.int64)
-    spec["ambiguous"] = tf.io.VarLenFeature(tf.float32)
+    fields.update(segments=Field("pairs", "float32"), segment_labels=Field("list", "int64"),
+                  ambiguous=Field("pairs", "float32"))
     for key in manifest.get("optional_fields", []):
-      spec[f"extra/{key}"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
-  for name in feature_names:
-    spec[f"feature/{name}"] = tf.io.FixedLenFeature([], tf.string)
+      fields[f"extra/{key}"] = Field("bytes", "string")
+  for name in names:
+    fields[f"feature/{name}"] = Field("raw", "float32", int(manifest["features"][name]["dim"]))
+  return fields
+
+
+_TF_DTYPES = {"string": tf.string, "int64": tf.int64, "float32": tf.float32}
+
+
+def _parse_spec(manifest, feature_names, annotations=True):
+  spec = {}
+  for key, f in example_fields(manifest, feature_names, annotations).items():
+    dtype = _TF_DTYPES[f.dtype]
+    if f.kind == "scalar":
+      spec[key] = tf.io.FixedLenFeature([], dtype)
+    elif f.kind == "vector":
+      spec[key] = tf.io.FixedLenFeature([f.size], dtype)
+    elif f.kind in ("pairs", "list"):
+      spec[key] = tf.io.VarLenFeature(dtype)
+    elif f.kind == "bytes":   # optional: a record without it reads as b""
+      spec[key] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
+    else:   # raw
+      spec[key] = tf.io.FixedLenFeature([], tf.string)
   return spec
 
 

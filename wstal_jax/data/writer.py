@@ -6,6 +6,7 @@
 Every output is byte-deterministic: the same records give the same shard bytes (map fields
 serialized in key order) and the same manifest in any process.
 """
+import collections
 import io
 import json
 import uuid
@@ -18,6 +19,7 @@ import tensorflow as tf
 from wstal_jax.data.format import (
     _NAME_RE, FORMAT_VERSION, MANIFEST, SPLITS, TEXT_EMBEDDINGS, VideoRecord, _sha256, load_aux,
     load_text_embeddings, read_manifest, read_videos, shard_name)
+from wstal_jax.data import tfds_io
 from wstal_jax.errors import WstalError
 
 
@@ -120,8 +122,10 @@ def _validate_record(rec: VideoRecord, *, classes, feature_dims, optional_fields
   rec.extras = extras
 
 
-def _example(rec: VideoRecord, index: int, feature_names) -> bytes:
-  """Serialized tf.train.Example of one validated record (schema: ARCHITECTURE.md)."""
+def _example(rec: VideoRecord, index: int, feature_names, declared=()) -> bytes:
+  """Serialized tf.train.Example of one validated record (schema: format.example_fields).
+  `declared` extras fields the record lacks are written empty (b"", which readers take as
+  absent), so that every record carries them and TFDS can read them."""
   f = tf.train.Feature
   feats = {
       "name": f(bytes_list=tf.train.BytesList(value=[rec.name.encode("utf-8")])),
@@ -137,8 +141,8 @@ def _example(rec: VideoRecord, index: int, feature_names) -> bytes:
   for fname in feature_names:
     raw = np.ascontiguousarray(rec.features[fname], dtype="<f4").tobytes()
     feats[f"feature/{fname}"] = f(bytes_list=tf.train.BytesList(value=[raw]))
-  for key, val in rec.extras.items():
-    feats[f"extra/{key}"] = f(bytes_list=tf.train.BytesList(value=[val]))
+  for key in sorted(set(rec.extras) | set(declared)):
+    feats[f"extra/{key}"] = f(bytes_list=tf.train.BytesList(value=[rec.extras.get(key, b"")]))
   # deterministic=True: map fields serialized in key order, so the same records give the same
   # shard bytes in any process (the built-in benchmark is byte-identical per seed).
   return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
@@ -170,8 +174,11 @@ def _check_dataset_args(classes, feature_dims, primary_feature, snippet_frames, 
 
 
 def _write_split(tmp_dir, split, records, num_shards, *, classes, feature_dims, optional_fields):
-  """Streams one split into tmp_dir (video i -> shard i % n). Returns the manifest entry."""
+  """Streams one split into tmp_dir (video i -> shard i % n). Returns the manifest entry and
+  {extras field: number of records carrying it}."""
   names = sorted(feature_dims)
+  declared = sorted(optional_fields or ())
+  carried = collections.Counter()
   partial = [tf.io.gfile.join(tmp_dir, f"{split}-{i:05d}.partial") for i in range(num_shards)]
   writers = [tf.io.TFRecordWriter(p) for p in partial]
   counts = [0] * num_shards
@@ -186,7 +193,8 @@ def _write_split(tmp_dir, split, records, num_shards, *, classes, feature_dims, 
         raise WstalError(f"{_where(rec)}: duplicate video name in split {split!r}")
       seen.add(rec.name)
       shard = num_videos % num_shards
-      writers[shard].write(_example(rec, num_videos, names))
+      writers[shard].write(_example(rec, num_videos, names, declared))
+      carried.update(set(rec.extras) | set(declared))
       counts[shard] += 1
       lengths.append(rec.num_snippets)
       num_videos += 1
@@ -210,7 +218,7 @@ def _write_split(tmp_dir, split, records, num_shards, *, classes, feature_dims, 
   logging.info("wrote split %s: %d videos, %d instances, %d shards", split, num_videos,
                num_instances, n)
   return {"num_videos": num_videos, "num_instances": num_instances, "shards": shards,
-          "video_num_snippets": lengths}
+          "video_num_snippets": lengths}, carried
 
 
 def _check_text(arr, num_classes, what) -> np.ndarray:
@@ -318,8 +326,9 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
         yield rec
         seen_fields.update(rec.extras)
 
+    carried = {}
     for split, records in splits.items():
-      split_entries[split] = _write_split(
+      split_entries[split], carried[split] = _write_split(
           tmp_dir, split, tracked(records), int(shards_per[split]), classes=classes,
           feature_dims=dims, optional_fields=allowed)
     if text_embeddings is not None:
@@ -356,6 +365,11 @@ def write_dataset(out_dir: str, *, dataset: str, classes, feature_dims: Mapping[
     }
     with tf.io.gfile.GFile(tf.io.gfile.join(tmp_dir, MANIFEST), "w") as fh:
       fh.write(json.dumps(manifest, indent=2) + "\n")
+    # The same dataset for TFDS (tfds.builder_from_directory): dataset_info.json and
+    # features.json, with the extras fields every record carries.
+    complete = [k for k in manifest["optional_fields"]
+                if all(carried[s][k] == e["num_videos"] for s, e in split_entries.items())]
+    tfds_io.write_metadata(tmp_dir, manifest, complete)
     if tf.io.gfile.exists(out_dir):
       old_dir = f"{parent}/.{base}.old-{uuid.uuid4().hex[:8]}"
       tf.io.gfile.rename(out_dir, old_dir)
