@@ -239,20 +239,23 @@ def _wtalc_argv(feats, thumos, tmp_path, *extra):
           f"--out={tmp_path / 'out'}", "--num_shards=2", *extra]
 
 
-# The first video of W-TALC order is the first train record, so errors come early.
-@pytest.mark.parametrize("entry,message", [
-    (np.zeros((0, 2048), np.float32), "T=0"),
-    (np.full((3, 2048), np.nan, np.float32), "NaN/Inf"),
-    (np.full((3, 2048), np.inf, np.float32), "NaN/Inf"),
-    (np.zeros((3, 1024), np.float32), "dim 1024, expected 2048"),
-    (np.zeros((3, 2, 1024), np.float32), "must be a float array"),
+# The first video of W-TALC order is the first train record, so errors come early; its width
+# is the dataset's, so a width error names the next video that differs.
+@pytest.mark.parametrize("index,entry,message", [
+    (0, np.zeros((0, 2048), np.float32), "T=0"),
+    (0, np.full((3, 2048), np.nan, np.float32), "NaN/Inf"),
+    (0, np.full((3, 2048), np.inf, np.float32), "NaN/Inf"),
+    (1, np.zeros((3, 1024), np.float32), "feature 'i3d' has dim 1024, expected 2048"),
+    (0, np.zeros((3, 1024), np.float32), "feature 'i3d' has dim 2048, expected 1024"),
+    (0, np.zeros((3, 2, 1024), np.float32), "must be a float array"),
 ])
-def test_wtalc_bad_feature_entries(thumos, wtalc_feats, tmp_path, capsys, entry, message):
+def test_wtalc_bad_feature_entries(thumos, wtalc_feats, tmp_path, capsys, index, entry, message):
   arrays = list(wtalc_feats[1])
-  arrays[0] = entry
+  arrays[index] = entry
   feats = _save_object_array(tmp_path / "feats.npy", arrays)
   err = run_error(_wtalc_argv(feats, thumos, tmp_path), capsys)
-  assert message in err and "feats.npy" in err and thumos["names"][0] in err
+  named = thumos["names"][1 if "has dim" in message else index]
+  assert message in err and "feats.npy" in err and named in err
   assert_no_output(tmp_path)
 
 
@@ -312,9 +315,14 @@ def test_basnet_bad_inputs(thumos, basnet_feats, tmp_path, capsys):
   np.save(first, np.zeros((_t(0) + 1, 1024), np.float32))
   err = run_error(argv, capsys)
   assert str(first) in err and str(flow) in err and "T=" in err
-  np.save(first, np.zeros((_t(0), 1000), np.float32))
+  first.write_bytes(good)
+  second = feats / "train" / "rgb" / "video_validation_0000052.npy"
+  good2 = second.read_bytes()
+  np.save(second, np.zeros((_t(1), 1000), np.float32))   # rgb 1000 + flow 1024 = 2024
   err = run_error(argv, capsys)
-  assert f"{first}: feature dim 1000, expected 1024" in err
+  assert "video_validation_0000052" in err and str(second) in err
+  assert "feature 'i3d' has dim 2024, expected 2048" in err
+  second.write_bytes(good2)
   np.save(first, np.full((_t(0), 1024), np.nan, np.float32))
   err = run_error(argv, capsys)
   assert "NaN/Inf" in err and str(first) in err

@@ -39,8 +39,9 @@ import tensorflow as tf
 from wstal_jax.data import format as fmt
 from wstal_jax.errors import WstalError, cli_main
 
-I3D_DIM = 2048  # RGB 1024 || flow 1024
-STREAM_DIM = 1024
+# The primary stream's width is the first video's (every other video must match it): I3D
+# RGB || flow is 2048 (1024 each), an RGB-only I3D release 1024, VideoMAE 768, TSP 512 ...
+PRIMARY_NAME = "i3d"
 WTALC_SUBSETS = {  # subset value -> our split, per dataset family
     "thumos": {"validation": "train", "test": "test"},
     "activitynet": {"training": "train", "validation": "test"},
@@ -350,7 +351,7 @@ def _peek_dim(vlm, videos, features_fn):
   return feat.shape[1]
 
 
-def _records(videos, split, classes, features_fn, source_fn, vlm, vlm_name):
+def _records(videos, split, classes, features_fn, source_fn, vlm, vlm_name, primary_name):
   class_id = {c: i for i, c in enumerate(classes)}
   for v in videos:
     if v.split != split:
@@ -358,7 +359,7 @@ def _records(videos, split, classes, features_fn, source_fn, vlm, vlm_name):
     label = np.zeros(len(classes), np.float32)
     label[[class_id[c] for c in v.labels]] = 1
     feat = features_fn(v)
-    feats = {"i3d": feat}
+    feats = {primary_name: feat}
     source = source_fn(v)
     if vlm is not None:
       feats[vlm_name], vlm_path = vlm.load(v, feat.shape[0] if feat.ndim == 2 else -1)
@@ -405,7 +406,8 @@ def _load_text(path, num_classes):
 
 
 def _write(out, *, dataset, classes, videos, features_fn, source_fn, vlm_features, vlm_name,
-           vlm_resample, text_embeddings, num_shards, fps, snippet_frames, source, overwrite):
+           vlm_resample, text_embeddings, num_shards, fps, snippet_frames, source, overwrite,
+           primary_name=PRIMARY_NAME):
   text_CxE = _load_text(text_embeddings, len(classes))
   known = set(classes)
   for v in videos:  # fail before writing anything
@@ -413,18 +415,27 @@ def _write(out, *, dataset, classes, videos, features_fn, source_fn, vlm_feature
       if name not in known:
         raise WstalError(f"{v.where}: video {v.name}: label {name!r} is not in the class list "
                          f"({len(classes)} classes: {', '.join(classes[:4])}, ...)")
-  dims = {"i3d": I3D_DIM}
+  if not videos:
+    raise WstalError(f"{source.get('annotations')}: no video to convert")
+  # The primary width from the first video; write_dataset checks every other video against it
+  # (an error naming the video and its file).
+  first = _check_2d(features_fn(videos[0]), source_fn(videos[0]), "features")
+  if first.shape[1] == 0:
+    raise WstalError(f"{source_fn(videos[0])}: features have width 0")
+  dims = {primary_name: int(first.shape[1])}
+  logging.info("primary stream %r: %d dims (from %s)", primary_name, first.shape[1],
+               source_fn(videos[0]))
   vlm = None
   if vlm_features is not None:
-    if vlm_name == "i3d":
-      raise WstalError("--vlm_name must differ from 'i3d'")
+    if vlm_name == primary_name:
+      raise WstalError(f"--vlm_name must differ from --primary_name ({primary_name!r})")
     vlm = _VlmSource(vlm_features, vlm_resample)
     dims[vlm_name] = _peek_dim(vlm, videos, features_fn)
-  splits = {s: _records(videos, s, classes, features_fn, source_fn, vlm, vlm_name)
+  splits = {s: _records(videos, s, classes, features_fn, source_fn, vlm, vlm_name, primary_name)
             for s in ("train", "test") if any(v.split == s for v in videos)}
   manifest = fmt.write_dataset(
       out, dataset=dataset, classes=classes, feature_dims=dims, splits=splits,
-      num_shards=num_shards, text_embeddings=text_CxE, primary_feature="i3d",
+      num_shards=num_shards, text_embeddings=text_CxE, primary_feature=primary_name,
       snippet_frames=snippet_frames, fps=fps, source=source, overwrite=overwrite)
   if vlm is not None and vlm.num_resampled:
     logging.warning("%d videos had VLM features resampled to the I3D length",
@@ -440,7 +451,8 @@ def convert_wtalc(*, features: str, annotations: str, out: str, dataset: str | N
                   vlm_resample: bool = True, text_embeddings: str | None = None,
                   ambiguous: str | None = None, num_shards: int = 8, clip_gt: bool = False,
                   video_label: str = "labels_all", fps: float = 25.0,
-                  snippet_frames: int = 16, overwrite: bool = False) -> dict:
+                  snippet_frames: int = 16, overwrite: bool = False,
+                  primary_name: str = PRIMARY_NAME) -> dict:
   """W-TALC pickled feature array + annotation folder -> dataset directory; returns manifest."""
   classes, videos, family = load_wtalc_annotations(annotations, video_label)
   amb_path = ambiguous or tf.io.gfile.join(annotations, "Ambiguous_test.txt")
@@ -465,29 +477,37 @@ def convert_wtalc(*, features: str, annotations: str, out: str, dataset: str | N
                 source_fn=lambda v: f"{features} entry {index[v.name]}",
                 vlm_features=vlm_features, vlm_name=vlm_name, vlm_resample=vlm_resample,
                 text_embeddings=text_embeddings, num_shards=num_shards, fps=fps,
-                snippet_frames=snippet_frames, source=source, overwrite=overwrite)
+                snippet_frames=snippet_frames, source=source, overwrite=overwrite,
+                primary_name=primary_name)
 
 
-def _basnet_paths(feat_dir, video):
+def _basnet_streams(feat_dir) -> tuple:
+  """('rgb', 'flow'), or ('rgb',) for a single-stream release (no flow/ folder in any split:
+  RGB-only I3D, TSN, VideoMAE, ... features laid out as BaS-Net's rgb/)."""
+  has_flow = any(tf.io.gfile.isdir(tf.io.gfile.join(feat_dir, s, "flow"))
+                 for s in ("train", "test"))
+  return ("rgb", "flow") if has_flow else ("rgb",)
+
+
+def _basnet_paths(feat_dir, video, streams=("rgb", "flow")):
   return [tf.io.gfile.join(feat_dir, video.split, stream, f"{video.name}.npy")
-          for stream in ("rgb", "flow")]
+          for stream in streams]
 
 
-def _load_basnet_features(feat_dir, video):
-  """rgb [T, 1024] || flow [T, 1024] -> float32 [T, 2048]."""
-  rgb_path, flow_path = _basnet_paths(feat_dir, video)
-  streams = []
-  for path in (rgb_path, flow_path):
+def _load_basnet_features(feat_dir, video, streams=("rgb", "flow")):
+  """rgb [T, D_rgb] || flow [T, D_flow] -> float32 [T, D_rgb + D_flow] (I3D: 1024 + 1024),
+  or rgb alone for a single-stream release."""
+  paths = _basnet_paths(feat_dir, video, streams)
+  loaded = []
+  for path in paths:
     feat = _check_2d(_load_npy(path, "BaS-Net features", allow_pickle=False), path, "features")
-    if feat.shape[1] != STREAM_DIM:
-      raise WstalError(f"{path}: feature dim {feat.shape[1]}, expected {STREAM_DIM} per stream")
     if feat.shape[0] == 0:
       raise WstalError(f"{path}: T=0 snippets (empty video)")
-    streams.append(feat)
-  if streams[0].shape[0] != streams[1].shape[0]:
-    raise WstalError(f"{rgb_path}: T={streams[0].shape[0]} but {flow_path} has "
-                     f"T={streams[1].shape[0]}")
-  return np.concatenate(streams, axis=1)
+    loaded.append(feat)
+  if len(loaded) == 2 and loaded[0].shape[0] != loaded[1].shape[0]:
+    raise WstalError(f"{paths[0]}: T={loaded[0].shape[0]} but {paths[1]} has "
+                     f"T={loaded[1].shape[0]}")
+  return np.concatenate(loaded, axis=1) if len(loaded) == 2 else loaded[0]
 
 
 def convert_basnet(*, features: str, annotations: str, splits: str, out: str,
@@ -496,19 +516,22 @@ def convert_basnet(*, features: str, annotations: str, splits: str, out: str,
                    vlm_name: str = "videoclip", vlm_resample: bool = True,
                    text_embeddings: str | None = None, ambiguous: str | None = None,
                    num_shards: int = 8, clip_gt: bool = False, fps: float = 25.0,
-                   snippet_frames: int = 16, overwrite: bool = False) -> dict:
-  """BaS-Net per-video rgb/flow features + gt.json + split files -> dataset directory."""
+                   snippet_frames: int = 16, overwrite: bool = False,
+                   primary_name: str = PRIMARY_NAME) -> dict:
+  """BaS-Net per-video rgb/flow features (or rgb only) + gt.json + split files -> dataset
+  directory."""
   class_list = load_class_list(classes) if classes is not None else None
   class_list, videos = load_basnet_annotations(annotations, splits, class_list)
   if not tf.io.gfile.isdir(features):
     raise WstalError(f"{features}: BaS-Net feature folder not found")
   dur = load_durations(durations) if durations is not None else None
+  streams = _basnet_streams(features)
   cache = {}
 
   def features_fn(v):
     if v.name not in cache:
       cache.clear()  # one video at a time: _peek_dim and the record generator share it
-      cache[v.name] = _load_basnet_features(features, v)
+      cache[v.name] = _load_basnet_features(features, v, streams)
     return cache[v.name]
 
   # Durations: --durations when given, else the feature length T * snippet_frames / fps
@@ -523,21 +546,23 @@ def convert_basnet(*, features: str, annotations: str, splits: str, out: str,
         raise WstalError(f"{durations}: video {v.name} has duration {v.duration}")
   else:
     for v in videos:
-      rgb_path = _basnet_paths(features, v)[0]
+      rgb_path = _basnet_paths(features, v, streams)[0]
       v.duration = max(_npy_shape(rgb_path)[0], 1) * snippet_frames / fps
   if ambiguous is not None:
     load_ambiguous(ambiguous, videos)
   defects = fix_segments(videos, clip_gt)
   source = {"converter": "basnet", "features": features, "annotations": annotations,
             "splits": splits, "classes": classes, "durations": durations or "T * 16 / 25",
+            "streams": list(streams),
             "vlm_features": vlm_features, "text_embeddings": text_embeddings,
             "clip_gt": clip_gt, "defects": defects}
   return _write(out, dataset=dataset or "thumos14", classes=class_list, videos=videos,
                 features_fn=features_fn,
-                source_fn=lambda v: " + ".join(_basnet_paths(features, v)),
+                source_fn=lambda v: " + ".join(_basnet_paths(features, v, streams)),
                 vlm_features=vlm_features, vlm_name=vlm_name, vlm_resample=vlm_resample,
                 text_embeddings=text_embeddings, num_shards=num_shards, fps=fps,
-                snippet_frames=snippet_frames, source=source, overwrite=overwrite)
+                snippet_frames=snippet_frames, source=source, overwrite=overwrite,
+                primary_name=primary_name)
 
 
 # -------------------------------------------------------------------------------------- CLI
@@ -562,8 +587,9 @@ def build_parser():
                  help="source layout: wtalc = one pickled feature array + annotation folder of "
                       ".npy files; basnet = features/{train,test}/{rgb,flow}/<vid>.npy + gt.json")
   p.add_argument("--features", required=True,
-                 help="wtalc: the pickled object array FILE.npy (entry i = float32 [T_i, 2048] "
-                      "for video i of videoname.npy); basnet: the features DIR")
+                 help="wtalc: the pickled object array FILE.npy (entry i = float32 [T_i, D] "
+                      "for video i of videoname.npy); basnet: the features DIR "
+                      "({train,test}/rgb/<vid>.npy, and flow/ for two-stream features)")
   p.add_argument("--annotations", required=True,
                  help="wtalc: the annotation DIR (classlist.npy, videoname.npy, subset.npy, "
                       "duration.npy, labels.npy, labels_all.npy, segments.npy, optional "
@@ -589,6 +615,10 @@ def build_parser():
                       "looked up in DIR/train/ and DIR/test/)")
   p.add_argument("--vlm_name", default="videoclip",
                  help="manifest feature name for --vlm_features")
+  p.add_argument("--primary_name", default=PRIMARY_NAME,
+                 help="manifest name of the primary feature stream (its width is read from "
+                      "the first video: 2048 for I3D RGB+flow, 1024 RGB only, 768 VideoMAE, "
+                      "...); every other video must have the same width")
   p.add_argument("--vlm_resample", type=_bool, nargs="?", const=True, default=True,
                  help="linearly resample VLM features whose T differs from the I3D T (with a "
                       "warning); false makes any mismatch an error. A ratio above 2x or T=0 is "
@@ -618,7 +648,8 @@ def main(argv=None):
                 vlm_name=args.vlm_name, vlm_resample=args.vlm_resample,
                 text_embeddings=args.text_embeddings, ambiguous=args.ambiguous,
                 num_shards=args.num_shards, clip_gt=args.clip_gt, fps=args.fps,
-                snippet_frames=args.snippet_frames, overwrite=args.overwrite)
+                snippet_frames=args.snippet_frames, overwrite=args.overwrite,
+                primary_name=args.primary_name)
   if args.num_shards < 1:
     raise WstalError(f"--num_shards must be >= 1, got {args.num_shards}")
   if args.format == "wtalc":
