@@ -57,3 +57,44 @@ def test_extras_fields_every_record_carries(tmp_path, small):
   ours = {v.name: v for v in fmt.read_videos(out, "test")}
   assert [ours[n].extras for n in names] == [{"note": b"first"}, {}, {"note": b"third"}]
   assert all(ex["extra"]["note"] == b"" for ex in _by_name(out, "train").values())
+
+
+def test_builder_equals_the_converter_on_the_real_annotations(shared_data, tmp_path):
+  """`thumos14/wtalc` built from a manual_dir (the real W-TALC annotation folder, generated
+  features) holds the converter's records for the same files, byte for byte."""
+  from wstal_jax.data import convert, tfds_builders
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  ann = shared_data / "thumos14" / "Thumos14reduced-Annotations"
+  (manual / "Thumos14reduced-Annotations").symlink_to(ann)
+  names = np.load(ann / "videoname.npy")
+  rng = np.random.default_rng(3)
+  feats = np.empty(len(names), dtype=object)
+  feats[:] = [rng.standard_normal((2 + i % 5, 2048), dtype=np.float32) for i in range(len(names))]
+  np.save(manual / "Thumos14reduced-I3D-JOINTFeatures.npy", feats, allow_pickle=True)
+  converted = str(tmp_path / "converted")
+  features = manual / "Thumos14reduced-I3D-JOINTFeatures.npy"
+  assert convert.main(["--format=wtalc", f"--features={features}", f"--annotations={ann}",
+                       f"--out={converted}", "--num_shards=2"]) == 0
+  assert tfds_builders.main(["--dataset=thumos14/wtalc", f"--manual_dir={manual}",
+                             f"--data_dir={tmp_path / 'tfds'}"]) == 0
+  builder = tfds.builder("thumos14/wtalc", data_dir=str(tmp_path / "tfds"))
+  manifest = fmt.read_manifest(converted)
+  assert builder.info.metadata["classes"] == manifest["classes"]
+  for split in ("train", "test"):
+    got = {ex["name"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    ours = list(fmt.read_videos(converted, split))
+    assert sorted(got) == sorted(v.name for v in ours)
+    assert len(ours) == {"train": 200, "test": 212}[split]
+    for i, v in enumerate(ours):
+      ex = got[v.name]
+      assert ex["index"] == i and ex["num_snippets"] == v.num_snippets
+      assert ex["duration"].tobytes() == np.float32(v.duration).tobytes()
+      assert ex["label"].tolist() == v.label.astype(np.int64).tolist()
+      assert ex["segments"].tobytes() == v.segments.tobytes()
+      assert ex["segment_labels"].tolist() == v.segment_labels.tolist()
+      assert ex["ambiguous"].tobytes() == v.ambiguous.tobytes()
+      assert ex["feature"]["i3d"].tobytes() == v.features["i3d"].tobytes()
+  with pytest.raises(SystemExit):   # a manual_dir without the release: one error line
+    tfds_builders.main(["--dataset=thumos14/wtalc", f"--manual_dir={tmp_path / 'none'}",
+                        f"--data_dir={tmp_path / 'tfds2'}"])
