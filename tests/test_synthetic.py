@@ -244,6 +244,14 @@ def test_ensure_builtin_generates_once(small_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("WSTAL_DATA_CACHE", cache)
   assert builtin_cache.ensure_builtin("small", seed=0) == path  # default cache dir from env
   assert os.stat(manifest).st_mtime_ns == mtime
+  # An entry cached before datasets carried TFDS metadata gets it, without regenerating.
+  info = os.path.join(path, "dataset_info.json")
+  written = open(info, "rb").read()
+  os.remove(info)
+  os.remove(os.path.join(path, "features.json"))
+  assert builtin_cache.ensure_builtin("small", seed=0) == path
+  assert open(info, "rb").read() == written
+  assert os.stat(manifest).st_mtime_ns == mtime
 
 
 def test_ensure_builtin_loses_race_gracefully(small_dir, tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ def ensure_builtin(size: str, seed: int = 0, cache_dir: str | None = None) -> st
   cache_dir = str(cache_dir or default_cache_dir()).rstrip("/")
   target = f"{cache_dir}/{synthetic.builtin_name(size, seed)}"
   if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
+    return _with_tfds_metadata(target)
   if tf.io.gfile.exists(target):
     raise WstalError(f"{target}: incomplete cached dataset (no {fmt.MANIFEST}); remove it and "
                      "try again")
@@ -65,7 +65,7 @@ def ensure_derived(plain: str, suffix: str, add) -> str:
   a race to another one keeps the winner's (identical) copy."""
   target = f"{plain}-{suffix}"
   if tf.io.gfile.exists(f"{target}/{fmt.MANIFEST}"):
-    return target
+    return _with_tfds_metadata(target)
   sources = f"{plain}-{suffix}-sources.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
   try:
     try:
@@ -77,3 +77,16 @@ def ensure_derived(plain: str, suffix: str, add) -> str:
     if tf.io.gfile.exists(sources):
       tf.io.gfile.rmtree(sources)
   return target
+
+
+def _with_tfds_metadata(data_dir: str) -> str:
+  """A cache entry written before datasets carried TFDS metadata gets it (the shards are
+  unchanged; every writer now adds it)."""
+  if not tf.io.gfile.exists(f"{data_dir}/dataset_info.json"):
+    from wstal_jax.data import tfds_io   # pylint: disable=import-outside-toplevel
+    manifest = fmt.read_manifest(data_dir)
+    complete = [f for f in manifest["optional_fields"]
+                if all(len([1 for v in fmt.read_video_info(data_dir, split) if f in v.extras])
+                       == e["num_videos"] for split, e in manifest["splits"].items())]
+    tfds_io.write_metadata(data_dir, manifest, complete)
+  return data_dir
