@@ -1,6 +1,8 @@
 """Every dataset the project writes is also a TFDS dataset: `tfds.builder_from_directory`
 reads the built-in benchmark and a dataset with extras fields, and yields the arrays the
 project's reader gives, byte for byte."""
+import json
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -98,3 +100,62 @@ def test_builder_equals_the_converter_on_the_real_annotations(shared_data, tmp_p
   with pytest.raises(SystemExit):   # a manual_dir without the release: one error line
     tfds_builders.main(["--dataset=thumos14/wtalc", f"--manual_dir={tmp_path / 'none'}",
                         f"--data_dir={tmp_path / 'tfds2'}"])
+
+
+def _compare(builder, converted, splits=("train", "test")):
+  for split in splits:
+    got = {ex["name"].decode(): ex for ex in tfds.as_numpy(builder.as_dataset(split=split))}
+    ours = list(fmt.read_videos(converted, split))
+    assert sorted(got) == sorted(v.name for v in ours)
+    for i, v in enumerate(ours):
+      ex = got[v.name]
+      assert ex["index"] == i and ex["label"].tolist() == v.label.astype(np.int64).tolist()
+      assert ex["duration"].tobytes() == np.float32(v.duration).tobytes()
+      assert ex["segments"].tobytes() == v.segments.tobytes()
+      assert ex["feature"]["i3d"].tobytes() == v.features["i3d"].tobytes()
+
+
+def test_basnet_builder_equals_the_converter(shared_data, tmp_path):
+  """thumos14/basnet from gt.json, the split files and per-video rgb/flow features."""
+  from wstal_jax.data import convert, tfds_builders
+  manual = tmp_path / "manual"
+  gt = json.loads((shared_data / "thumos14" / "gt.json").read_text())["database"]
+  rng = np.random.default_rng(4)
+  for split in ("train", "test"):
+    names = (shared_data / "thumos14" / f"split_{split}.txt").read_text().split()
+    (manual / f"split_{split}.txt").parent.mkdir(parents=True, exist_ok=True)
+    (manual / f"split_{split}.txt").write_text("\n".join(names) + "\n")
+    for stream in ("rgb", "flow"):
+      (manual / "features" / split / stream).mkdir(parents=True)
+    for i, name in enumerate(names):
+      assert gt[name]["subset"] == split
+      for stream in ("rgb", "flow"):
+        np.save(manual / "features" / split / stream / f"{name}.npy",
+                rng.standard_normal((2 + i % 3, 1024), dtype=np.float32))
+  (manual / "gt.json").write_bytes((shared_data / "thumos14" / "gt.json").read_bytes())
+  converted = str(tmp_path / "converted")
+  assert convert.main(["--format=basnet", f"--features={manual / 'features'}",
+                       f"--annotations={manual / 'gt.json'}", f"--splits={manual}",
+                       f"--out={converted}", "--num_shards=2"]) == 0
+  builder = tfds_builders.build("thumos14/basnet", str(manual), str(tmp_path / "tfds"))
+  assert builder.info.metadata["classes"] == fmt.read_manifest(converted)["classes"]
+  _compare(builder, converted)
+
+
+def test_activitynet_builder_on_the_real_annotations(shared_data, tmp_path):
+  """activitynet12/wtalc: the real annotation folder, one-snippet generated features."""
+  from wstal_jax.data import tfds_builders
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  ann = shared_data / "activitynet12" / "ActivityNet1.2-Annotations"
+  (manual / "ActivityNet1.2-Annotations").symlink_to(ann)
+  n = len(np.load(ann / "videoname.npy"))
+  feats = np.empty(n, dtype=object)
+  feats[:] = [np.full((1, 2048), i % 7, np.float32) for i in range(n)]
+  np.save(manual / "ActivityNet1.2-I3D-JOINTFeatures.npy", feats, allow_pickle=True)
+  builder = tfds_builders.build("activitynet12/wtalc", str(manual), str(tmp_path / "tfds"))
+  assert len(builder.info.metadata["classes"]) == 100
+  assert builder.info.splits["train"].num_examples == 4819
+  assert builder.info.splits["test"].num_examples == 2383
+  ex = next(iter(tfds.as_numpy(builder.as_dataset(split="test"))))
+  assert ex["feature"]["i3d"].shape == (1, 2048) and ex["label"].shape == (100,)
