@@ -16,6 +16,7 @@ if "xla_cpu_collective_call_terminate_timeout_seconds" not in _flags:
   _flags += " --xla_cpu_collective_call_terminate_timeout_seconds=60"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")   # CPU tests, also where libtpu is installed
 os.environ["JAX_NUMPY_RANK_PROMOTION"] = "raise"
 
 import pathlib

@@ -33,5 +33,21 @@ def _running_a_command() -> bool:
   return False
 
 
-if _running_a_command():   # a library import (a notebook, a test) keeps TF's logging as is
+def cpu_unless_tpu_present():
+  """With libtpu installed (the [tpu] extra, e.g. for --mode=compile) but no TPU here, jax
+  would try to start a TPU runtime on every command and print warnings: keep it to the CPU
+  (and a GPU when jax's CUDA plugin is installed). A JAX_PLATFORMS the user set is kept."""
+  import glob
+  import importlib.util
+  if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+    return
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return   # a TPU VM
+  cuda = any(importlib.util.find_spec(m) is not None
+             for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+  os.environ["JAX_PLATFORMS"] = "cuda,cpu" if cuda else "cpu"
+
+
+if _running_a_command():   # a library import (a notebook, a test) keeps its settings
   quiet_native_logs()
+  cpu_unless_tpu_present()

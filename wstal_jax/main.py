@@ -3,6 +3,7 @@ r"""Train or evaluate a method.
   python -m wstal_jax.main --config=configs/vlpo.py [--workdir=DIR]
   python -m wstal_jax.main --config=configs/vlpo.py:dataset=thumos14 --config.data.dir=SHARDS
   python -m wstal_jax.main --mode=eval --workdir=DIR [--checkpoint=best|latest|STEP]
+  python -m wstal_jax.main --mode=compile --config=... --topology=v5e:4x4 --workdir=DIR
 
 Several processes (one per host, or per GPU), each seeing its local devices:
 
@@ -106,7 +107,11 @@ except (KeyError, AttributeError) as _e:
   _config_error(_e, default_config_file(sys.argv), explicit=False)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default ./workdirs/<name>-<dataset>-seed<seed>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train (and resume) or evaluate.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "compile"],
+                          "Train (and resume), evaluate, or compile for a TPU topology.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology", None, "--mode=compile: a TPU slice topology, e.g. v5e:4x4 (v5e-16), v4:2x2x4 "
+    "(v4-32); needs libtpu (the [tpu] extra), no TPU.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "--mode=eval: best, latest or a step.")
 _EVAL_DIR = flags.DEFINE_string("eval_dir", None, "--mode=eval: output folder (default workdir).")
 _COORDINATOR = flags.DEFINE_string(
@@ -175,6 +180,15 @@ def _run():
   config = _load_config()
   overrides = config_flags.get_override_values(FLAGS["config"])
   workdir = _WORKDIR.value or workdirs.default_workdir(config, overrides)
+  if _MODE.value == "compile":
+    from wstal_jax import compile_check
+    if not _TOPOLOGY.value:
+      raise WstalError("--mode=compile needs --topology, e.g. --topology=v5e:4x4")
+    os.makedirs(workdir, exist_ok=True)
+    out = compile_check.compile_for_topology(config, _TOPOLOGY.value, workdir)
+    print(compile_check.format_report(out))
+    print(f"compile report: {os.path.join(workdir, 'compile.json')}")
+    return
   if _MODE.value == "eval":
     if not FLAGS["config"].present:   # an explicit --config replaces the saved one
       config = workdirs.saved_config(workdir, overrides)

@@ -1,0 +1,88 @@
+r"""The README's "Before you rent a slice" table: VLPO's and PVLR's steps at THUMOS14 settings
+compiled for TPU slices with `python -m wstal_jax.main --mode=compile` (needs libtpu).
+
+  python benchmarks/compile_table.py [--topologies=v5e:4x4,v4:2x2x4] [--root=/tmp/compile]
+
+The compile reads shapes only, so the dataset is a THUMOS14-shaped stand-in written here: the
+20 classes, I3D 2048-d, VideoCLIP 768-d and CLIP 1024-d streams with class text embeddings,
+16 training videos (T from 750 to 2,202, the longest THUMOS14 training video) and 16 test
+videos as long as THUMOS14's longest (2,614 snippets: the evaluation's largest padded batch).
+"""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import wstal_jax  # noqa: E402
+
+wstal_jax.quiet_native_logs()   # before tensorflow is imported
+
+DIMS = {"i3d": 2048, "videoclip": 768, "clip": 1024}
+
+
+def write_dataset(out):
+  from wstal_jax.data import format as fmt
+  from wstal_jax.data import synthetic
+  if os.path.exists(os.path.join(out, "manifest.json")):
+    return out
+  rng = np.random.default_rng(0)
+  classes = list(synthetic.CLASSES)
+
+  def video(name, num_t, i):
+    label = np.zeros(len(classes), np.float32)
+    label[i % len(classes)] = 1
+    return fmt.VideoRecord(
+        name=name, duration=num_t * 0.64, label=label,
+        features={k: rng.standard_normal((num_t, d), dtype=np.float32) for k, d in DIMS.items()},
+        segments=np.array([[1.0, 5.0]], np.float32), segment_labels=np.array([i % 20], np.int32))
+
+  train = [video(f"train_{i}", int(t), i) for i, t in enumerate(np.linspace(750, 2202, 16))]
+  test = [video(f"test_{i}", 2614, i) for i in range(16)]
+  text = {k: rng.standard_normal((len(classes), d)).astype(np.float32) for k, d in DIMS.items()
+          if k != "i3d"}
+  fmt.write_dataset(out, dataset="thumos14", classes=classes, feature_dims=DIMS,
+                    splits={"train": train, "test": test}, num_shards=1,
+                    text_embeddings=text["videoclip"], feature_text_embeddings=text)
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--topologies", default="v5e:4x4,v4:2x2x4")
+  p.add_argument("--configs", default="vlpo,pvlr")
+  p.add_argument("--root", default="/tmp/wstal_compile")
+  args = p.parse_args()
+  data = write_dataset(os.path.join(args.root, "thumos14_shapes"))
+  for topology in args.topologies.split(","):
+    for name in args.configs.split(","):
+      out = os.path.join(args.root, f"{name}-{topology.replace(':', '_')}")
+      # The papers' batches (VLPO 16, PVLR 10) do not divide over every slice: the global
+      # batch is one video per device here (and at least the paper's).
+      from wstal_jax import compile_check
+      compile_check.prepare_environment(topology)
+      devices = len(compile_check.describe(topology).devices)
+      batch = max(devices, 16 if name == "vlpo" else 10)
+      batch = -(-batch // devices) * devices
+      cmd = [sys.executable, "-m", "wstal_jax.main", "--mode=compile",
+             f"--config={ROOT / 'configs' / name}.py:dataset=thumos14",
+             f"--config.data.dir={data}", f"--topology={topology}", f"--workdir={out}",
+             f"--config.train.batch_size={batch}", f"--config.eval.batch_size={devices}"]
+      proc = subprocess.run(cmd, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+      print(proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip()[-2000:])
+      if proc.returncode == 0:
+        print(json.dumps({k: v for k, v in json.load(open(os.path.join(out, "compile.json")))
+                          .items() if k in ("topology", "num_devices", "findings")}))
+      print()
+
+
+if __name__ == "__main__":
+  main()
