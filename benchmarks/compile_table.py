@@ -27,8 +27,11 @@ wstal_jax.quiet_native_logs()   # before tensorflow is imported
 DIMS = {"i3d": 2048, "videoclip": 768, "clip": 1024}
 
 
-def write_dataset(out):
+def write_dataset(out, proposals=0):
+  """The stand-in; with proposals=M every video also carries M candidate proposals (P-MIL,
+  SEAL: THUMOS14's preset keeps up to 1,000 a video)."""
   from wstal_jax.data import format as fmt
+  from wstal_jax.data import proposals as proposals_lib
   from wstal_jax.data import synthetic
   if os.path.exists(os.path.join(out, "manifest.json")):
     return out
@@ -38,8 +41,13 @@ def write_dataset(out):
   def video(name, num_t, i):
     label = np.zeros(len(classes), np.float32)
     label[i % len(classes)] = 1
+    extras = {}
+    if proposals:
+      start = rng.uniform(0, num_t - 8, proposals)
+      seg = np.stack([start, start + rng.uniform(2, 8, proposals)], 1).astype(np.float32)
+      extras = {proposals_lib.FIELD: proposals_lib.encode(seg)}
     return fmt.VideoRecord(
-        name=name, duration=num_t * 0.64, label=label,
+        name=name, duration=num_t * 0.64, label=label, extras=extras,
         features={k: rng.standard_normal((num_t, d), dtype=np.float32) for k, d in DIMS.items()},
         segments=np.array([[1.0, 5.0]], np.float32), segment_labels=np.array([i % 20], np.int32))
 
@@ -47,9 +55,12 @@ def write_dataset(out):
   test = [video(f"test_{i}", 2614, i) for i in range(16)]
   text = {k: rng.standard_normal((len(classes), d)).astype(np.float32) for k, d in DIMS.items()
           if k != "i3d"}
+  aux = ({proposals_lib.FIELD: {"counts": {"train": [proposals] * 16, "test": [proposals] * 16},
+                                 "dedupe": False}} if proposals else None)
   fmt.write_dataset(out, dataset="thumos14", classes=classes, feature_dims=DIMS,
                     splits={"train": train, "test": test}, num_shards=1,
-                    text_embeddings=text["videoclip"], feature_text_embeddings=text)
+                    text_embeddings=text["videoclip"], feature_text_embeddings=text,
+                    optional_fields=[proposals_lib.FIELD] if proposals else None, aux=aux)
   return out
 
 
@@ -57,10 +68,12 @@ def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--topologies", default="v5e:4x4,v4:2x2x4")
-  p.add_argument("--configs", default="vlpo,pvlr")
+  p.add_argument("--configs", default="vlpo,pvlr",
+                 help="also co2net, ju2023, delu, pmil, seal (MLLM4WTAL needs descriptions)")
   p.add_argument("--root", default="/tmp/wstal_compile")
   args = p.parse_args()
   data = write_dataset(os.path.join(args.root, "thumos14_shapes"))
+  with_proposals = None
   for topology in args.topologies.split(","):
     for name in args.configs.split(","):
       out = os.path.join(args.root, f"{name}-{topology.replace(':', '_')}")
@@ -71,9 +84,12 @@ def main():
       devices = len(compile_check.describe(topology).devices)
       batch = max(devices, 16 if name == "vlpo" else 10)
       batch = -(-batch // devices) * devices
+      if name in ("pmil", "seal") and with_proposals is None:
+        with_proposals = write_dataset(os.path.join(args.root, "thumos14_shapes_proposals"),
+                                       proposals=1000)
       cmd = [sys.executable, "-m", "wstal_jax.main", "--mode=compile",
              f"--config={ROOT / 'configs' / name}.py:dataset=thumos14",
-             f"--config.data.dir={data}", f"--topology={topology}", f"--workdir={out}",
+             f"--config.data.dir={with_proposals if name in ('pmil', 'seal') else data}", f"--topology={topology}", f"--workdir={out}",
              f"--config.train.batch_size={batch}", f"--config.eval.batch_size={devices}"]
       proc = subprocess.run(cmd, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
