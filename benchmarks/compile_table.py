@@ -5,7 +5,7 @@ compiled for TPU slices with `python -m wstal_jax.main --mode=compile` (needs li
 
 The compile reads shapes only, so the dataset is a THUMOS14-shaped stand-in written here: the
 20 classes, I3D 2048-d, VideoCLIP 768-d and CLIP 1024-d streams with class text embeddings,
-16 training videos (T from 750 to 2,202, the longest THUMOS14 training video) and 16 test
+20 training videos (T from 750 to 2,202, the longest THUMOS14 training video) and 16 test
 videos as long as THUMOS14's longest (2,614 snippets: the evaluation's largest padded batch).
 """
 import argparse
@@ -51,11 +51,12 @@ def write_dataset(out, proposals=0):
         features={k: rng.standard_normal((num_t, d), dtype=np.float32) for k, d in DIMS.items()},
         segments=np.array([[1.0, 5.0]], np.float32), segment_labels=np.array([i % 20], np.int32))
 
-  train = [video(f"train_{i}", int(t), i) for i, t in enumerate(np.linspace(750, 2202, 16))]
+  # 20 training videos: one of each class (SEAL's descriptors need every class)
+  train = [video(f"train_{i}", int(t), i) for i, t in enumerate(np.linspace(750, 2202, 20))]
   test = [video(f"test_{i}", 2614, i) for i in range(16)]
   text = {k: rng.standard_normal((len(classes), d)).astype(np.float32) for k, d in DIMS.items()
           if k != "i3d"}
-  aux = ({proposals_lib.FIELD: {"counts": {"train": [proposals] * 16, "test": [proposals] * 16},
+  aux = ({proposals_lib.FIELD: {"counts": {"train": [proposals] * 20, "test": [proposals] * 16},
                                  "dedupe": False}} if proposals else None)
   fmt.write_dataset(out, dataset="thumos14", classes=classes, feature_dims=DIMS,
                     splits={"train": train, "test": test}, num_shards=1,
