@@ -140,7 +140,7 @@ def _write(path, text):
     (["--config.eval.tiou=abc"], "error: config.eval.tiou: needs a tuple of thresholds"),
     (["--config.data.dataset=thumos15"], "error: config.data.dataset: must be one of builtin,"),
     (["--config.data.sampling=rndom"], "error: config.data.sampling: must be one of random_perturb"),
-    (["--mode=evaluate"], "error: --mode=evaluate: value should be one of <train|eval>"),
+    (["--mode=evaluate"], "error: --mode=evaluate: value should be one of <train|eval|compile>"),
     # --config pointing at something that is not a config file.
     ([f"--config={ROOT / 'setup.cfg'}"], "setup.cfg: not a Python config file (line "),
     (["--config=NOCONFIG"], "NOCONFIG: not a config file (it defines no get_config())"),
