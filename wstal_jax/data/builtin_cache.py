@@ -85,8 +85,8 @@ def _with_tfds_metadata(data_dir: str) -> str:
   if not tf.io.gfile.exists(f"{data_dir}/dataset_info.json"):
     from wstal_jax.data import tfds_io   # pylint: disable=import-outside-toplevel
     manifest = fmt.read_manifest(data_dir)
+    infos = [fmt.read_video_info(data_dir, split) for split in manifest["splits"]]
     complete = [f for f in manifest["optional_fields"]
-                if all(len([1 for v in fmt.read_video_info(data_dir, split) if f in v.extras])
-                       == e["num_videos"] for split, e in manifest["splits"].items())]
+                if all(f in v.extras for split in infos for v in split)]
     tfds_io.write_metadata(data_dir, manifest, complete)
   return data_dir
