@@ -191,16 +191,33 @@ def test_l_mil_hand():
   np.testing.assert_allclose(got, [-lp0, -(lp0 + lp1) / 2], rtol=1e-5)
 
 
-def test_topk_select_ties_and_empty():
-  """Exactly min(k, n_valid) valid snippets; ties at the k-th value go to earlier snippets."""
+@pytest.mark.parametrize("k_max", [None, 4, 5, 6])
+def test_topk_select_ties_and_empty(k_max):
+  """Exactly min(k, n_valid) valid snippets; ties at the k-th value go to earlier snippets;
+  the partial sort (k_max) selects the same."""
   x = np.array([[1.0, 2.0, 2.0, 2.0, 0.0, 5.0], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0],
                 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], np.float32)[:, :, None]
   mask = np.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]], np.float32)
   k = jnp.asarray([2, 4, 1], jnp.int32)
-  sel = np.asarray(layers.topk_select(x, mask, k))[:, :, 0]
+  sel = np.asarray(layers.topk_select(x, mask, k, k_max))[:, :, 0]
   np.testing.assert_array_equal(sel, [[0, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0], [0] * 6])
   np.testing.assert_array_equal(layers.topk_count(mask, 2), [2, 3, 1])
-  np.testing.assert_allclose(layers.masked_topk_mean(x, mask, k)[:, 0], [2.0, 3.0, 0.0])
+  np.testing.assert_allclose(layers.masked_topk_mean(x, mask, k, k_max)[:, 0], [2.0, 3.0, 0.0])
+
+
+def test_topk_partial_sort_equals_full_sort():
+  """k_max = topk_bound: the same selection as the full sort on random data with many ties
+  (values rounded to 3 levels), random masks and every k up to the bound."""
+  rng = np.random.default_rng(0)
+  x = np.round(rng.normal(size=(6, 40, 5)), 0).astype(np.float32)
+  mask = (np.arange(40)[None, :] < rng.integers(0, 41, 6)[:, None]).astype(np.float32)
+  for divisor in (1, 3, 8):
+    k = layers.topk_count(mask, divisor)
+    bound = layers.topk_bound(mask, divisor)
+    assert bound == max(40 // divisor, 1) and int(jnp.max(k)) <= bound
+    full = jax.jit(layers.topk_select)(x, mask, k)
+    part = jax.jit(layers.topk_select, static_argnums=3)(x, mask, k, bound)
+    np.testing.assert_array_equal(np.asarray(full), np.asarray(part))
 
 
 def test_topk_select_under_jit_selects_exactly_k_of_a_fused_expression():

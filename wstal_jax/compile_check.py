@@ -184,7 +184,8 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
       findings.append(f"{name}: a batch input is not sharded over the data axis")
   evaluator = evaluate.Evaluator(tpu, split=config.eval.split)
   largest = max(evaluator.batches(), key=lambda b: max(np.size(v) for v in b.values()))
-  compiled = evaluator._predict.lower(params, _abstract(largest, data), consts).compile()
+  compiled = evaluator._forward._predict.lower(params, _abstract(largest, data),
+                                               consts).compile()
   # The forward's outputs are gathered to every chip for the host (out_shardings replicated):
   # one all-gather of the per-video outputs is by design.
   steps["eval_forward"] = _report("eval_forward", compiled, hbm, peak, None, findings,

@@ -150,6 +150,9 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.eval.protocol = "official"
   c.eval.batch_size = 8              # global; padded with masked dummy videos
   c.eval.num_snippets = config_dict.placeholder(int)   # None: whole videos
+  c.eval.forward = "auto"            # eval_forward.py: 'auto' (exact chunks where the network
+                                     # is local, else length buckets), 'buckets' or 'chunked'
+  c.eval.chunk_snippets = 1024       # chunked: snippets per row of the network's input
   c.eval.sampling = "uniform"        # with num_snippets: bin centres, or 'floor' (bin starts,
                                      # ASL's test resampling; proposals shift <= half a bin)
   c.eval.select_on = "test"          # 'test' (the field's practice) or 'heldout'

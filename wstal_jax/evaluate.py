@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from wstal_jax import checkpointing
+from wstal_jax import eval_forward
 from wstal_jax import input_pipeline
 from wstal_jax import metrics as metrics_lib
 from wstal_jax import plots
@@ -93,17 +94,11 @@ class Evaluator:
       raise WstalError(f"config.eval.postprocess ({preset!r} preset and overrides): "
                        f"{str(e).removeprefix('post-processing config: ')}") from None
 
-    def predict(params, batch, consts):
-      out = dict(run.method.predict(params, batch, consts))
-      # Carried through so every process reads the global batch's rows from one place.
-      for key in ("index_B", "mask_BxT", "scale_B", "proposals_BxMx2", "proposal_mask_BxM"):
-        if key in batch:
-          out[key] = batch[key]
-      return out
-
-    self._predict = jax.jit(predict,
-                            in_shardings=(run.replicated, run.data_sharding, run.replicated),
-                            out_shardings=run.replicated)
+    # The forward pass (eval_forward.py): exact chunks for local networks, else buckets.
+    self.forward_mode = eval_forward.resolve(config, run.method)
+    self._forward = eval_forward.Forward(
+        run, self.forward_mode, row_len=int(config.eval.get("chunk_snippets", 1024)),
+        rows_per_batch=self.batch_size, num_row_batches_fn=self._num_row_batches)
     gt_rows = [(i, self.infos[i]) for i in self.video_indices]
     # Times as the GT JSON stores them (shortest decimal of each float32, see
     # results_io.ground_truth_dict), so these metrics equal `evaluate_results` on written files
@@ -143,6 +138,18 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count(),
         proposals=bool(config.data.get("proposals", False)))
 
+  def _num_row_batches(self) -> int:
+    """Chunked forward: the row batches every process runs (from the plan of all of them)."""
+    config = self.run.config
+    num_p = jax.process_count()
+    videos_P, _ = input_pipeline.eval_plan(
+        self.run.manifest, self.run.data_dir, self.split, batch_size=self.batch_size,
+        video_indices=self.video_indices, process_count=num_p, order=self.order)
+    lengths = {info.index: info.num_snippets for info in self.infos}
+    return eval_forward.num_row_batches(
+        [[lengths[int(i)] for i in v] for v in videos_P], self.run.method.receptive_field,
+        int(config.eval.get("chunk_snippets", 1024)), self.batch_size)
+
   def __call__(self, params, *, keep_scores: int = 0) -> EvalResult:
     num_c = len(self.run.classes)
     keep = set(int(i) for i in self.video_indices[:keep_scores])
@@ -157,9 +164,8 @@ class Evaluator:
     cand_scores, cand_segments = [], []
     frame_ious = {}   # name -> metrics.FrameIoU for predict's optional frame_<name>_BxTxC
     frame_threshold = float(getattr(self.run.method, "frame_threshold", 0.5))
-    for batch in self.batches():
-      out = self._predict(params, self.run.put_batch(batch), self.run.consts)
-      out = jax.device_get(out)   # replicated: every process holds the whole global batch
+    # Replicated outputs: every process holds the whole global batch.
+    for out in self._forward(params, self.batches()):
       index_B, mask_BxT, scale_B = out["index_B"], out["mask_BxT"], out["scale_B"]
       for b, idx in enumerate(index_B.tolist()):
         if idx < 0:

@@ -77,6 +77,11 @@ def validate_config(config):
     need(config.train[field] > 0, f"train.{field}", f"must be > 0, got {config.train[field]}")
   need(config.train.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0 (0: off)")
   need(config.data.num_snippets > 0, "data.num_snippets", "must be > 0")
+  from wstal_jax import eval_forward   # pylint: disable=import-outside-toplevel
+  need(config.eval.get("forward", "auto") in eval_forward.FORWARDS, "eval.forward",
+       f"must be one of {', '.join(eval_forward.FORWARDS)}, got {config.eval.get('forward')!r}")
+  need(config.eval.get("chunk_snippets", 1024) > 0, "eval.chunk_snippets",
+       f"must be > 0, got {config.eval.get('chunk_snippets')}")
   need(config.checkpoint.keep_latest >= 1, "checkpoint.keep_latest", "must be >= 1")
   need(config.checkpoint.keep_best >= 1, "checkpoint.keep_best", "must be >= 1")
 

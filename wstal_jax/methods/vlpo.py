@@ -106,7 +106,8 @@ import ml_collections
 from wstal_jax import methods
 from wstal_jax.errors import WstalError
 from wstal_jax.layers import (masked_topk_mean, pool_selected, snippet_mean,
-                              temporal_minmax, topk_count, topk_select, video_mean)
+                              temporal_minmax, topk_bound, topk_count, topk_select,
+                              video_mean)
 from wstal_jax.models import vlpo as vlpo_model
 
 FINETUNE_MODES = ("cm_afa", "zero_shot", "training_free", "clip_adapter")
@@ -365,14 +366,14 @@ def labelled_cas_score(cas_BxTxC, label_BxC):
   return jnp.einsum("btc,bc->bt", prob_BxTxC, (label_BxC > 0).astype(prob_BxTxC.dtype))
 
 
-def vl_video_logits(z_BxTxC, mask_BxT, k_B, *, hybrid_cas_BxTxC=None):
+def vl_video_logits(z_BxTxC, mask_BxT, k_B, *, hybrid_cas_BxTxC=None, k_max=None):
   """Eq. 6 before the softmax: the mean preference logit over each class's top-k idx: -> BxC.
 
   With DSP, idx are the top-k of the hybrid CAS A^ (Eq. 5); without, the top-k of z itself.
   p^ = softmax(returned); L_vl = video_ce(returned, y). Gradient reaches z only.
   """
   rank_BxTxC = z_BxTxC if hybrid_cas_BxTxC is None else hybrid_cas_BxTxC
-  return pool_selected(z_BxTxC, topk_select(rank_BxTxC, mask_BxT, k_B))
+  return pool_selected(z_BxTxC, topk_select(rank_BxTxC, mask_BxT, k_B, k_max))
 
 
 def ppg_targets(m_hat_BxTxC, label_BxC, alpha_h: float, multi_hot: bool = False):
@@ -691,16 +692,34 @@ class VLPO:
     cas = softmax_C(vl_logit_scale * cos) per snippet (CLIP zero-shot classification of each
     snippet), actionness = sum_c video_score_c * cas_c.
     """
+    return self.predict_from_outputs(self.snippet_outputs(params, batch, consts), batch,
+                                     consts)
+
+  @property
+  def receptive_field(self) -> int:
+    """Snippets on each side any output of the network reads: every path is one temporal
+    convolution (plus per-snippet layers), so evaluation may run in exact chunks
+    (eval_forward.py)."""
+    return self.model.conv_kernel // 2
+
+  def snippet_outputs(self, params, batch, consts):
+    """The network at inference: the per-snippet outputs VLPOModel returns. Jittable."""
     self._check_batch(batch, consts)
+    return self.model.apply({"params": params}, batch, consts, train=False)
+
+  def predict_from_outputs(self, out, batch, consts):
+    """`predict` from the network's outputs (per-video pooling and scoring; reads the batch's
+    mask_BxT and, for the oracle diagnostic, label_BxC; no features). Jittable."""
+    del consts
     s = self.settings
-    out = self.model.apply({"params": params}, batch, consts, train=False)
     mask_BxT = batch["mask_BxT"]
     valid_BxT = mask_BxT > 0
     k_B = topk_count(mask_BxT, s.topk_divisor)
+    k_max = topk_bound(mask_BxT, s.topk_divisor)   # partial sorts: the same selections
 
     if self.zero_shot:
       z_BxTxC = s.vl_logit_scale * out["sim_t_BxTxC"]
-      video_BxC = jax.nn.softmax(masked_topk_mean(z_BxTxC, mask_BxT, k_B), axis=-1)
+      video_BxC = jax.nn.softmax(masked_topk_mean(z_BxTxC, mask_BxT, k_B, k_max), axis=-1)
       cas_BxTxC = jax.nn.softmax(z_BxTxC, axis=-1)
       act_BxT = jnp.einsum("btc,bc->bt", cas_BxTxC, video_BxC)
     else:
@@ -711,10 +730,11 @@ class VLPO:
       num_b, _, num_c = prob_BxTxC.shape
       all_BxC = jnp.ones((num_b, num_c), prob_BxTxC.dtype)
       cas_BxTxC = hybrid_cas(prob_BxTxC, scores, all_BxC, equal)
-      mil_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B), axis=-1)
+      mil_BxC = jax.nn.softmax(masked_topk_mean(out["cas_BxTxC"], mask_BxT, k_B, k_max),
+                               axis=-1)
       # ASL's score_supp: softmax of A pooled at each class's top-k of the all-classes A^.
       all_pool_BxC = jax.nn.softmax(pool_selected(
-          out["cas_BxTxC"], topk_select(cas_BxTxC, mask_BxT, k_B)), axis=-1)
+          out["cas_BxTxC"], topk_select(cas_BxTxC, mask_BxT, k_B, k_max)), axis=-1)
       if s.use_vl:   # p^'s logits: the preference logits L_vl trains (scale 1 for the
                      # code's two-cosine CEs, whose pooled mean is this z's pooling)
         scale = 1.0 if s.vl_form == "two_cosines" else s.vl_logit_scale
@@ -727,8 +747,8 @@ class VLPO:
         elif self.infer_labels == "all_classes_pool":
           y_BxC = predicted_labels(all_pool_BxC, self.infer_class_threshold)
         elif s.use_vl:
-          p0_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B,
-                                                  hybrid_cas_BxTxC=cas_BxTxC), axis=-1)
+          p0_BxC = jax.nn.softmax(vl_video_logits(
+              z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=cas_BxTxC, k_max=k_max), axis=-1)
           y_BxC = predicted_labels(p0_BxC, self.infer_class_threshold)
         else:
           y_BxC = all_BxC
@@ -736,12 +756,13 @@ class VLPO:
       p_hat = s.use_vl and self.video_score == "p_hat"
       if p_hat and s.use_dsp:
         video_BxC = jax.nn.softmax(vl_video_logits(
-            z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC), axis=-1)
+            z_BxTxC, mask_BxT, k_B, hybrid_cas_BxTxC=hybrid_BxTxC, k_max=k_max), axis=-1)
       elif p_hat:
-        video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B), axis=-1)
+        video_BxC = jax.nn.softmax(vl_video_logits(z_BxTxC, mask_BxT, k_B, k_max=k_max),
+                                   axis=-1)
       elif s.use_dsp and s.dsp_pools_cas:
         video_BxC = jax.nn.softmax(pool_selected(
-            out["cas_BxTxC"], topk_select(hybrid_BxTxC, mask_BxT, k_B)), axis=-1)
+            out["cas_BxTxC"], topk_select(hybrid_BxTxC, mask_BxT, k_B, k_max)), axis=-1)
       else:
         video_BxC = mil_BxC
     out_scores = {"video_scores_BxC": video_BxC,
