@@ -193,3 +193,33 @@ def test_start_up_prints_no_tensorflow_native_logging(tmp_path):
   out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.stdout.split() == ["None", "1", "None"], out.stderr[-2000:]
+
+
+def test_second_run_compiles_nothing_new(tmp_path):
+  """The persistent compilation cache is on by default (under $WSTAL_DATA_CACHE here): the
+  first run stores its executables, and the same command with a fresh workdir finds every
+  one of them (it adds no entry). --config.compilation_cache=off stores nothing."""
+  data = _write_vlpo_dataset(tmp_path / "data")
+  config = f"--config={ROOT / 'configs' / 'vlpo.py'}"
+  cache = tmp_path / "jax_compilation"
+  env = {"JAX_COMPILATION_CACHE_DIR": "", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  env = {k: v for k, v in os.environ.items() if k not in env}
+  entries = []
+  for run in ("a", "b"):
+    proc = subprocess.run(
+        [sys.executable, "-m", "wstal_jax.main", config, f"--config.data.dir={data}",
+         f"--workdir={tmp_path / run}", *TINY], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600, env=dict(env, PYTHONPATH=str(ROOT), XLA_FLAGS="",
+                              WSTAL_DATA_CACHE=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    entries.append(sorted(os.listdir(cache)))
+  assert any("train_step" in e for e in entries[0]), entries[0]
+  assert entries[1] == entries[0]
+  off = tmp_path / "off_cache"
+  proc = subprocess.run(
+      [sys.executable, "-m", "wstal_jax.main", config, f"--config.data.dir={data}",
+       f"--workdir={tmp_path / 'c'}", "--config.compilation_cache=off", *TINY], cwd=tmp_path,
+      capture_output=True, text=True, timeout=600,
+      env=dict(env, PYTHONPATH=str(ROOT), XLA_FLAGS="", WSTAL_DATA_CACHE=str(off)))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert not (off / "jax_compilation").exists()

@@ -93,6 +93,7 @@ def base_config(*, name, method, dataset="builtin", seed=0):
   c.name = name                      # experiment name: default workdir workdirs/<name>-...
   c.method = method                  # methods.get_method dispatches on this
   c.seed = seed
+  c.compilation_cache = ""           # compilation_cache.py: '' default dir, 'off', or a path
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = dataset           # which preset filled in the fields below (informative)

@@ -175,7 +175,7 @@ def main(argv):
 
 def _run():
   import jax
-  from wstal_jax import evaluate, train, workdir as workdirs   # after distributed init
+  from wstal_jax import compilation_cache, evaluate, train, workdir as workdirs   # after init
   is_chief = jax.process_index() == 0
   config = _load_config()
   overrides = config_flags.get_override_values(FLAGS["config"])
@@ -192,6 +192,8 @@ def _run():
   if _MODE.value == "eval":
     if not FLAGS["config"].present:   # an explicit --config replaces the saved one
       config = workdirs.saved_config(workdir, overrides)
+  compilation_cache.enable(config)   # before the first compilation
+  if _MODE.value == "eval":
     out = evaluate.evaluate_checkpoint(config, workdir, checkpoint=_CHECKPOINT.value,
                                        eval_dir=_EVAL_DIR.value)
     where = _EVAL_DIR.value or workdir

@@ -192,6 +192,8 @@ def _parser():
 @cli_main
 def main(argv=None):
   args = _parser().parse_args(argv)
+  from wstal_jax import compilation_cache, workdir as workdir_lib
+  compilation_cache.enable(workdir_lib.saved_config(workdir_lib.absolute(args.workdir), {}))
   proposals = predict(args.workdir, args.features, args.out, vlm_features=args.vlm_features,
                       checkpoint=args.checkpoint)
   total = sum(len(p) for p in proposals.values())
