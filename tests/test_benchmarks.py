@@ -34,9 +34,14 @@ def test_cli_tiny_eval_and_input(tmp_path):
   assert bench.main(["--only=eval", "--tiny", f"--json={out}"]) == 0
   result = json.loads(out.read_text())
   assert set(bench.KEYS) <= set(result)
-  for key in ("device", "eval_forward_s", "eval_postprocess_s", "eval_map_s",
-              "eval_reference_loop_s", "eval_num_videos", "peak_host_memory_mib"):
+  for key in ("device", "eval_forward_s", "eval_compile_s", "eval_postprocess_s", "eval_map_s",
+              "eval_reference_loop_s", "eval_num_videos", "peak_host_memory_mib",
+              "eval_end_to_end_s", "eval_forward_flop_per_s"):
     assert result[key] is not None, key
+  assert "eval_forward_torch_s" in result   # null where torch is not installed
+  # The Evaluator's forward is the exact chunked one for VLPO: about the real snippets only.
+  now = result["eval"]["forward_vlpo_now"]
+  assert now["mode"] == "chunked" and now["padded_snippets"] < 2 * result["eval_num_snippets"]
   assert result["train_steps_per_s_jax"] is None   # not run: present, null
   assert result["eval_num_videos"] == 8
   assert result["eval_proposals_per_video"] > 0

@@ -152,3 +152,10 @@ def test_scoring_lengths_minimise_padding_plus_shapes():
     assert cost(got) == best, (trial, lengths, shape_cost)
   assert eval_forward.scoring_lengths([64, 128], 8, 0) == [64, 128]
   assert eval_forward.scoring_lengths([64, 128], 8, 10 ** 9) == [128, 128]
+
+
+def test_row_length_fits_small_streams():
+  assert eval_forward.row_length([[5000] * 4], 1, 1024, 8) == 1024
+  assert eval_forward.row_length([[100, 50]], 1, 1024, 8) == 64
+  assert eval_forward.row_length([[700, 700], [10]], 1, 1024, 8) == 192   # 1402 / 8 -> 192
+  assert eval_forward.row_length([[3]], 100, 1024, 8) == 100   # never below the halo

@@ -40,7 +40,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import test_train as T
 from wstal_jax import main, methods
-methods.get_method = lambda config, num_classes, dims, **kw: T.TinyMethod(num_classes)
+methods.get_method = lambda config, num_classes, dims, **kw: T.{method}(num_classes)
 sys.argv = ["wstal_jax.main", *{argv!r}]
 main.run()
 """
@@ -78,7 +78,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _start_job(tmp_path, data, workdir, *, steps=STEPS):
+def _start_job(tmp_path, data, workdir, *, steps=STEPS, method="TinyMethod"):
   """Two processes x 2 CPU devices; stdout/stderr in files. Returns [(Popen, log path)]."""
   config = tmp_path / "tiny_config.py"
   config.write_text(_CONFIG_FILE.format(tests=str(ROOT / "tests"), data=data, steps=steps,
@@ -97,7 +97,8 @@ def _start_job(tmp_path, data, workdir, *, steps=STEPS):
     log = tmp_path / f"process{i}.log"
     with open(log, "w") as fh:
       procs.append((subprocess.Popen(
-          [sys.executable, "-c", _RUNNER.format(tests=str(ROOT / "tests"), argv=argv)],
+          [sys.executable, "-c", _RUNNER.format(tests=str(ROOT / "tests"), argv=argv,
+                                                 method=method)],
           env=env, cwd=tmp_path, stdout=fh, stderr=subprocess.STDOUT), log))
   return procs
 
@@ -113,15 +114,17 @@ def _wait(procs, timeout):
       pytest.fail(f"the job did not finish in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
-def test_two_processes_match_one_process(data_3_shards, tmp_path):
+@pytest.mark.parametrize("method", ["TinyMethod", "LocalTinyMethod"])
+def test_two_processes_match_one_process(data_3_shards, tmp_path, method):
   """2 processes x 2 devices (CLI) and 1 process x 4 devices (in-process) produce the same
-  losses, parameters and metrics.json; process 0 alone writes the outputs."""
+  losses, parameters and metrics.json; process 0 alone writes the outputs. LocalTinyMethod:
+  the chunked evaluation forward, each process packing its own videos (unequal counts)."""
   workdir = tmp_path / "two"
-  procs = _start_job(tmp_path, data_3_shards, workdir)
+  procs = _start_job(tmp_path, data_3_shards, workdir, method=method)
   # Meanwhile, the single-process reference on 4 of this process's 8 fake devices.
   ref_dir = str(tmp_path / "one")
   config = T.tiny_config(data_3_shards, num_steps=STEPS, num_devices=4, **OVERRIDES)
-  ref = train.train_and_evaluate(config, ref_dir, method=T.TinyMethod())
+  ref = train.train_and_evaluate(config, ref_dir, method=getattr(T, method)())
   _wait(procs, timeout=240)
   for (proc, log), i in zip(procs, range(2)):
     text = log.read_text()

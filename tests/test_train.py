@@ -485,6 +485,27 @@ class MaskedTinyMethod(TinyMethod):
     return logits_BxTxC, layers.masked_topk_mean(logits_BxTxC, batch["mask_BxT"], k_B)
 
 
+class LocalTinyMethod(MaskedTinyMethod):
+  """MaskedTinyMethod declaring its network local (a per-snippet MLP: receptive field 0), so
+  the Evaluator runs it in exact chunks (eval_forward.py)."""
+  receptive_field = 0
+
+  def snippet_outputs(self, params, batch, consts):
+    del consts
+    return self.model.apply({"params": params}, batch["feat_BxTxD"])
+
+  def predict_from_outputs(self, out, batch, consts):
+    del consts
+    logits_BxTxC = out["logits_BxTxC"]
+    k_B = layers.topk_count(batch["mask_BxT"], 4)
+    video_BxC = layers.masked_topk_mean(logits_BxTxC, batch["mask_BxT"], k_B)
+    return {"video_scores_BxC": jax.nn.softmax(video_BxC), "cas_BxTxC": jax.nn.sigmoid(
+        logits_BxTxC), "actionness_BxT": jax.nn.sigmoid(logits_BxTxC).max(-1)}
+
+  def predict(self, params, batch, consts):
+    return self.predict_from_outputs(self.snippet_outputs(params, batch, consts), batch, consts)
+
+
 def test_eval_order_does_not_change_results(tmp_path):
   """Length-sorted eval batches (the default) and manifest order: the same per-video outputs,
   proposals and metrics, with far fewer padded snippets."""

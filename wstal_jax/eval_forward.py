@@ -77,6 +77,16 @@ def num_row_batches(lengths_by_process, halo: int, row_len: int, rows_per_batch:
              for v in lengths_by_process)
 
 
+def row_length(lengths_by_process, halo: int, row_len: int, rows_per_batch: int) -> int:
+  """`row_len`, or for a stream shorter than one row batch the multiple of 64 that fits it
+  in one (a small test set is not padded to rows_per_batch x row_len snippets)."""
+  most = max(sum(int(t) + halo for t in v) for v in lengths_by_process)
+  if most >= row_len * rows_per_batch:
+    return row_len
+  fit = -(-math.ceil(most / rows_per_batch) // 64) * 64
+  return min(row_len, max(fit, 64, halo))
+
+
 # Scoring lengths: one more compiled shape of the per-video scoring costs about what scoring
 # this many padded snippets does (CPU, VLPO: ~0.4 s compile, ~1.5 us a snippet).
 SHAPE_COST_SNIPPETS = 250_000
@@ -235,10 +245,13 @@ class Forward:
   batch on every process), the same in both modes (module docstring)."""
 
   def __init__(self, run, mode: str, *, row_len: int = 1024, rows_per_batch: int = 8,
-               num_row_batches_fn=None):
+               stream_lengths_fn=None):
+    """stream_lengths_fn() (chunked): every process's video lengths in stream order (the
+    plan, so that every process runs the same row batches)."""
     self.run, self.mode = run, mode
     self.row_len, self.rows_per_batch = int(row_len), int(rows_per_batch)
-    self.num_row_batches_fn = num_row_batches_fn
+    self.stream_lengths_fn = stream_lengths_fn
+    self.plan = None   # chunked: (row length, row batches) of the last call
     method = run.method
 
     def predict(params, batch, consts):
@@ -283,7 +296,11 @@ class Forward:
 
   def _chunked(self, params, batches):
     run = self.run
-    stream = SnippetStream(run.method.receptive_field, self.row_len, self.rows_per_batch)
+    halo, rows = run.method.receptive_field, self.rows_per_batch
+    lengths_P = self.stream_lengths_fn()
+    row_len = row_length(lengths_P, halo, self.row_len, rows)
+    self.plan = (row_len, num_row_batches(lengths_P, halo, row_len, rows))
+    stream = SnippetStream(halo, row_len, rows)
     self._in_flight = None
     metas = []
     for batch in batches:
@@ -298,7 +315,7 @@ class Forward:
         num_t = int(round(float(mask_BxT[b].sum())))
         stream.add(idx, {k: batch[k][b, :num_t] for k in FEATURE_KEYS if k in batch})
       self._run_rows(params, stream, stream.rows_ready())
-    self._run_rows(params, stream, stream.finish(self.num_row_batches_fn()))
+    self._run_rows(params, stream, stream.finish(self.plan[1]))
     self._fetch(stream)
     # The per-video scoring on fewer lengths than the input buckets (cheap to run, not to
     # compile; identical on every process: it depends on the plan's lengths only).

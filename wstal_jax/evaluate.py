@@ -98,7 +98,7 @@ class Evaluator:
     self.forward_mode = eval_forward.resolve(config, run.method)
     self._forward = eval_forward.Forward(
         run, self.forward_mode, row_len=int(config.eval.get("chunk_snippets", 1024)),
-        rows_per_batch=self.batch_size, num_row_batches_fn=self._num_row_batches)
+        rows_per_batch=self.batch_size, stream_lengths_fn=self._stream_lengths)
     gt_rows = [(i, self.infos[i]) for i in self.video_indices]
     # Times as the GT JSON stores them (shortest decimal of each float32, see
     # results_io.ground_truth_dict), so these metrics equal `evaluate_results` on written files
@@ -138,17 +138,13 @@ class Evaluator:
         process_index=jax.process_index(), process_count=jax.process_count(),
         proposals=bool(config.data.get("proposals", False)))
 
-  def _num_row_batches(self) -> int:
-    """Chunked forward: the row batches every process runs (from the plan of all of them)."""
-    config = self.run.config
-    num_p = jax.process_count()
+  def _stream_lengths(self) -> list:
+    """Chunked forward: every process's video lengths in its batch order (from the plan)."""
     videos_P, _ = input_pipeline.eval_plan(
         self.run.manifest, self.run.data_dir, self.split, batch_size=self.batch_size,
-        video_indices=self.video_indices, process_count=num_p, order=self.order)
+        video_indices=self.video_indices, process_count=jax.process_count(), order=self.order)
     lengths = {info.index: info.num_snippets for info in self.infos}
-    return eval_forward.num_row_batches(
-        [[lengths[int(i)] for i in v] for v in videos_P], self.run.method.receptive_field,
-        int(config.eval.get("chunk_snippets", 1024)), self.batch_size)
+    return [[lengths[int(i)] for i in v] for v in videos_P]
 
   def __call__(self, params, *, keep_scores: int = 0) -> EvalResult:
     num_c = len(self.run.classes)
