@@ -32,7 +32,7 @@ def _compile(config, tmp_path, *extra):
 
 @needs_libtpu
 @pytest.mark.parametrize("config,phases,pure_data_parallel", [
-    ("vlpo.py", 1, True),
+    ("vlpo.py", 1, True),   # whole-video evaluation in exact chunks: also eval_network_rows
     # PVLR on CO2-Net: the CO2-Net family's losses pair videos of the batch (CO2-Net's
     # co-activity term), which XLA serves with collectives across the data axis: reported.
     ("pvlr.py", 1, False)])
@@ -45,6 +45,8 @@ def test_compile_for_a_tpu_topology(tmp_path, config, phases, pure_data_parallel
   assert out["topology"] == "v5e:2x2" and out["num_devices"] == 4
   assert out["device_kind"].startswith("TPU v5")
   names = [f"train_phase{i}" for i in range(phases)] + ["eval_forward"]
+  if config == "vlpo.py":
+    names.append("eval_network_rows")
   assert sorted(out["steps"]) == sorted(names)
   for name, step in out["steps"].items():
     # per-chip bytes: positive and far below the chip's 16 GiB at these tiny shapes

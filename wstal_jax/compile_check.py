@@ -132,7 +132,7 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
   WORKDIR/compile.json and returns it."""
   import jax
   import jax.numpy as jnp
-  from wstal_jax import evaluate, input_pipeline, results_io, run_setup, train
+  from wstal_jax import eval_forward, evaluate, input_pipeline, results_io, run_setup, train
   chip, (hbm_chip, peak_chip) = _chip(topology)
   prepare_environment(topology)
   topo = describe(topology)
@@ -190,6 +190,14 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
   # one all-gather of the per-video outputs is by design.
   steps["eval_forward"] = _report("eval_forward", compiled, hbm, peak, None, findings,
                                   allowed=("all-reduce", "all-gather"))
+  if evaluator.forward_mode == "chunked":   # what runs instead: the network on fixed rows
+    width = int(config.eval.get("chunk_snippets", 1024)) + 2 * run.method.receptive_field
+    rows = {k: np.zeros((evaluator.batch_size, width) + v.shape[2:], v.dtype)
+            for k, v in largest.items() if k in eval_forward.FEATURE_KEYS}
+    rows["mask_BxT"] = np.zeros((evaluator.batch_size, width), np.float32)
+    compiled = evaluator._forward._network.lower(params, _abstract(rows, data), consts).compile()
+    steps["eval_network_rows"] = _report("eval_network_rows", compiled, hbm, peak, None,
+                                         findings)
   out = {"topology": topology, "num_devices": int(devices.size), "num_chips": chips,
          "device_kind": devices[0].device_kind, "chip": chip, "hbm_bytes_per_device": hbm,
          "peak_bf16_flops_per_device": peak, "global_batch": int(config.train.batch_size),
