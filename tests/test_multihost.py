@@ -266,10 +266,14 @@ def test_cloud_tpu_vm_worker_count_from_metadata(monkeypatch):
   try:
     monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_port}")
     monkeypatch.delenv("TPU_SKIP_MDS_QUERY", raising=False)
-    assert distributed.cloud_tpu_vm_workers() == 0   # no libtpu: not a TPU VM, nothing asked
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
-        object() if name == "libtpu" else real_find_spec(name, *a)))
+
+    def libtpu(installed):   # whether or not this machine has libtpu
+      monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+          (object() if installed else None) if name == "libtpu" else real_find_spec(name, *a)))
+    libtpu(False)
+    assert distributed.cloud_tpu_vm_workers() == 0   # no libtpu: not a TPU VM, nothing asked
+    libtpu(True)
     assert distributed.cloud_tpu_vm_workers() == 4
     assert distributed.distributed_reason("auto", env={}) == "Cloud TPU VM slice of 4 workers"
   finally:
