@@ -7,6 +7,8 @@ The compile reads shapes only, so the dataset is a THUMOS14-shaped stand-in writ
 20 classes, I3D 2048-d, VideoCLIP 768-d and CLIP 1024-d streams with class text embeddings,
 20 training videos (T from 750 to 2,202, the longest THUMOS14 training video) and 16 test
 videos as long as THUMOS14's longest (2,614 snippets: the evaluation's largest padded batch).
+P-MIL and SEAL read a copy with 1,000 candidate proposals a video, MLLM4WTAL one with
+description tokens (`write_described`).
 """
 import argparse
 import json
@@ -65,12 +67,42 @@ def write_dataset(out, proposals=0):
   return out
 
 
+def write_described(data, out):
+  """The stand-in plus MLLM4WTAL's description tokens (data/descriptions.py): every
+  training video a key description of 20 words and a complete one of 64 (the preset's token
+  lengths: 24 / 64), GloVe-like 300-d random vectors for a vocabulary of ~2,000 words."""
+  from wstal_jax.data import descriptions
+  from wstal_jax.data import format as fmt
+  if os.path.exists(os.path.join(out, "manifest.json")):
+    return out
+  rng = np.random.default_rng(1)
+  words = [f"w{i}" for i in range(2000)]
+  classes = fmt.read_manifest(data)["classes"]
+  names = {w for c in classes for w in descriptions.class_name_words(c)}
+  names.update(descriptions.tokenize(descriptions.TEMPLATE.format("")))
+  texts = {}
+  for info in fmt.read_video_info(data, "train"):
+    cls = " ".join(descriptions.class_name_words(classes[int(np.argmax(info.label))]))
+    texts[info.name] = {"key": cls + " " + " ".join(rng.choice(words, 18)),
+                        "complete": " ".join(rng.choice(words, 64))}
+  os.makedirs(out + ".inputs", exist_ok=True)
+  desc = os.path.join(out + ".inputs", "descriptions.json")
+  vec = os.path.join(out + ".inputs", "vectors.txt")
+  with open(desc, "w") as f:
+    json.dump(texts, f)
+  with open(vec, "w") as f:
+    for w in sorted(set(words) | names):
+      f.write(w + " " + " ".join(f"{x:.4f}" for x in rng.standard_normal(300)) + "\n")
+  descriptions.add_descriptions(data, out, descriptions=desc, word_vectors=vec)
+  return out
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--topologies", default="v5e:4x4,v4:2x2x4")
   p.add_argument("--configs", default="vlpo,pvlr",
-                 help="also co2net, ju2023, delu, pmil, seal (MLLM4WTAL needs descriptions)")
+                 help="also co2net, ju2023, delu, mllm4wtal, pmil, seal")
   p.add_argument("--root", default="/tmp/wstal_compile")
   args = p.parse_args()
   data = write_dataset(os.path.join(args.root, "thumos14_shapes"))
@@ -88,9 +120,12 @@ def main():
       if name in ("pmil", "seal") and with_proposals is None:
         with_proposals = write_dataset(os.path.join(args.root, "thumos14_shapes_proposals"),
                                        proposals=1000)
+      data_dir = {"pmil": with_proposals, "seal": with_proposals}.get(name, data)
+      if name == "mllm4wtal":
+        data_dir = write_described(data, os.path.join(args.root, "thumos14_shapes_described"))
       cmd = [sys.executable, "-m", "wstal_jax.main", "--mode=compile",
              f"--config={ROOT / 'configs' / name}.py:dataset=thumos14",
-             f"--config.data.dir={with_proposals if name in ('pmil', 'seal') else data}", f"--topology={topology}", f"--workdir={out}",
+             f"--config.data.dir={data_dir}", f"--topology={topology}", f"--workdir={out}",
              f"--config.train.batch_size={batch}", f"--config.eval.batch_size={devices}"]
       proc = subprocess.run(cmd, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -21,6 +21,7 @@ DIR/compile.json holds it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import re
 
@@ -162,7 +163,7 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
   params = _abstract(params, repl)
   param_bytes = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-  findings, steps = [], {}
+  findings, steps, programs = [], {}, {}
   starts = train.phase_starts(run.method)
   for index, start in enumerate(starts):
     labels = train._labels(run.method, params, start)
@@ -173,8 +174,16 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), "params": params,
              "opt_state": _abstract(jax.eval_shape(tx.init, params), repl)}
     step_fn = train.make_train_step(tpu, tx, index)
-    compiled = step_fn.lower(state, batch_abs, consts, key).compile()
+    lowered = step_fn.lower(state, batch_abs, consts, key)
     name = f"train_phase{index}"
+    # Phases that lower to the same program (Ju et al.'s F steps and its warm-up, its B
+    # steps among themselves) are compiled once: 2 compilations for its 7 phases.
+    digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+    if digest in programs:
+      steps[name] = dict(steps[programs[digest]], same_program_as=programs[digest])
+      continue
+    programs[digest] = name
+    compiled = lowered.compile()
     steps[name] = _report(name, compiled, hbm, peak, param_bytes, findings)
     shardings = compiled.input_shardings[0]
     if any(not s.is_fully_replicated for s in jax.tree.leaves(shardings[0]["params"])):
@@ -221,7 +230,9 @@ def format_report(out: dict) -> str:
                  f"{s['output_bytes'] / 2**20:8.1f} {s['temp_bytes'] / 2**20:9.1f} "
                  f"{100 * s['hbm_fraction']:6.2f} "
                  f"{s['flops'] / 1e9:9.2f} {1e3 * s['estimated_step_s']:8.3f}  "
-                 f"{', '.join(s['collectives']) or '-'}")
+                 f"{', '.join(s['collectives']) or '-'}"
+                 + (f" (the program of {s['same_program_as']})" if s.get("same_program_as")
+                    else ""))
   lines += [f"finding: {f}" for f in out["findings"]] or ["findings: none"]
   return "\n".join(lines)
 
