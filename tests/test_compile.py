@@ -66,6 +66,22 @@ def test_compile_for_a_tpu_topology(tmp_path, config, phases, pure_data_parallel
 
 
 @needs_libtpu
+def test_phases_with_the_same_program_compile_once(tmp_path):
+  """Ju et al.'s 7 phases (warm-up, then B / F three times) lower to 3 programs: each is
+  compiled once and the repeats name the phase whose program they are."""
+  proc = _compile("ju2023.py", tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  steps = json.loads((tmp_path / "out" / "compile.json").read_text())["steps"]
+  assert sorted(steps) == sorted([f"train_phase{i}" for i in range(7)] + ["eval_forward"])
+  same = {name: step.get("same_program_as") for name, step in steps.items()}
+  assert same == {"train_phase0": None, "train_phase1": None, "train_phase2": None,
+                  "train_phase3": "train_phase1", "train_phase4": "train_phase2",
+                  "train_phase5": "train_phase1", "train_phase6": "train_phase2",
+                  "eval_forward": None}
+  assert "(the program of train_phase1)" in proc.stdout
+
+
+@needs_libtpu
 def test_a_batch_that_does_not_divide_over_the_slice(tmp_path):
   proc = _compile("vlpo.py", tmp_path, "--config.train.batch_size=6")
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
