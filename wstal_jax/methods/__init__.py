@@ -71,6 +71,12 @@ class Method(Protocol):
     the post-processing thresholds and scores), optionally actionness_BxT and oic_scores_BxC
     (the OIC gamma term's scores when they are not video_scores_BxC); 0 on padding."""
 
+  # Optional, for exact chunked evaluation (eval_forward.py; VLPO and its baseline):
+  # `receptive_field` (snippets on each side any per-snippet network output reads),
+  # `snippet_outputs(params, batch, consts)` (the network: dict of [B, T, ...]) and
+  # `predict_from_outputs(outputs, batch, consts)` (the per-video scoring), with
+  # predict == predict_from_outputs(snippet_outputs(...)). Global-context networks omit them.
+
   def param_labels(self, params, step: int):
     """-> pytree like params of 'train' / 'freeze' for the phase starting at `step`."""
 
