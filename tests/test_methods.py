@@ -137,6 +137,16 @@ def test_method_contract_on_a_tiny_batch(name):
     assert np.all(np.isfinite(np.asarray(value))), key
   # Padded snippets score 0.
   np.testing.assert_array_equal(np.asarray(out["cas_BxTxC"])[1, T // 2:], 0.0)
+  # A local network (chunked evaluation, eval_forward.py): predict is the scoring of the
+  # per-snippet network outputs, and those depend only on the receptive field.
+  if getattr(method, "receptive_field", None) is not None:
+    assert isinstance(method.receptive_field, int) and method.receptive_field >= 0
+    snip = jax.jit(method.snippet_outputs)(params, batch, consts)
+    assert all(v.shape[:2] == (B, T) for v in snip.values())
+    composed = jax.jit(method.predict_from_outputs)(snip, batch, consts)
+    assert set(composed) == set(out)
+    for key in out:
+      np.testing.assert_allclose(composed[key], out[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("name", sorted(methods.REGISTRY))
