@@ -138,7 +138,7 @@ def test_method_contract_on_a_tiny_batch(name):
   # Padded snippets score 0.
   np.testing.assert_array_equal(np.asarray(out["cas_BxTxC"])[1, T // 2:], 0.0)
   # A local network (chunked evaluation, eval_forward.py): predict is the scoring of the
-  # per-snippet network outputs, and those depend only on the receptive field.
+  # per-snippet network outputs (tests/test_eval_forward.py checks the chunks are exact).
   if getattr(method, "receptive_field", None) is not None:
     assert isinstance(method.receptive_field, int) and method.receptive_field >= 0
     snip = jax.jit(method.snippet_outputs)(params, batch, consts)
