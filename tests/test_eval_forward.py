@@ -159,3 +159,26 @@ def test_row_length_fits_small_streams():
   assert eval_forward.row_length([[100, 50]], 1, 1024, 8) == 64
   assert eval_forward.row_length([[700, 700], [10]], 1, 1024, 8) == 192   # 1402 / 8 -> 192
   assert eval_forward.row_length([[3]], 100, 1024, 8) == 100   # never below the halo
+
+
+def test_a_run_saved_before_the_fields_existed(tmp_path):
+  """A run's config.json without eval.forward / eval.chunk_snippets / compilation_cache (saved
+  by an older version): evaluation gets the defaults and accepts overrides of them; the run's
+  own values are untouched; resuming it is not refused for them (workdir.RESUME_SAFE)."""
+  import json
+  from wstal_jax import config_common
+  from wstal_jax import workdir as workdir_lib
+  config = _config("vlpo")
+  config.eval.batch_size = 4
+  saved = workdir_lib.config_to_json(config)
+  for block, field in (("eval", "forward"), ("eval", "chunk_snippets"),
+                       (None, "compilation_cache")):
+    del (saved[block] if block else saved)[field]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  got = workdir_lib.saved_config(str(tmp_path), {"eval.forward": "buckets"})
+  assert got.eval.forward == "buckets" and got.eval.chunk_snippets == 1024
+  assert got.compilation_cache == "" and got.eval.batch_size == 4
+  assert got.vlpo.embed_dim == 16
+  assert not workdir_lib.config_differences(saved, workdir_lib.config_to_json(config),
+                                            ignore=workdir_lib.RESUME_SAFE)
+  assert config_common.base_config(name="x", method="vlpo").eval.forward == "auto"

@@ -27,7 +27,8 @@ from wstal_jax.errors import WstalError
 RESUME_SAFE = ("train.num_steps", "train.log_every", "train.sync_every", "train.grad_shares",
                "train.checkpoint_every", "eval.num_plots",
                "eval.batch_size", "data.dir", "data.cache_dir", "checkpoint.async_save",
-               "checkpoint.keep_latest", "mesh.num_devices")
+               "checkpoint.keep_latest", "mesh.num_devices", "eval.forward",
+               "eval.chunk_snippets", "compilation_cache")
 
 CONFIG_FILE = "config.json"
 
@@ -110,7 +111,27 @@ def saved_config(workdir: str, overrides: dict) -> ml_collections.ConfigDict:
     raise WstalError(f"{e}: is {workdir} a training run? (or pass --config)") from None
   config = ml_collections.ConfigDict(saved)
   config.eval.tiou = tuple(config.eval.tiou)
+  _add_new_fields(config)
   return apply_overrides(config, overrides)
+
+
+def _add_new_fields(config):
+  """Shared config fields added after the run was saved (eval.forward, compilation_cache,
+  ...) take their defaults, so that such a run evaluates as before and accepts
+  --config.<field> overrides. Fields the run has are never changed; a method's own block
+  fills its gaps itself (methods.config_block)."""
+  from wstal_jax import config_common   # pylint: disable=import-outside-toplevel
+  defaults = config_common.base_config(name="defaults", method=str(config.get("method")))
+
+  def fill(dst, src):
+    for key, value in src.items():
+      if key not in dst:
+        with dst.unlocked():
+          dst[key] = value
+      elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+          dst[key], ml_collections.ConfigDict):
+        fill(dst[key], value)
+  fill(config, defaults)
 
 
 def get_config(workdir: str) -> ml_collections.ConfigDict:
