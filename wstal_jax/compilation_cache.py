@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on by default for every wstal_jax command.
+"""JAX's persistent compilation cache, on by default for training, --mode=eval and predict.
 
 Re-running a command, resuming a run, the next seed of a sweep or an evaluation from a
 checkpoint compiles nothing that an earlier process on this machine already compiled: XLA
@@ -12,7 +12,8 @@ Where (first that applies):
   default                    <$WSTAL_DATA_CACHE or ~/.cache/wstal_jax>/jax_compilation.
 
 Programs that compile in under MIN_COMPILE_S are not stored (the lookup would cost about as
-much; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, when set, wins); the cache keeps at most MAX_BYTES, dropping the least recently used entries.
+much; $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, when set, wins); the cache keeps at most
+MAX_BYTES, dropping the least recently used entries.
 `enable` must run before the first compilation of the process (jax reads the settings once).
 """
 from __future__ import annotations
