@@ -727,17 +727,10 @@ def _time(fn, repeats=1):
   return _median(times), out
 
 
-def eval_forward(method_name, shapes: Shapes, lengths, batch_size, *, max_batches=None,
-                 order="manifest"):
-  """The Evaluator's device loop: put batch, jitted predict, fetch -> timing dict.
-
-  Batches follow input_pipeline.eval_plan (length buckets; `order` 'length', what
-  eval_batches yields and the Evaluator uses, sorts each process's videos longest first;
-  'manifest' keeps them by index, the Evaluator's batching before). Features are
-  random. With `max_batches`, only up to that many batches of the most common bucket length
-  are timed (one compilation) and the total is extrapolated by padded snippets.
-  """
-  _, run = _setup(method_name, shapes)
+def eval_host_batches(shapes: Shapes, lengths, batch_size, order):
+  """(plan, length_J, batch) for eval batches of videos of `lengths` as
+  input_pipeline.eval_plan makes them; batch(j) builds batch j (random features >= 0,
+  masked padding, dummy rows with index -1)."""
   manifest = {"splits": {"test": {"num_videos": len(lengths), "shards": [{"file": "-"}],
                                   "video_num_snippets": [int(x) for x in lengths]}}}
   videos_P, length_J = input_pipeline.eval_plan(manifest, "<in-memory>", "test",
@@ -754,15 +747,28 @@ def eval_forward(method_name, shapes: Shapes, lengths, batch_size, *, max_batche
     mask = np.zeros((batch_size, t), np.float32)
     for b, i in enumerate(idx):
       mask[b, :lengths[i]] = 1.0
-    valid = np.zeros(batch_size, np.float32)
-    valid[:len(idx)] = 1.0
     index = np.full(batch_size, -1, np.int32)
     index[:len(idx)] = idx
     return {"feat_BxTxD": feat_pool[:, :t] * mask[:, :, None],
             "vlm_BxTxE": vlm_pool[:, :t] * mask[:, :, None], "mask_BxT": mask,
             "label_BxC": np.zeros((batch_size, NUM_CLASSES), np.float32), "index_B": index,
-            "valid_B": valid, "scale_B": np.ones(batch_size, np.float32)}
+            "valid_B": (index >= 0).astype(np.float32),
+            "scale_B": np.ones(batch_size, np.float32)}
+  return plan, length_J, batch
 
+
+def eval_forward(method_name, shapes: Shapes, lengths, batch_size, *, max_batches=None,
+                 order="manifest"):
+  """The Evaluator's device loop: put batch, jitted predict, fetch -> timing dict.
+
+  Batches follow input_pipeline.eval_plan (length buckets; `order` 'length', what
+  eval_batches yields and the Evaluator uses, sorts each process's videos longest first;
+  'manifest' keeps them by index, the Evaluator's batching before). Features are
+  random. With `max_batches`, only up to that many batches of the most common bucket length
+  are timed (one compilation) and the total is extrapolated by padded snippets.
+  """
+  _, run = _setup(method_name, shapes)
+  _, length_J, batch = eval_host_batches(shapes, lengths, batch_size, order)
   method = run.method
   predict = jax.jit(method.predict, in_shardings=(run.replicated, run.data_sharding,
                                                   run.replicated),
@@ -806,28 +812,8 @@ def eval_forward_now(method_name, shapes: Shapes, lengths, batch_size, *, row_le
   config, run = _setup(method_name, shapes)
   config.eval.num_snippets = None   # whole videos (the THUMOS14 preset of VLPO resamples)
   mode = eval_forward_lib.resolve(config, run.method)
-  manifest = {"splits": {"test": {"num_videos": len(lengths), "shards": [{"file": "-"}],
-                                  "video_num_snippets": [int(x) for x in lengths]}}}
-  videos_P, length_J = input_pipeline.eval_plan(manifest, "<in-memory>", "test",
-                                                batch_size=batch_size, order="length")
-  plan = videos_P[0]
-  rng = np.random.default_rng(0)
-  max_t = max(length_J)
-  feat_pool = np.abs(rng.standard_normal((batch_size, max_t, shapes.feat_dim), np.float32))
-  vlm_pool = rng.standard_normal((batch_size, max_t, shapes.vlm_dim), np.float32)
-  host = []
-  for j, t in enumerate(length_J):
-    idx = plan[j * batch_size:(j + 1) * batch_size]
-    mask = np.zeros((batch_size, t), np.float32)
-    for b, i in enumerate(idx):
-      mask[b, :lengths[i]] = 1.0
-    index = np.full(batch_size, -1, np.int32)
-    index[:len(idx)] = idx
-    host.append({"feat_BxTxD": feat_pool[:, :t] * mask[:, :, None],
-                 "vlm_BxTxE": vlm_pool[:, :t] * mask[:, :, None], "mask_BxT": mask,
-                 "label_BxC": np.zeros((batch_size, NUM_CLASSES), np.float32),
-                 "index_B": index, "valid_B": (index >= 0).astype(np.float32),
-                 "scale_B": np.ones(batch_size, np.float32)})
+  plan, length_J, batch = eval_host_batches(shapes, lengths, batch_size, "length")
+  host = [batch(j) for j in range(len(length_J))]
   halo = getattr(run.method, "receptive_field", None)
   forward = eval_forward_lib.Forward(run, mode, row_len=row_len, rows_per_batch=batch_size,
                                      stream_lengths_fn=lambda: [[lengths[i] for i in plan]])
@@ -843,9 +829,7 @@ def eval_forward_now(method_name, shapes: Shapes, lengths, batch_size, *, row_le
             else batch_size * sum(length_J))
   flops = None
   if mode == "chunked":   # the network's FLOPs per row batch (per-video scoring: O(T C))
-    rows = {k: np.zeros((batch_size, row_len + 2 * halo) + v.shape[2:], v.dtype)
-            for k, v in host[0].items() if k in eval_forward_lib.FEATURE_KEYS}
-    rows["mask_BxT"] = np.zeros((batch_size, row_len + 2 * halo), np.float32)
+    rows = eval_forward_lib.empty_rows(host[0], batch_size, row_len + 2 * halo)
     flops = _cost_flops(forward._network.lower(params, run.put_batch(rows),
                                                run.consts).compile())
     flops = flops * row_batches if flops else None

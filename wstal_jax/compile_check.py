@@ -166,18 +166,14 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
   findings, steps, programs = [], {}, {}
   starts = train.phase_starts(run.method)
   for index, start in enumerate(starts):
-    labels = train._labels(run.method, params, start)
-    scale_fn = getattr(run.method, "phase_lr_scale", None)
-    tx = train.make_optimizer(config, labels, float(scale_fn(start)) if scale_fn else 1.0,
-                              start=start,
-                              alternate_steps=getattr(run.method, "alternate_steps", 1))
+    _, _, tx = train.phase_optimizer(run.method, config, params, start)
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl), "params": params,
              "opt_state": _abstract(jax.eval_shape(tx.init, params), repl)}
     step_fn = train.make_train_step(tpu, tx, index)
     lowered = step_fn.lower(state, batch_abs, consts, key)
     name = f"train_phase{index}"
-    # Phases that lower to the same program (Ju et al.'s F steps and its warm-up, its B
-    # steps among themselves) are compiled once: 2 compilations for its 7 phases.
+    # Phases that lower to the same program (Ju et al.'s B steps among themselves, its F
+    # steps among themselves) are compiled once: 3 compilations for its 7 or 9 phases.
     digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
     if digest in programs:
       steps[name] = dict(steps[programs[digest]], same_program_as=programs[digest])
@@ -201,10 +197,9 @@ def compile_for_topology(config, topology: str, workdir: str) -> dict:
                                   allowed=("all-reduce", "all-gather"))
   if evaluator.forward_mode == "chunked":   # what runs instead: the network on fixed rows
     width = int(config.eval.get("chunk_snippets", 1024)) + 2 * run.method.receptive_field
-    rows = {k: np.zeros((evaluator.batch_size, width) + v.shape[2:], v.dtype)
-            for k, v in largest.items() if k in eval_forward.FEATURE_KEYS}
-    rows["mask_BxT"] = np.zeros((evaluator.batch_size, width), np.float32)
-    compiled = evaluator._forward._network.lower(params, _abstract(rows, data), consts).compile()
+    rows = eval_forward.empty_rows(largest, evaluator.batch_size, width)
+    compiled = evaluator._forward._network.lower(params, _abstract(rows, data),
+                                                 consts).compile()
     steps["eval_network_rows"] = _report("eval_network_rows", compiled, hbm, peak, None,
                                          findings)
   out = {"topology": topology, "num_devices": int(devices.size), "num_chips": chips,

@@ -155,13 +155,12 @@ class SnippetStream:
     return self._pending[k]
 
   def add(self, video_id, arrays: dict):
-    arrays = dict(arrays, mask_BxT=None)
-    lengths = {v.shape[0] for k, v in arrays.items() if k != "mask_BxT"}
+    lengths = {v.shape[0] for v in arrays.values()}
     if len(lengths) != 1:
       raise WstalError(f"chunked evaluation: video {video_id}'s arrays differ in length")
     num_t = lengths.pop()
     if self._specs is None:
-      self._specs = {k: (v.shape[1:], v.dtype) for k, v in arrays.items() if v is not None}
+      self._specs = {k: (v.shape[1:], v.dtype) for k, v in arrays.items()}
       self._specs["mask_BxT"] = ((), np.float32)
     length, h = self.row_len, self.halo
     q, end = self._q, self._q + num_t
@@ -172,10 +171,8 @@ class SnippetStream:
       bufs = self._buffers(g // self.rows)
       i = g % self.rows
       for key, value in arrays.items():
-        if key == "mask_BxT":
-          bufs[key][i, h + col:h + col + n] = 1.0
-        else:
-          bufs[key][i, h + col:h + col + n] = value[q - self._q:q - self._q + n]
+        bufs[key][i, h + col:h + col + n] = value[q - self._q:q - self._q + n]
+      bufs["mask_BxT"][i, h + col:h + col + n] = 1.0
       q += n
     self._starts[video_id] = (self._q, num_t)
     self._q = end + h
@@ -231,6 +228,15 @@ class SnippetStream:
         blocks[:] = [np.concatenate(blocks)]
       result[key] = blocks[0][q:q + num_t]
     return result
+
+
+def empty_rows(batch: dict, rows: int, width: int) -> dict:
+  """Zero row batch of the network's input: the feature keys of `batch` (an eval batch) at
+  [rows, width, ...] and the mask (FLOP counts, compilation for a topology)."""
+  out = {k: np.zeros((rows, width) + v.shape[2:], v.dtype) for k, v in batch.items()
+         if k in FEATURE_KEYS}
+  out["mask_BxT"] = np.zeros((rows, width), np.float32)
+  return out
 
 
 def _host_local(arr, mesh, spec):

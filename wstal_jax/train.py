@@ -225,17 +225,24 @@ def term_grad_norms_fn(method, labels, phase=None):
   return names, fn
 
 
+def phase_optimizer(method, config, params, start: int):
+  """(labels, lr scale, optax transform) of the phase starting at `start` (the trainer's
+  phases and --mode=compile build them the same way)."""
+  labels = _labels(method, params, start)
+  scale_fn = getattr(method, "phase_lr_scale", None)
+  lr_scale = float(scale_fn(start)) if scale_fn is not None else 1.0
+  tx = make_optimizer(config, labels, lr_scale, start=start,
+                      alternate_steps=getattr(method, "alternate_steps", 1))
+  return labels, lr_scale, tx
+
+
 class _Phase:
   """The optimizer and compiled step of one phase, and its per-term gradient norms."""
 
   def __init__(self, run, config, starts, index, params):
     self.index = index
     self.start = starts[index]
-    labels = _labels(run.method, params, self.start)
-    scale_fn = getattr(run.method, "phase_lr_scale", None)
-    self.lr_scale = float(scale_fn(self.start)) if scale_fn is not None else 1.0
-    self.tx = make_optimizer(config, labels, self.lr_scale, start=self.start,
-                             alternate_steps=getattr(run.method, "alternate_steps", 1))
+    labels, self.lr_scale, self.tx = phase_optimizer(run.method, config, params, self.start)
     self.step_fn = make_train_step(run, self.tx, index)
     self.grad_names, grad_norms = term_grad_norms_fn(run.method, labels, index)
     repl, data = run.replicated, run.data_sharding
